@@ -1,0 +1,85 @@
+# cython: language_level=3
+"""Compiled twin of proxy/transport/relay_end.py (same class, same behaviour).
+
+Typed attributes turn the byte counting and the peer lookups of the per-chunk
+path into C; the write itself is still the transport's. Keep in step with the
+pure module: the relay tests run against both.
+"""
+
+HOLD_LIMIT = 256 * 1024
+
+
+cdef class RelayEnd:
+    cdef public object relay
+    cdef public object transport
+    cdef public RelayEnd peer
+    cdef public list held
+    cdef public Py_ssize_t held_size
+    cdef public bint eof
+    cdef public long long rx
+    cdef public long long flushed_rx
+    cdef public bint lost
+
+    def __init__(self, relay):
+        self.relay = relay
+        self.transport = None
+        self.peer = None
+        self.held = None
+        self.held_size = 0
+        self.eof = False
+        self.rx = 0
+        self.flushed_rx = 0
+        self.lost = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, bytes data):
+        cdef Py_ssize_t n = len(data)
+        self.rx += n
+        cdef RelayEnd peer = self.peer
+        if peer is not None:
+            peer.transport.write(data)
+            return
+        if self.held is None:
+            self.held = []
+        self.held.append(data)
+        self.held_size += n
+        if self.held_size >= HOLD_LIMIT:
+            self.transport.pause_reading()
+
+    def eof_received(self):
+        self.eof = True
+        if self.peer is not None:
+            self.peer.shutdown_write()
+        self.relay.end_eof(self)
+        return True
+
+    def pause_writing(self):
+        if self.peer is not None and not self.peer.lost:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self):
+        if self.peer is not None and not self.peer.lost:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc):
+        self.lost = True
+        self.relay.end_lost(self, exc)
+
+    def link(self, RelayEnd peer):
+        self.peer = peer
+        if self.held is not None:
+            for chunk in self.held:
+                peer.transport.write(chunk)
+            self.held = None
+            self.held_size = 0
+            if not self.lost:
+                self.transport.resume_reading()
+        if self.eof:
+            peer.shutdown_write()
+
+    def shutdown_write(self):
+        transport = self.transport
+        if transport is not None and not self.lost and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()

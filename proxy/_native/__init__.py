@@ -1,0 +1,1 @@
+"""Compiled twins built from native/*.pyx (see setup.py)."""

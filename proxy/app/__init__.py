@@ -1,0 +1,1 @@
+"""Composition only: each direction's stack is assembled in one place (nothing imports app)."""

@@ -1,0 +1,159 @@
+"""One worker: one uvloop event loop serving the inbound and outbound listeners.
+
+With one worker this is the whole proxy and also serves the admin port; with
+several, the supervisor serves admin and talks to each worker over the IPC
+channel (metrics snapshots, log filter changes). Drain (SPEC 8, ref 9): stop
+accepting at once, let open relays finish, exit 0 by the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+from typing import Any
+
+import uvloop
+
+from proxy import log as logging_
+from proxy.app import inbound, outbound
+from proxy.config import Config
+from proxy.http.admin import AdminProtocol
+from proxy.metrics import process
+from proxy.metrics.families import ProxyMetrics
+from proxy.metrics.registry import render
+from proxy.transport import ipc, listen
+from proxy.transport.relay import IMPLEMENTATION, RelayTracker
+
+log = logging_.get_logger("proxy.worker")
+PR_SET_PDEATHSIG = 1
+
+
+class Worker:
+    def __init__(self, config: Config, index: int, supervisor_socket: str | None, environment: dict[str, str]) -> None:
+        self.config = config
+        self.index = index
+        self.supervisor_socket = supervisor_socket
+        self.environ = environment
+        self.metrics = ProxyMetrics(config.metrics_retain_idle)
+        self.tracker = RelayTracker(config.tcp_idle_timeout, config.tcp_half_closed_timeout)
+        self.metrics.registry.before_snapshot.append(self.tracker.flush_counts)
+        self.servers: list[asyncio.AbstractServer] = []
+        self.ready = False
+        self.stopping: asyncio.Event | None = None
+        self.channel: ipc.Channel | None = None
+        # AdminBackend, used when this worker serves admin itself.
+        self.shutdown_enabled = config.shutdown_endpoint_enabled
+
+    # -- AdminBackend
+    def is_ready(self) -> bool:
+        return self.ready
+
+    async def metrics_text(self) -> str:
+        snap = self.snapshot()
+        return render(snap["families"]) + process.render(process.merge([snap["process"]]))
+
+    def log_level(self) -> str:
+        return logging_.current_filter()
+
+    async def set_log_level(self, text: str) -> None:
+        logging_.set_filter(text)
+
+    def environment(self) -> dict[str, str]:
+        return dict(self.environ)
+
+    def shutdown(self) -> None:
+        self.begin_shutdown("admin /shutdown")
+
+    # -- lifecycle
+    def snapshot(self) -> dict[str, Any]:
+        return {"families": self.metrics.registry.snapshot(), "process": process.sample()}
+
+    def begin_shutdown(self, why: str) -> None:
+        if self.stopping is not None and not self.stopping.is_set():
+            log.info("shutdown requested", why=why, worker=self.index)
+            self.stopping.set()
+
+    async def on_supervisor_message(self, message: dict[str, Any]) -> dict[str, Any]:
+        op = message.get("op")
+        if op == "snapshot":
+            return self.snapshot()
+        if op == "log-level":
+            try:
+                logging_.set_filter(message["filter"])
+            except ValueError as exc:
+                return {"error": str(exc)}
+            return {"ok": True}
+        if op == "drain":
+            self.begin_shutdown("supervisor")
+            return {"ok": True}
+        return {"error": f"unknown op {op!r}"}
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.begin_shutdown, signal.Signals(sig).name)
+        self.tracker.start()
+
+        if self.supervisor_socket:
+            self.channel = await ipc.connect(self.supervisor_socket, self.on_supervisor_message)
+            self.channel.notify({"op": "hello", "index": self.index, "pid": os.getpid()})
+            watcher = loop.create_task(self.channel.serve())
+            # The supervisor is gone: nobody can restart or drain us, so drain now.
+            watcher.add_done_callback(lambda _t: self.begin_shutdown("supervisor channel closed"))
+        else:
+            admin_sock = listen.bind(self.config.admin_listen, reuse_port=False)
+            self.servers.append(await loop.create_server(lambda: AdminProtocol(self), sock=admin_sock))
+
+        in_sock = listen.bind(self.config.inbound_listen)
+        self.servers.append(await loop.create_server(inbound.build(self.config, self.metrics, self.tracker), sock=in_sock))
+        outbound_forwarder = outbound.build(self.config, self.metrics, self.tracker)
+        for addr in self.config.outbound_listen:
+            self.servers.append(await loop.create_server(outbound_forwarder, sock=listen.bind(addr)))
+
+        self.ready = True  # until identity exists, ready = listening (ref 9)
+        if self.channel is not None:
+            self.channel.notify({"op": "ready", "index": self.index})
+        log.info(
+            "listening", worker=self.index, inbound=str(self.config.inbound_listen),
+            outbound=",".join(str(a) for a in self.config.outbound_listen), relay=IMPLEMENTATION,
+        )
+
+        await self.stopping.wait()
+        return await self.drain()
+
+    async def drain(self) -> int:
+        grace = self.config.shutdown_grace_period
+        admin_servers, proxy_servers = (self.servers[:1], self.servers[1:]) if not self.supervisor_socket else ([], self.servers)
+        for server in proxy_servers:
+            server.close()  # stop accepting: new connections are refused
+        try:
+            await asyncio.wait_for(self.tracker.wait_empty(), grace)
+        except asyncio.TimeoutError:
+            log.warning("graceful shutdown did not complete in the grace period; terminating now", open=len(self.tracker.live))
+        for server in admin_servers:
+            server.close()
+        self.tracker.stop()
+        return 0
+
+
+def set_parent_death_signal() -> None:
+    """Die with the supervisor even if it is killed with SIGKILL."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def run(config: Config, index: int = 0, supervisor_socket: str | None = None) -> int:
+    logging_.configure(config.log_filter, config.log_format, worker=index if supervisor_socket else None)
+    if supervisor_socket:
+        set_parent_death_signal()
+    worker = Worker(config, index, supervisor_socket, dict(os.environ))
+    code = uvloop.run(worker.run())
+    sys.stdout.flush()
+    return code

@@ -1,0 +1,1 @@
+"""Sockets: listeners, original destination, connect, and the opaque relay."""

@@ -1,0 +1,45 @@
+"""Build the Cython twins in native/ as extensions inside the proxy package.
+
+Each native/<name>.pyx becomes proxy._native.<name>. The extensions are optional:
+when Cython or a C compiler is missing the wheel still installs and the pure
+Python twins run (the same thing MESHPROXY_NO_EXTENSIONS=1 selects at runtime).
+"""
+import os
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+NATIVE_MODULES = ["relay"]
+
+
+class OptionalBuildExt(build_ext):
+    """Do not fail the install if a compiled twin cannot be built."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means "use the twins"
+            print(f"warning: native extensions not built ({exc}); pure-Python twins will be used")
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001
+            print(f"warning: {ext.name} not built ({exc}); its pure-Python twin will be used")
+
+
+def native_extensions():
+    if os.environ.get("MESHPROXY_NO_EXTENSIONS") == "1":
+        return []
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        return []
+    exts = [
+        Extension(f"proxy._native.{name}", [f"native/{name}.pyx"], extra_compile_args=["-O2"])
+        for name in NATIVE_MODULES
+    ]
+    return cythonize(exts, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})
+
+
+setup(ext_modules=native_extensions(), cmdclass={"build_ext": OptionalBuildExt})
