@@ -70,12 +70,16 @@ cdef class RelayEnd:
     def link(self, RelayEnd peer):
         self.peer = peer
         if self.held is not None:
-            for chunk in self.held:
-                peer.transport.write(chunk)
+            held_paused = self.held_size >= HOLD_LIMIT
+            chunks = self.held
             self.held = None
             self.held_size = 0
-            if not self.lost:
+            if held_paused and not self.lost:
+                # Resume before replaying: if the replay fills the peer's buffer, its
+                # pause_writing pauses us again and that pause must stand.
                 self.transport.resume_reading()
+            for chunk in chunks:
+                peer.transport.write(chunk)
         if self.eof:
             peer.shutdown_write()
 

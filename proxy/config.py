@@ -80,7 +80,7 @@ def parse_addr(raw: str) -> Addr:
     host, port = m.group(1), int(m.group(2))
     if port > 65535:
         raise ValueError(f"port {port} is out of range in {raw!r}")
-    if ":" in host:
+    if raw.startswith("[") or ":" in host:
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
@@ -250,8 +250,29 @@ VARIABLES: tuple[Variable, ...] = (
     # HTTP/2 client windows (ref 1.5): stream 64 KiB - 1 (the h2 default), connection 1 MiB.
     V(L + "HTTP2_INITIAL_STREAM_WINDOW_SIZE", "http2_initial_stream_window", parse_int, 65535),
     V(L + "HTTP2_INITIAL_CONNECTION_WINDOW_SIZE", "http2_initial_connection_window", parse_int, 1048576),
+    # HTTP/2 server settings per direction (ref 1.5); unset means the h2 library's default.
+    *(
+        V(f"{L}{d.upper()}_SERVER_HTTP2_{name}", f"{d}_server_http2_{name.lower()}", parser, None)
+        for d in ("inbound", "outbound")
+        for name, parser in (
+            ("KEEP_ALIVE_INTERVAL", parse_duration),
+            ("KEEP_ALIVE_TIMEOUT", parse_duration),
+            ("MAX_CONCURRENT_STREAMS", parse_int),
+            ("MAX_FRAME_SIZE", parse_int),
+            ("MAX_HEADER_LIST_SIZE", parse_int),
+            ("MAX_PENDING_ACCEPT_RESET_STREAMS", parse_int),
+            ("MAX_SEND_BUF_SIZE", parse_int),
+            ("INITIAL_STREAM_WINDOW_SIZE", parse_int),
+            ("INITIAL_CONNECTION_WINDOW_SIZE", parse_int),
+            ("ADAPTIVE_FLOW_CONTROL", parse_bool),
+        )
+    ),
+    # A response timeout for every proxied HTTP request (until routes can set one; ref 10.2): unset = none.
+    V(M + "HTTP_RESPONSE_TIMEOUT", "http_response_timeout", parse_duration, None),
+    # Largest request or response head accepted (users.md A13): 64 KiB, beyond that 431.
+    V(M + "HTTP_MAX_HEAD_SIZE", "http_max_head_size", parse_int, 64 * 1024),
     # Logs (ref 8): Linkerd's default filter; plain text unless asked for JSON.
-    V(L + "LOG", "log_filter", parse_log_filter, "warn,linkerd=info"),
+    V(L + "LOG", "log_filter", parse_log_filter, "warn,linkerd=info,hickory=error"),
     V(L + "LOG_FORMAT", "log_format", one_of("plain", "json"), "plain"),
     V(L + "ACCESS_LOG", "access_log", one_of("apache", "json", ""), ""),
     # Identity (ref 5). Mandatory in Linkerd; the mTLS work reads these.
@@ -299,6 +320,9 @@ VARIABLES: tuple[Variable, ...] = (
     V(M + "TCP_IDLE_TIMEOUT", "tcp_idle_timeout", parse_duration, 3600.0),
     # One side sent FIN and nothing moved since: conntrack drops close-wait state after 60s (users.md A5).
     V(M + "TCP_HALF_CLOSED_TIMEOUT", "tcp_half_closed_timeout", parse_duration, 60.0),
+    # Outbound ports relayed without detection. Linkerd's control plane marks the same server-first
+    # ports opaque for every Service by default, so a meshed client never waits on them.
+    V(M + "OUTBOUND_PORTS_DISABLE_PROTOCOL_DETECTION", "outbound_opaque_ports", parse_port_set, DEFAULT_OPAQUE_PORTS),
     V(M + "NO_EXTENSIONS", "no_extensions", parse_bool, False),
     V(M + "DISCOVERY_FILE", "discovery_file", parse_text, ""),
     V(M + "ZONE", "zone", parse_text, ""),
@@ -369,7 +393,7 @@ def worker_count(values: Mapping[str, Any], available: int) -> int:
     if values["cores_max"] is not None:
         n = values["cores_max"]
     elif values["cores_max_ratio"] is not None:
-        n = round(available * values["cores_max_ratio"])
+        n = math.floor(available * values["cores_max_ratio"] + 0.5)  # Rust's f64::round: halves away from zero
     else:
         n = 1
     floor = values["cores_min"] if values["cores_min"] is not None else values["cores"]

@@ -45,6 +45,9 @@ class LogFilter:
                 continue
             target, sep, level = directive.rpartition("=") if "=" in directive else ("", "", directive)
             level = level.strip().lower()
+            if not sep and level not in LEVELS:
+                # A bare target (`linkerd`) enables everything under it, as in tracing-subscriber.
+                target, sep, level = directive, "=", "trace"
             if level not in LEVELS:
                 raise ValueError(f"invalid log level {level!r} in directive {directive!r}")
             if sep:
@@ -73,7 +76,7 @@ def normalise_target(target: str) -> str:
     return target
 
 
-_filter = LogFilter.parse("warn,linkerd=info")
+_filter = LogFilter.parse("warn,linkerd=info,hickory=error")
 _cache: dict[str, int] = {}
 
 

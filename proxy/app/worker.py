@@ -21,10 +21,12 @@ from proxy import log as logging_
 from proxy.app import inbound, outbound
 from proxy.config import Config
 from proxy.http.admin import AdminProtocol
+from proxy.http.server import HttpStage
 from proxy.metrics import process
 from proxy.metrics.families import ProxyMetrics
 from proxy.metrics.registry import render
 from proxy.transport import ipc, listen
+from proxy.native import NO_EXTENSIONS
 from proxy.transport.relay import IMPLEMENTATION, RelayTracker
 
 log = logging_.get_logger("proxy.worker")
@@ -40,6 +42,7 @@ class Worker:
         self.metrics = ProxyMetrics(config.metrics_retain_idle)
         self.tracker = RelayTracker(config.tcp_idle_timeout, config.tcp_half_closed_timeout)
         self.metrics.registry.before_snapshot.append(self.tracker.flush_counts)
+        self.http: HttpStage | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.ready = False
         self.stopping: asyncio.Event | None = None
@@ -108,9 +111,10 @@ class Worker:
             admin_sock = listen.bind(self.config.admin_listen, reuse_port=False)
             self.servers.append(await loop.create_server(lambda: AdminProtocol(self), sock=admin_sock))
 
+        self.http = HttpStage(self.config, self.metrics, self.tracker, pure=NO_EXTENSIONS)
         in_sock = listen.bind(self.config.inbound_listen)
-        self.servers.append(await loop.create_server(inbound.build(self.config, self.metrics, self.tracker), sock=in_sock))
-        outbound_forwarder = outbound.build(self.config, self.metrics, self.tracker)
+        self.servers.append(await loop.create_server(inbound.build(self.config, self.metrics, self.tracker, self.http), sock=in_sock))
+        outbound_forwarder = outbound.build(self.config, self.metrics, self.tracker, self.http)
         for addr in self.config.outbound_listen:
             self.servers.append(await loop.create_server(outbound_forwarder, sock=listen.bind(addr)))
 
@@ -130,13 +134,18 @@ class Worker:
         admin_servers, proxy_servers = (self.servers[:1], self.servers[1:]) if not self.supervisor_socket else ([], self.servers)
         for server in proxy_servers:
             server.close()  # stop accepting: new connections are refused
+        if self.http is not None:
+            self.http.shutdown()  # HTTP/1: close after the request in flight; HTTP/2: GOAWAY
+        waits = [self.tracker.wait_empty()] + ([self.http.wait_empty()] if self.http is not None else [])
         try:
-            await asyncio.wait_for(self.tracker.wait_empty(), grace)
+            await asyncio.wait_for(asyncio.gather(*waits), grace)
         except asyncio.TimeoutError:
             log.warning("graceful shutdown did not complete in the grace period; terminating now", open=len(self.tracker.live))
         for server in admin_servers:
             server.close()
         self.tracker.stop()
+        if self.http is not None:
+            self.http.close()
         return 0
 
 

@@ -7,7 +7,7 @@ name, or ``server_id`` on a plaintext connection); the renderer skips those.
 
 from __future__ import annotations
 
-from proxy.metrics.registry import Counter, Gauge, Registry
+from proxy.metrics.registry import Counter, Gauge, Histogram, Registry
 
 # Transport labels (ref 7.2): who, where to, and what TLS the connection had.
 TCP_LABELS = (
@@ -15,6 +15,18 @@ TCP_LABELS = (
     "tls", "server_id", "client_id", "no_tls_reason", "sni",
     "srv_group", "srv_kind", "srv_name", "srv_port",
 )
+
+# Endpoint labels of the legacy HTTP families (ref 7.1), inbound and outbound in one order.
+HTTP_LABELS = (
+    "direction", "authority", "target_addr", "target_ip", "target_port",
+    "tls", "server_id", "client_id", "no_tls_reason",
+    "srv_group", "srv_kind", "srv_name", "srv_port",
+    "route_group", "route_kind", "route_name",
+    "authz_group", "authz_kind", "authz_name",
+)
+# Linkerd's response_latency_ms buckets, in milliseconds (ref 7.1).
+LATENCY_MS_BUCKETS = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 2000, 3000, 4000, 5000, 10000, 20000, 30000, 40000, 50000)
+DETECT_SECONDS_BUCKETS = (0.001, 0.01, 0.1, 1, 10)
 
 
 class ProxyMetrics:
@@ -28,4 +40,13 @@ class ProxyMetrics:
         self.tcp_write_bytes_total = r.add(Counter("tcp_write_bytes_total", "Total count of bytes written to peers", TCP_LABELS))
         self.tcp_close_total = r.add(Counter("tcp_close_total", "Total count of closed connections", TCP_LABELS + ("errno",)))
         self.inbound_tcp_errors_total = r.add(Counter("inbound_tcp_errors_total", "The total number of inbound TCP connections that could not be processed due to a proxy error", ("error", "target_addr", "target_ip", "target_port")))
+        self.request_total = r.add(Counter("request_total", "Total count of HTTP requests", HTTP_LABELS))
+        self.response_total = r.add(Counter("response_total", "Total count of HTTP responses", HTTP_LABELS + ("status_code", "classification", "grpc_status", "error")))
+        self.response_latency_ms = r.add(Histogram("response_latency_ms", "Elapsed times between a request's headers being received and its response stream completing", HTTP_LABELS + ("status_code",), LATENCY_MS_BUCKETS))
+        self.inbound_http_errors_total = r.add(Counter("inbound_http_errors_total", "The total number of inbound HTTP requests that could not be processed due to a proxy error", ("error", "target_addr", "target_ip", "target_port", "srv_group", "srv_kind", "srv_name", "srv_port")))
+        self.outbound_http_errors_total = r.add(Counter("outbound_http_errors_total", "The total number of outbound HTTP requests that could not be processed due to a proxy error", ("error",)))
+        self.inbound_tcp_detect_http_results_total = r.add(Counter("inbound_tcp_detect_http_results_total", "Results of HTTP protocol detection on inbound connections", ("result",)))
+        self.outbound_tcp_detect_http_results_total = r.add(Counter("outbound_tcp_detect_http_results_total", "Results of HTTP protocol detection on outbound connections", ("result",)))
+        self.inbound_tcp_detect_http_duration_seconds = r.add(Histogram("inbound_tcp_detect_http_duration_seconds", "Time taken by HTTP protocol detection on inbound connections", ("result",), DETECT_SECONDS_BUCKETS))
+        self.outbound_tcp_detect_http_duration_seconds = r.add(Histogram("outbound_tcp_detect_http_duration_seconds", "Time taken by HTTP protocol detection on outbound connections", ("result",), DETECT_SECONDS_BUCKETS))
         self.outbound_tcp_errors_total = r.add(Counter("outbound_tcp_errors_total", "The total number of outbound TCP connections that could not be processed due to a proxy error", ("error", "target_addr", "target_ip", "target_port")))

@@ -23,15 +23,16 @@ from typing import Any
 
 
 class Series:
-    __slots__ = ("value", "touched")
+    __slots__ = ("value", "touched", "seen")
 
     def __init__(self) -> None:
         self.value: float = 0
         self.touched = time.monotonic()
+        self.seen: float = 0  # value at the last snapshot: a change since then means "active"
 
 
 class HistogramSeries:
-    __slots__ = ("bounds", "counts", "sum", "count", "touched")
+    __slots__ = ("bounds", "counts", "sum", "count", "touched", "seen")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = bounds
@@ -39,6 +40,7 @@ class HistogramSeries:
         self.sum = 0.0
         self.count = 0
         self.touched = time.monotonic()
+        self.seen = 0
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
@@ -54,6 +56,7 @@ class Family:
         self.help = help
         self.label_names = tuple(label_names)
         self.series: dict[tuple[str, ...], Any] = {}
+        self.last_snapshot = time.monotonic()
 
     def _new(self) -> Any:
         return Series()
@@ -74,10 +77,19 @@ class Family:
     def snapshot(self, now: float, retain_idle: float) -> dict[str, Any]:
         rows = []
         for key, series in list(self.series.items()):
+            # Hot paths keep a series object and add to it without calling labels():
+            # a value that moved since the last snapshot was active at least then.
+            if isinstance(series, Series) and series.value != series.seen:
+                series.seen = series.value
+                series.touched = max(series.touched, self.last_snapshot)
+            elif isinstance(series, HistogramSeries) and series.count != series.seen:
+                series.seen = series.count
+                series.touched = max(series.touched, self.last_snapshot)
             if now - series.touched > retain_idle and not (self.kind == "gauge" and series.value):
                 del self.series[key]
                 continue
             rows.append([list(key), self.snapshot_series(series)])
+        self.last_snapshot = now
         return {"name": self.name, "type": self.kind, "help": self.help, "labels": list(self.label_names), "series": rows}
 
 

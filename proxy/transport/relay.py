@@ -155,6 +155,25 @@ class Relay:
         self.tracker.removed(self)
 
 
+def join(tracker: RelayTracker, src: TcpSeries, client: Any, upstream: Any, to_upstream: bytes, to_client: bytes) -> Relay:
+    """Relay two transports that are already connected (after an HTTP upgrade or CONNECT)."""
+    relay = Relay(tracker, src)
+    relay.new_upstream()
+    for end, transport in ((relay.client, client), (relay.upstream, upstream)):
+        transport.set_protocol(end)
+        end.connection_made(transport)
+    relay.upstream.link(relay.client)
+    relay.client.link(relay.upstream)
+    # Resume first, write second: a write that fills a buffer pauses the other side again.
+    client.resume_reading()
+    upstream.resume_reading()
+    if to_upstream:
+        upstream.write(to_upstream)
+    if to_client:
+        client.write(to_client)
+    return relay
+
+
 class RelayTracker:
     """The live relays of one worker."""
 

@@ -58,7 +58,8 @@ def test_sigterm_drains_a_long_stream_and_refuses_new_connections(twin, workers)
             time.sleep(0.1)  # about 2.4 s in all: SIGTERM lands in the middle
 
     server = ThreadedServer(slow_sender)
-    proxy = make_proxy(pure=twin, workers=workers, LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD="20s",
+    # The server speaks first: outbound detection waits for client bytes, so keep it short.
+    proxy = make_proxy(pure=twin, workers=workers, LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD="20s", LINKERD2_PROXY_OUTBOUND_DETECT_TIMEOUT="200ms",
                        MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{server.port}").start()
     received = {}
     try:

@@ -130,7 +130,8 @@ def test_unreachable_target_resets_the_client_and_is_counted(twin):
     port.bind(("127.0.0.1", 0))
     dead = port.getsockname()[1]
     port.close()  # nothing listens there: connect is refused
-    proxy = make_proxy(pure=twin, MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{dead}").start()
+    # A few bytes that could still become a request line: detection ends at its (short) timeout.
+    proxy = make_proxy(pure=twin, LINKERD2_PROXY_OUTBOUND_DETECT_TIMEOUT="200ms", MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{dead}").start()
     try:
         with socket.create_connection(("127.0.0.1", proxy.outbound), timeout=5) as c:
             c.sendall(b"hello")
@@ -152,7 +153,7 @@ def test_peer_reset_is_passed_on_and_other_connections_are_untouched(twin, echo)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
 
     rst_server = ThreadedServer(resetter)
-    proxy_rst = make_proxy(pure=twin, MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{rst_server.port}").start()
+    proxy_rst = make_proxy(pure=twin, LINKERD2_PROXY_OUTBOUND_DETECT_TIMEOUT="200ms", MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{rst_server.port}").start()
     try:
         with socket.create_connection(("127.0.0.1", proxy_rst.outbound), timeout=5) as c:
             c.sendall(b"x" * 10)

@@ -1,0 +1,448 @@
+"""HTTP/1.1 message parsing, sans-IO, with a fast and a pure implementation.
+
+Theory of operation: a parser is fed bytes (``feed``) and calls its handler:
+``on_head(head)`` once the head of a message is complete, ``on_body(chunk)``
+with de-framed body bytes (chunked encoding removed), and ``on_end()`` when
+the message is complete. The proxy re-frames bodies itself when it writes
+them, so it never buffers a whole body.
+
+Two implementations share this interface:
+* ``httptools`` (llhttp, C): the fast path. It costs about a seventh of h11
+  per message on this machine (shared/reference/peers-bench.md).
+* ``h11``: the pure-Python twin, selected with ``MESHPROXY_NO_EXTENSIONS=1``.
+
+Header names keep their original case (legacy servers match them
+case-sensitively, users.md A10); ``name_lower`` helpers are used for lookups.
+
+A request that switches protocols (``Upgrade`` or ``CONNECT``) stops the
+parser: ``Switch(remaining)`` is raised with the bytes that followed the head.
+A response parser must be told the request method (HEAD responses have no
+body; a 2xx to CONNECT switches to a tunnel).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import h11
+
+try:
+    import httptools
+except ImportError:  # pragma: no cover - httptools is a dependency; the twin still works
+    httptools = None
+
+Headers = list[tuple[bytes, bytes]]
+
+MAX_HEAD_SIZE = 64 * 1024  # users.md A13: beyond this, 431 (requests) or 502 (responses)
+
+
+class ParseError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Switch(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The message switched protocols; ``remaining`` holds the bytes after its head."""
+
+    def __init__(self, remaining: bytes) -> None:
+        super().__init__("protocol switch")
+        self.remaining = remaining
+
+
+class RequestHead:
+    __slots__ = ("method", "target", "version", "headers", "keep_alive", "chunked", "content_length", "upgrade")
+
+    def __init__(self, method: bytes, target: bytes, version: bytes, headers: Headers) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.chunked, self.content_length, connection, self.upgrade = framing(headers)
+        self.keep_alive = (b"close" not in connection) if version == b"1.1" else (b"keep-alive" in connection)
+        if method == b"CONNECT":
+            self.upgrade = True
+
+
+class ResponseHead:
+    __slots__ = ("status", "reason", "version", "headers", "keep_alive", "chunked", "content_length")
+
+    def __init__(self, status: int, reason: bytes, version: bytes, headers: Headers) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+        self.chunked, self.content_length, connection, _upgrade = framing(headers)
+        self.keep_alive = (b"close" not in connection) if version == b"1.1" else (b"keep-alive" in connection)
+
+
+def framing(headers: Headers) -> tuple[bool, int | None, bytes, bool]:
+    """(chunked, content-length, lower-cased Connection tokens, upgrade requested)."""
+    chunked = False
+    length = None
+    connection = b""
+    upgrade = False
+    for name, value in headers:
+        n = name.lower()
+        if n == b"content-length":
+            length = int(value)
+        elif n == b"transfer-encoding":
+            chunked = value.lower().rstrip().endswith(b"chunked")
+        elif n == b"connection":
+            connection += b"," + value.lower()
+        elif n == b"upgrade":
+            upgrade = True
+    return chunked, length, connection, upgrade and b"upgrade" in connection
+
+
+class Handler(Protocol):
+    def on_head(self, head: Any) -> None: ...
+
+    def on_body(self, chunk: bytes) -> None: ...
+
+    def on_end(self) -> None: ...
+
+
+# ------------------------------------------------------------------ httptools
+
+
+class _HttptoolsRequestParser:
+    """Requests, on llhttp."""
+
+    __slots__ = ("handler", "parser", "url", "headers", "head_size", "max_head", "head")
+
+    def __init__(self, handler: Handler, max_head: int = MAX_HEAD_SIZE) -> None:
+        self.handler = handler
+        self.parser = httptools.HttpRequestParser(self)
+        self.max_head = max_head
+        self._reset()
+
+    def _reset(self) -> None:
+        self.url = b""
+        self.headers: Headers = []
+        self.head_size = 0
+        self.head: RequestHead | None = None
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_size += len(url)
+        if self.head_size > self.max_head:
+            raise ParseError(431, "request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.max_head:
+            raise ParseError(431, "request headers too large")
+
+    def on_headers_complete(self) -> None:
+        p = self.parser
+        try:
+            head = RequestHead(p.get_method(), self.url, p.get_http_version().encode(), self.headers)
+        except ValueError:
+            raise ParseError(400, "invalid content-length") from None
+        self.head = head
+        self.handler.on_head(head)
+
+    def on_body(self, body: bytes) -> None:
+        self.handler.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._reset()
+        self.handler.on_end()
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            raise Switch(data[upgrade.args[0]:]) from None
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, ParseError):
+                raise cause from None
+            raise
+        except httptools.HttpParserError as exc:
+            if self.head_size > self.max_head:
+                raise ParseError(431, "request headers too large") from None
+            raise ParseError(400, f"malformed request: {exc}") from None
+
+
+class _HttptoolsResponseParser:
+    """Responses, on llhttp. HEAD and CONNECT responses are parsed by hand:
+    llhttp cannot be told the request method."""
+
+    __slots__ = ("handler", "parser", "method", "reason", "headers", "head_size", "max_head", "manual", "done_head", "in_body")
+
+    def __init__(self, handler: Handler, method: bytes, max_head: int = MAX_HEAD_SIZE) -> None:
+        self.handler = handler
+        self.method = method
+        self.max_head = max_head
+        self.manual = bytearray() if method in (b"HEAD", b"CONNECT") else None
+        self.parser = None if self.manual is not None else httptools.HttpResponseParser(self)
+        self.reason = b""
+        self.headers: Headers = []
+        self.head_size = 0
+        self.done_head = False
+        self.in_body = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.max_head:
+            raise ParseError(502, "response headers too large")
+
+    def on_headers_complete(self) -> None:
+        p = self.parser
+        head = ResponseHead(p.get_status_code(), self.reason, p.get_http_version().encode(), self.headers)
+        self.reason = b""
+        self.headers = []
+        self.head_size = 0
+        self.in_body = not (100 <= head.status < 200)
+        self.handler.on_head(head)
+
+    def on_body(self, body: bytes) -> None:
+        self.handler.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.in_body:
+            self.in_body = False
+            self.handler.on_end()
+
+    def eof(self) -> None:
+        """The upstream closed: that ends a close-delimited body (llhttp has no finish call here)."""
+        if self.in_body:
+            self.in_body = False
+            self.handler.on_end()
+
+    def feed(self, data: bytes) -> None:
+        if self.manual is not None:
+            self._feed_manual(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            raise Switch(data[upgrade.args[0]:]) from None
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, ParseError):
+                raise exc.__context__ from None
+            raise
+        except httptools.HttpParserError as exc:
+            raise ParseError(502, f"malformed response: {exc}") from None
+
+    def _feed_manual(self, data: bytes) -> None:
+        assert self.manual is not None
+        if self.done_head:
+            if self.method == b"CONNECT":
+                raise Switch(data)
+            return  # bytes after a HEAD response's head: nothing can follow
+        self.manual += data
+        end = self.manual.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.manual) > self.max_head:
+                raise ParseError(502, "response headers too large")
+            return
+        head = parse_response_head(bytes(self.manual[:end]))
+        rest = bytes(self.manual[end + 4:])
+        if 100 <= head.status < 200 and head.status != 101:
+            self.handler.on_head(head)  # informational: the final response follows
+            self.manual = bytearray()
+            if rest:
+                self._feed_manual(rest)
+            return
+        self.done_head = True
+        self.handler.on_head(head)
+        if self.method == b"CONNECT" and 200 <= head.status < 300:
+            raise Switch(rest)
+        self.handler.on_end()
+
+
+def parse_response_head(raw: bytes) -> ResponseHead:
+    lines = raw.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise ParseError(502, "malformed response status line")
+    headers: Headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip():
+            raise ParseError(502, "malformed response header")
+        headers.append((name, value.strip()))
+    return ResponseHead(int(parts[1]), parts[2] if len(parts) > 2 else b"", parts[0][5:], headers)
+
+
+# ------------------------------------------------------------------ h11 (pure twin)
+
+
+class _H11RequestParser:
+    """Requests, on h11. A fresh h11 connection per message: we only parse with
+    it (the proxy writes its own bytes), and h11 will not start a new cycle
+    before a response has been sent through it."""
+
+    def __init__(self, handler: Handler, max_head: int = MAX_HEAD_SIZE) -> None:
+        self.handler = handler
+        self.max_head = max_head
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+
+    def feed(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._pump()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
+                raise ParseError(status, f"malformed request: {exc}") from None
+            if event is h11.NEED_DATA:
+                return
+            if event is h11.PAUSED:
+                # An Upgrade/CONNECT request switched protocols, or the message ended:
+                # a new cycle needs a fresh connection, fed with what is left.
+                remaining, closed = self.conn.trailing_data
+                if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL or self.conn.their_state is h11.SWITCHED_PROTOCOL:
+                    raise Switch(bytes(remaining))
+                self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
+                if remaining:
+                    self.conn.receive_data(bytes(remaining))
+                if closed:
+                    self.conn.receive_data(b"")
+                if not remaining:
+                    return
+                continue
+            if isinstance(event, h11.Request):
+                raw = list(event.headers.raw_items())
+                if len(event.target) + sum(len(n) + len(v) + 4 for n, v in raw) > self.max_head:
+                    raise ParseError(431, "request headers too large")
+                head = RequestHead(event.method, event.target, event.http_version, raw)
+                self.handler.on_head(head)
+                if head.upgrade:
+                    remaining, _ = self.conn.trailing_data
+                    if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
+                        raise Switch(bytes(remaining))
+            elif isinstance(event, h11.Data):
+                self.handler.on_body(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                self.handler.on_end()
+                if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
+                    raise Switch(bytes(self.conn.trailing_data[0]))
+                remaining, closed = self.conn.trailing_data
+                self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
+                if remaining:
+                    self.conn.receive_data(bytes(remaining))
+                if closed:
+                    self.conn.receive_data(b"")
+                if not remaining:
+                    return
+            elif isinstance(event, h11.ConnectionClosed):
+                return
+
+
+class _H11ResponseParser:
+    def __init__(self, handler: Handler, method: bytes, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> None:
+        self.handler = handler
+        self.method = method
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)
+        # h11 frames the response by the request it saw: tell it (the bytes are discarded).
+        headers = [(b"host", b"x")]
+        if upgrade:
+            headers += [(b"connection", b"upgrade"), (b"upgrade", b"proxied")]
+        if method == b"CONNECT":
+            target = b"x:1"
+        else:
+            target = b"/"
+        self.conn.send(h11.Request(method=method, target=target, headers=headers))
+        if method != b"CONNECT":
+            self.conn.send(h11.EndOfMessage())
+
+    def feed(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ParseError(502, f"malformed response: {exc}") from None
+            if event is h11.NEED_DATA:
+                return
+            if event is h11.PAUSED:
+                raise Switch(bytes(self.conn.trailing_data[0]))
+            if isinstance(event, h11.InformationalResponse):
+                head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))
+                self.handler.on_head(head)
+                if event.status_code == 101:
+                    raise Switch(bytes(self.conn.trailing_data[0]))
+            elif isinstance(event, h11.Response):
+                head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))
+                self.handler.on_head(head)
+                if self.method == b"CONNECT" and 200 <= event.status_code < 300:
+                    raise Switch(bytes(self.conn.trailing_data[0]))
+            elif isinstance(event, h11.Data):
+                self.handler.on_body(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                self.handler.on_end()
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                return
+
+    def eof(self) -> None:
+        """The upstream closed: ends a close-delimited body."""
+        self.conn.receive_data(b"")
+        self.feed(b"")
+
+
+def request_parser(handler: Handler, pure: bool, max_head: int = MAX_HEAD_SIZE) -> Any:
+    if pure or httptools is None:
+        return _H11RequestParser(handler, max_head)
+    return _HttptoolsRequestParser(handler, max_head)
+
+
+def response_parser(handler: Handler, method: bytes, pure: bool, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> Any:
+    if pure or httptools is None:
+        return _H11ResponseParser(handler, method, max_head, upgrade)
+    return _HttptoolsResponseParser(handler, method, max_head)
+
+
+# ------------------------------------------------------------------ writing
+
+# Hop-by-hop headers (RFC 9110 7.6.1) describe one connection and are not forwarded.
+# Content-Length and Transfer-Encoding stay: the proxy keeps each message's framing
+# (it re-encodes chunks as it forwards them), so those headers remain true.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"})
+
+
+def forwardable(headers: Headers, upgrade: bool = False) -> Headers:
+    """Headers minus the hop-by-hop ones and those the Connection header names.
+    A protocol switch (Upgrade, 101) keeps its Connection and Upgrade headers."""
+    if upgrade:
+        return headers
+    named: tuple[bytes, ...] = ()
+    out = []
+    for name, value in headers:
+        n = name.lower()
+        if n in HOP_BY_HOP:
+            if n == b"connection":
+                named += tuple(t.strip() for t in value.lower().split(b","))
+            continue
+        out.append((name, value))
+    if named:
+        out = [(n, v) for n, v in out if n.lower() not in named]
+    return out
+
+
+def encode_head(first_line: bytes, headers: Headers) -> bytes:
+    parts = [first_line]
+    for name, value in headers:
+        parts.append(name + b": " + value)
+    parts.append(b"\r\n")
+    return b"\r\n".join(parts)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

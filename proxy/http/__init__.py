@@ -1,0 +1,1 @@
+"""HTTP: server and client adapters over the protocol cores, pools, synthetic errors, admin."""

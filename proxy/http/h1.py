@@ -1,0 +1,573 @@
+"""HTTP/1.1 proxying: a client-facing server connection, upstream connections, pools.
+
+Theory of operation: ``Http1Server`` parses requests (proxy.core.h1) from one
+client connection and handles them strictly in order, one ``H1Exchange`` each.
+An exchange takes an upstream connection from the endpoint's keep-alive
+``H1Pool`` (or dials one), writes the request head, streams the body as it
+arrives and streams the response back; nothing is buffered whole. Backpressure
+runs both ways with pause_reading/resume_reading: a full write buffer on one
+side stops reading on the other.
+
+* Upgrade (websocket) and CONNECT: after a 101 (or a 2xx to CONNECT) both
+  sockets are handed to the opaque relay, with the bytes already read.
+* Errors before a response head become synthesized responses (ref 3.5) with
+  ``l5d-proxy-error``; after a head, the client connection is closed.
+* A request with no body whose reused connection died before any response
+  byte is sent again once on a fresh connection (users.md A4); nothing else is
+  replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from proxy.config import Addr
+from proxy.core import h1
+from proxy.http import errors
+from proxy.http.stack import Clients, Exchange, HttpRoute
+from proxy.log import get_logger
+
+log = get_logger("proxy.http.h1")
+
+HOLD_LIMIT = 256 * 1024  # request body bytes held while the upstream connects
+STATUS_REASONS = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 431: b"Request Header Fields Too Large",
+                  500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
+
+
+def error_response(err: errors.ProxyError, informational: bool, close: bool) -> bytes:
+    status, headers = errors.response_headers(err, grpc=False, informational=informational)
+    lines = [b"HTTP/1.1 %d %s" % (status, STATUS_REASONS.get(status, b"Error"))]
+    lines += [k.encode() + b": " + v.encode("latin-1", "replace") for k, v in headers]
+    if close:
+        lines.append(b"connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+# ------------------------------------------------------------------ upstream side
+
+
+class H1Pool:
+    """Idle keep-alive connections to one endpoint (per worker)."""
+
+    def __init__(self, target: Addr, connect_timeout: float, idle_timeout: float, max_idle: int, pure: bool, max_head: int) -> None:
+        self.target = target
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self.pure = pure
+        self.max_head = max_head
+        self.idle: list[UpstreamConnection] = []
+        self.closed = False
+        self.loop = asyncio.get_running_loop()
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def acquire(self) -> UpstreamConnection | None:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.lost and not conn.transport.is_closing():
+                conn.reused = True
+                return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        transport, conn = await asyncio.wait_for(
+            self.loop.create_connection(lambda: UpstreamConnection(self), self.target.host, self.target.port),
+            self.connect_timeout,
+        )
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if self.closed or conn.lost or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.exchange = None
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(self.idle_timeout, self._close_stale)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def _close_stale(self) -> None:
+        # One timer per pool, not per connection: idle connections older than the timeout go.
+        self._sweep = None
+        cutoff = time.monotonic() - self.idle_timeout
+        for conn in [c for c in self.idle if c.idle_since <= cutoff]:
+            self.idle.remove(conn)
+            conn.close()
+        if self.idle:
+            oldest = min(c.idle_since for c in self.idle)
+            self._sweep = self.loop.call_later(max(0.05, oldest + self.idle_timeout - time.monotonic()), self._close_stale)
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+
+
+class UpstreamConnection:
+    """One connection to the endpoint, serving one exchange at a time."""
+
+    __slots__ = ("pool", "transport", "exchange", "parser", "reused", "got_bytes", "lost", "idle_since")
+
+    def __init__(self, pool: H1Pool) -> None:
+        self.pool = pool
+        self.transport: Any = None
+        self.exchange: H1Exchange | None = None
+        self.parser: Any = None
+        self.reused = False
+        self.got_bytes = False
+        self.lost = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            self.close()  # bytes on an idle connection: it is no longer in a known state
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed(data)
+        except h1.Switch as switch:
+            ex.upstream_switched(switch.remaining)
+        except h1.ParseError as exc:
+            ex.upstream_failed(errors.IO_ERROR.because(exc.reason))
+
+    def eof_received(self) -> bool:
+        ex = self.exchange
+        if ex is not None:
+            eof = getattr(self.parser, "eof", None)
+            if eof is not None:
+                try:
+                    eof()
+                except h1.ParseError:
+                    pass
+            if self.exchange is ex and not ex.response_done:
+                ex.upstream_failed(errors.IO_ERROR.because("connection closed by the server"))
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+        self.pool.forget(self)
+        ex = self.exchange
+        if ex is not None and not ex.response_done:
+            ex.upstream_failed(errors.IO_ERROR.because(f"connection lost: {exc}" if exc else "connection closed by the server"))
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.server.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.server.resume_reading()
+
+    def close(self) -> None:
+        self.exchange = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+# ------------------------------------------------------------------ one request
+
+
+class H1Exchange:
+    """One request and its response. Also the response parser's handler."""
+
+    __slots__ = (
+        "server", "head", "metrics", "upstream", "held", "held_size", "request_done", "response_head", "response_done",
+        "client_keep_alive", "response_chunked", "connect_task", "timer", "early", "retried", "close_after",
+    )
+
+    def __init__(self, server: Http1Server, head: h1.RequestHead) -> None:
+        self.server = server
+        self.head = head
+        self.metrics: Exchange | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.held: list[bytes] | None = []
+        self.held_size = 0
+        self.request_done = False
+        self.response_head: h1.ResponseHead | None = None
+        self.response_done = False
+        self.client_keep_alive = head.keep_alive
+        self.response_chunked = False
+        self.connect_task: asyncio.Task[Any] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.early = b""  # client bytes after an Upgrade/CONNECT head
+        self.retried = False
+        self.close_after = False
+
+    # -- request side
+    def start(self) -> None:
+        server = self.server
+        route = server.route
+        self.metrics = Exchange(server.metrics, route, grpc=False)
+        if route.response_timeout:
+            self.timer = server.loop.call_later(route.response_timeout, self.timed_out)
+        pool = server.pool()
+        conn = pool.acquire()
+        if conn is not None:
+            self.attach(conn)
+        else:
+            self.connect_task = server.loop.create_task(self.connect(pool))
+
+    async def connect(self, pool: H1Pool) -> None:
+        try:
+            conn = await pool.connect()
+        except asyncio.TimeoutError:
+            self.fail(errors.CONNECT_TIMEOUT.because(f"connect to {pool.target} timed out after {pool.connect_timeout:g}s"))
+            return
+        except OSError as exc:
+            self.fail(errors.IO_ERROR.because(f"connect to {pool.target}: {exc.strerror or exc}"))
+            return
+        self.connect_task = None
+        if self.response_done or self.server.lost:
+            pool.release(conn)
+            return
+        self.attach(conn)
+
+    def attach(self, conn: UpstreamConnection) -> None:
+        self.upstream = conn
+        conn.exchange = self
+        conn.got_bytes = False
+        head = self.head
+        conn.parser = h1.response_parser(self, head.method, self.server.pure, self.server.max_head, upgrade=head.upgrade)
+        headers = h1.forwardable(head.headers, upgrade=head.upgrade)
+        out = [h1.encode_head(head.method + b" " + head.target + b" HTTP/1.1", headers)]
+        if self.held:
+            out.extend(self.held)
+        if self.request_done and head.chunked:
+            out.append(h1.LAST_CHUNK)
+        if self.early:
+            out.append(self.early)
+            self.early = b""
+        self.held = None
+        conn.transport.write(b"".join(out))
+        if self.held_size >= HOLD_LIMIT:
+            self.server.resume_reading()
+
+    def request_body(self, chunk: bytes) -> None:
+        data = h1.encode_chunk(chunk) if self.head.chunked else chunk
+        if self.held is not None:
+            self.held.append(data)
+            self.held_size += len(data)
+            if self.held_size >= HOLD_LIMIT:
+                self.server.pause_reading()
+        elif self.upstream is not None and not self.upstream.lost:
+            self.upstream.transport.write(data)
+
+    def request_end(self) -> None:
+        self.request_done = True
+        if self.head.chunked and self.held is None and self.upstream is not None and not self.upstream.lost:
+            self.upstream.transport.write(h1.LAST_CHUNK)
+
+    def client_bytes_after_switch(self, data: bytes) -> None:
+        if self.upstream is not None and self.held is None and not self.upstream.lost:
+            self.upstream.transport.write(data)
+        else:
+            self.early += data
+
+    # -- response side (response parser handler)
+    def on_head(self, head: h1.ResponseHead) -> None:
+        server = self.server
+        if 100 <= head.status < 200 and head.status != 101:
+            server.write(b"HTTP/1.1 %d %s\r\n\r\n" % (head.status, head.reason or b"Continue"))
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.response_head = head
+        assert self.metrics is not None
+        self.metrics.response_head(head.status)
+        switching = head.status == 101 or (self.head.method == b"CONNECT" and 200 <= head.status < 300)
+        headers = h1.forwardable(head.headers, upgrade=switching)
+        no_body = self.head.method == b"HEAD" or head.status in (204, 304) or switching
+        framed = no_body or head.chunked or head.content_length is not None
+        self.response_chunked = head.chunked and not no_body
+        keep = self.client_keep_alive and framed and head.keep_alive and not server.draining and not self.head.upgrade
+        if not switching:
+            if not keep:
+                headers.append((b"Connection", b"close"))
+                self.client_keep_alive = False
+            elif self.head.version == b"1.0":
+                headers.append((b"Connection", b"keep-alive"))
+        reason = head.reason or STATUS_REASONS.get(head.status, b"")
+        server.write(h1.encode_head(b"HTTP/1.1 %d %s" % (head.status, reason), headers))
+
+    def on_body(self, chunk: bytes) -> None:
+        self.server.write(h1.encode_chunk(chunk) if self.response_chunked else chunk)
+
+    def on_end(self) -> None:
+        if self.response_head is None:
+            return  # the end of an informational response
+        if self.response_chunked:
+            self.server.write(h1.LAST_CHUNK)
+        self.response_done = True
+        assert self.metrics is not None
+        self.metrics.end()
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            if self.request_done and self.response_head.keep_alive and not conn.lost:
+                conn.pool.release(conn)
+            else:
+                conn.close()
+        if not self.request_done:
+            self.client_keep_alive = False  # the rest of the request body cannot be skipped safely
+        self.server.exchange_done(self)
+
+    # -- switching protocols
+    def upstream_switched(self, remaining: bytes) -> None:
+        """101 (or 2xx to CONNECT): from now on both sockets are an opaque relay."""
+        conn = self.upstream
+        assert conn is not None and self.metrics is not None
+        self.response_done = True
+        self.metrics.end()
+        conn.exchange = None
+        self.upstream = None
+        self.server.switch_to_relay(conn.transport, remaining, self.early)
+
+    # -- failures
+    def upstream_failed(self, err: errors.ProxyError) -> None:
+        conn = self.upstream
+        if (
+            conn is not None and conn.reused and not conn.got_bytes and not self.retried and self.request_done
+            and not self.head.chunked and not self.head.content_length and self.response_head is None
+        ):
+            # A reused keep-alive connection died before answering a bodiless request: send it once more.
+            self.retried = True
+            conn.exchange = None
+            conn.close()
+            self.upstream = None
+            self.held = []
+            self.connect_task = self.server.loop.create_task(self.connect(conn.pool))
+            return
+        if conn is not None:
+            conn.exchange = None
+            conn.close()
+            self.upstream = None
+        self.fail(err)
+
+    def timed_out(self) -> None:
+        self.timer = None
+        if self.response_head is None and not self.response_done:
+            if self.connect_task is not None:
+                self.connect_task.cancel()
+            conn = self.upstream
+            if conn is not None:
+                conn.exchange = None
+                conn.close()
+                self.upstream = None
+            self.fail(errors.RESPONSE_TIMEOUT.because(f"response timeout after {self.server.route.response_timeout:g}s"))
+
+    def fail(self, err: errors.ProxyError) -> None:
+        if self.response_done:
+            return
+        self.response_done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        assert self.metrics is not None
+        server = self.server
+        if self.response_head is None:
+            self.metrics.response_head(err.status)
+            self.metrics.proxy_error(err)
+            self.metrics.end(error="" if err.status < 500 else err.metric)
+            log.info("proxy error", status=err.status, reason=err.message, target=str(server.route.target))
+            if err.fatal or not self.request_done:
+                self.client_keep_alive = False
+            server.write(error_response(err, server.route.informational_headers, close=not self.client_keep_alive))
+        else:
+            # Too late for an error response: the head is out. Closing tells the client the body is cut.
+            self.metrics.end(error=err.metric)
+            self.client_keep_alive = False
+        server.exchange_done(self)
+
+    def abandon(self) -> None:
+        """The client went away."""
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+        conn = self.upstream
+        if conn is not None:
+            conn.close()
+            self.upstream = None
+        if not self.response_done and self.metrics is not None:
+            self.response_done = True
+            self.metrics.end(error="unexpected" if self.response_head is None else "i/o")
+
+
+# ------------------------------------------------------------------ client side
+
+
+class Http1Server:
+    """One client connection speaking HTTP/1.x."""
+
+    def __init__(self, route: HttpRoute, metrics: Any, clients: Clients, pure: bool, max_head: int, pool_idle: float,
+                 max_idle: int, live: set[Any], relay_factory: Any, src: Any = None) -> None:
+        self.route = route
+        self.src = src  # server-side TCP series of this connection (tcp_* metrics)
+        self.metrics = metrics
+        self.clients = clients
+        self.pure = pure
+        self.max_head = max_head
+        self.pool_idle = pool_idle
+        self.max_idle = max_idle
+        self.live = live
+        self.relay_factory = relay_factory  # (client transport, upstream transport, to_upstream, to_client) -> None
+        self.loop = asyncio.get_running_loop()
+        self.parser = h1.request_parser(self, pure, max_head)
+        self.transport: Any = None
+        self.queue: list[H1Exchange] = []
+        self.switched = False  # the parser stopped at an Upgrade/CONNECT head
+        self.paused = 0
+        self.lost = False
+        self.draining = False
+        self.pending_error: errors.ProxyError | None = None
+        live.add(self)
+
+    def pool(self) -> H1Pool:
+        target = self.route.target
+        return self.clients.get("h1", target, lambda: H1Pool(target, self.route.connect_timeout, self.pool_idle, self.max_idle, self.pure, self.max_head))
+
+    # -- asyncio protocol
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.src is not None:
+            self.src.read.value += len(data)
+        if self.switched:
+            if self.queue and self.parser is not None:
+                self.queue[-1].client_bytes_after_switch(data)
+            return
+        try:
+            self.parser.feed(data)
+        except h1.Switch as switch:
+            self.switched = True
+            if self.queue:
+                self.queue[-1].client_bytes_after_switch(switch.remaining)
+        except h1.ParseError as exc:
+            err = (errors.HEADERS_TOO_LARGE if exc.status == 431 else errors.BAD_REQUEST).because(exc.reason)
+            self.reject(err)
+
+    def eof_received(self) -> bool:
+        if not self.queue:
+            return False  # an idle client left: close
+        return True  # half-closed while a response is on its way: finish it, then close
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+        for ex in self.queue:
+            ex.abandon()
+        self.queue.clear()
+        self.live.discard(self)
+        if self.src is not None:
+            self.src.closed("")
+
+    def pause_writing(self) -> None:
+        if self.queue and self.queue[0].upstream is not None:
+            self.queue[0].upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.queue and self.queue[0].upstream is not None and not self.queue[0].upstream.lost:
+            self.queue[0].upstream.transport.resume_reading()
+
+    # -- request parser handler
+    def on_head(self, head: h1.RequestHead) -> None:
+        ex = H1Exchange(self, head)
+        self.queue.append(ex)
+        if len(self.queue) == 1:
+            ex.start()
+        else:
+            self.pause_reading()  # pipelined: one request at a time, the next waits (bounded)
+
+    def on_body(self, chunk: bytes) -> None:
+        self.queue[-1].request_body(chunk)
+
+    def on_end(self) -> None:
+        if self.queue:
+            self.queue[-1].request_end()
+
+    # -- used by exchanges
+    def write(self, data: bytes) -> None:
+        if not self.lost:
+            self.transport.write(data)
+            if self.src is not None:
+                self.src.write.value += len(data)
+
+    def pause_reading(self) -> None:
+        self.paused += 1
+        if self.paused == 1 and not self.lost:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused:
+            self.paused -= 1
+            if self.paused == 0 and not self.lost:
+                self.transport.resume_reading()
+
+    def exchange_done(self, ex: H1Exchange) -> None:
+        if self.queue and self.queue[0] is ex:
+            self.queue.pop(0)
+        if not ex.client_keep_alive or self.draining or self.switched:
+            self.close()
+            return
+        if self.queue:
+            self.resume_reading()
+            self.queue[0].start()
+        elif self.pending_error is not None:
+            self.reject(self.pending_error)
+
+    def reject(self, err: errors.ProxyError) -> None:
+        """A malformed request: answer it (400 / 431, reason in l5d-proxy-error) and close."""
+        self.parser = None
+        self.switched = True  # nothing more is parsed from this connection
+        if self.queue and not self.queue[-1].request_done:
+            # The request in flight is the malformed one (e.g. a bad chunk size): fail it now.
+            ex = self.queue[-1]
+            ex.client_keep_alive = False
+            if ex.upstream is not None:
+                ex.upstream.close()
+                ex.upstream = None
+            if ex.connect_task is not None:
+                ex.connect_task.cancel()
+            ex.fail(err)
+            return
+        if self.queue:
+            self.pending_error = err  # answer once the requests before it are done
+            self.transport.pause_reading()
+            return
+        family = self.metrics.inbound_http_errors_total if self.route.direction == "inbound" else self.metrics.outbound_http_errors_total
+        family.labels(err.metric, *self.route.error_labels).value += 1
+        log.info("malformed request", status=err.status, reason=err.message)
+        self.write(error_response(err, True, close=True))
+        self.close()
+
+    def switch_to_relay(self, upstream_transport: Any, to_client: bytes, to_upstream: bytes) -> None:
+        self.queue.clear()
+        self.live.discard(self)
+        src, self.src = self.src, None  # the relay owns the connection's metrics from here
+        self.relay_factory(self.transport, upstream_transport, to_upstream, to_client, src)
+
+    def close(self) -> None:
+        if not self.lost and not self.transport.is_closing():
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Drain: close now if idle, else after the response in flight."""
+        self.draining = True
+        if not self.queue:
+            self.close()

@@ -1,0 +1,1065 @@
+"""HTTP/2 proxying: client streams in, one shared upstream connection out.
+
+Theory of operation
+-------------------
+Both sides speak HTTP/2 with prior knowledge: the detection stage has already
+seen the client's preface, and upstreams are dialled in cleartext. The ``h2``
+library is the protocol core (bytes in, events out); this module is the
+asyncio glue around it.
+
+* ``H2ServerConnection``: the protocol of one accepted client connection.
+* ``H2Pool``: the upstream side of one endpoint in one worker, kept in the
+  worker's ``Clients``. It holds ONE ``H2ClientConnection`` that every client
+  connection multiplexes onto, and dials a new one when that one dies or
+  receives GOAWAY. Streams that arrive while it dials wait in the pool.
+* ``_Stream`` pairs a client stream with its upstream stream. Each direction
+  is a ``_Flow``: the DATA received from one side, not yet sent to the other.
+
+Flow control, end to end. A flow sends DATA only as far as the destination's
+window allows (stream and connection, ``local_flow_control_window``). Received
+DATA is acknowledged to its sender *per stream* only once it has been handed
+to the other side (``acknowledge_received_data``), so a stream whose reader
+stops stalls only its own writer, and what a stream holds is bounded by its
+receive window. The *connection* window is reopened as soon as bytes arrive:
+they already count against a stream window, and holding the connection window
+as well would let one stalled stream block every other stream. A flow that
+finds no window parks itself in the destination's ``blocked`` map until a
+WINDOW_UPDATE (or SETTINGS, or ``resume_writing``) wakes it: no task, no timer.
+
+Writes. h2 queues the bytes of every frame it makes; each side hands them to
+its transport once per batch of events (``_flush``), so the frames made while
+handling one read cost one ``write``.
+
+GOAWAY. h2 4 treats any GOAWAY, sent or received, as the end of the
+connection: its state machine then refuses every frame. RFC 9113 6.8 lets the
+streams up to ``last_stream_id`` finish, which both a drain and an upstream
+that restarts need, so ``_H2`` reports a received GOAWAY without closing, and
+a drain writes its own GOAWAY frames (hyper's two-step drain: GOAWAY with the
+largest id, a PING, then GOAWAY with the real last stream id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    InformationalResponseReceived,
+    PingAckReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import NoAvailableStreamIDError, ProtocolError, TooManyStreamsError
+from h2.settings import SettingCodes
+from hyperframe.frame import GoAwayFrame
+
+from proxy.config import Addr
+from proxy.http.errors import CONNECT_TIMEOUT, IO_ERROR, RESPONSE_TIMEOUT, ProxyError, is_grpc, response_headers
+from proxy.http.stack import Clients, Exchange, HttpRoute
+
+# RFC 9113 6.9.2: every window starts at 65,535 bytes, and SETTINGS cannot
+# change the connection window (only WINDOW_UPDATE can).
+DEFAULT_WINDOW = 65535
+# RFC 9113 5.1.1: stream ids are 31 bits; GOAWAY with the largest one says
+# "stopping soon" without refusing anything yet (first step of a drain).
+MAX_STREAM_ID = 2**31 - 1
+# The second GOAWAY of a drain waits for a PING round trip, so streams the
+# client opened before it saw the first one are still served (hyper does the
+# same); a client that never answers the PING gets it after 1 s.
+DRAIN_PING = b"meshdrn0"
+DRAIN_PING_TIMEOUT = 1.0
+KEEPALIVE_PING = b"meshkal0"
+# An idle multiplexed upstream connection costs one socket; closing it after a
+# minute lets endpoints that left discovery go, and is longer than any
+# keep-alive a client of ours would notice.
+UPSTREAM_IDLE_TIMEOUT = 60.0
+
+# Connection-specific fields (RFC 9113 8.2.2) never cross the proxy.
+_CONNECTION_HEADERS = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"http2-settings")
+)
+_TE = b"te"
+_TRAILERS = b"trailers"
+_CONTENT_TYPE = b"content-type"
+_STATUS = b":status"
+_GRPC_STATUS = b"grpc-status"
+
+_NO_ERROR = ErrorCodes.NO_ERROR
+_CANCEL = ErrorCodes.CANCEL
+_REFUSED_STREAM = ErrorCodes.REFUSED_STREAM
+_INTERNAL_ERROR = ErrorCodes.INTERNAL_ERROR
+
+# Headers stay bytes (no decoding); what a peer sends is validated on the way
+# in, so what the proxy forwards is not validated a second time on the way out.
+_SERVER_CONFIG = H2Configuration(
+    client_side=False, header_encoding=None, validate_inbound_headers=True,
+    normalize_inbound_headers=False, validate_outbound_headers=False, normalize_outbound_headers=False,
+)
+_CLIENT_CONFIG = H2Configuration(
+    client_side=True, header_encoding=None, validate_inbound_headers=True,
+    normalize_inbound_headers=False, validate_outbound_headers=False, normalize_outbound_headers=False,
+)
+
+
+def h2_error_label(code: int) -> str:
+    """The ``error`` label Linkerd gives a reset stream: ``h2(CANCEL)`` (ref 7.1)."""
+    try:
+        return f"h2({ErrorCodes(code).name})"
+    except ValueError:
+        return f"h2({code})"
+
+
+def _forwardable(headers: Any) -> list[Any]:
+    return [h for h in headers if h[0] not in _CONNECTION_HEADERS and (h[0] != _TE or h[1] == _TRAILERS)]
+
+
+def _grpc_status(headers: Any) -> int | None:
+    for name, value in headers:
+        if name == _GRPC_STATUS:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class H2Settings:
+    """HTTP/2 settings of one direction. ``None`` leaves the h2 library's default."""
+
+    max_concurrent_streams: int | None = None
+    max_frame_size: int | None = None
+    max_header_list_size: int | None = None
+    initial_stream_window: int | None = None
+    initial_connection_window: int | None = None
+    keep_alive_interval: float | None = None
+    keep_alive_timeout: float | None = None
+    # Accepted for compatibility with linkerd's variables; see the notes on
+    # H2ServerConnection for why they need no mechanism here.
+    max_pending_accept_reset_streams: int | None = None
+    max_send_buf_size: int | None = None
+    adaptive_flow_control: bool | None = None
+    # Windows the proxy advertises to upstreams (ref 1.5).
+    client_stream_window: int = DEFAULT_WINDOW
+    client_connection_window: int = 1048576
+
+    @classmethod
+    def from_config(cls, config: Any, direction: str) -> H2Settings:
+        """``direction`` is "inbound" or "outbound": which ``*_server_http2_*`` fields apply."""
+        prefix = f"{direction}_server_http2_"
+
+        def get(name: str) -> Any:
+            return getattr(config, prefix + name, None)
+
+        return cls(
+            max_concurrent_streams=get("max_concurrent_streams"),
+            max_frame_size=get("max_frame_size"),
+            max_header_list_size=get("max_header_list_size"),
+            initial_stream_window=get("initial_stream_window_size"),
+            initial_connection_window=get("initial_connection_window_size"),
+            keep_alive_interval=get("keep_alive_interval"),
+            keep_alive_timeout=get("keep_alive_timeout"),
+            max_pending_accept_reset_streams=get("max_pending_accept_reset_streams"),
+            max_send_buf_size=get("max_send_buf_size"),
+            adaptive_flow_control=get("adaptive_flow_control"),
+            client_stream_window=getattr(config, "http2_initial_stream_window", DEFAULT_WINDOW),
+            client_connection_window=getattr(config, "http2_initial_connection_window", 1048576),
+        )
+
+    def server_settings(self) -> dict[int, int]:
+        wanted = {
+            SettingCodes.MAX_CONCURRENT_STREAMS: self.max_concurrent_streams,
+            SettingCodes.MAX_FRAME_SIZE: self.max_frame_size,
+            SettingCodes.MAX_HEADER_LIST_SIZE: self.max_header_list_size,
+            SettingCodes.INITIAL_WINDOW_SIZE: self.initial_stream_window,
+        }
+        return {code: value for code, value in wanted.items() if value is not None}
+
+
+class _H2(H2Connection):
+    """h2's connection, except that a received GOAWAY does not end it (see the module doc)."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
+        event = ConnectionTerminated()
+        try:
+            event.error_code = ErrorCodes(frame.error_code)
+        except ValueError:
+            event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+def _goaway(last_stream_id: int, error_code: int = 0) -> bytes:
+    return GoAwayFrame(0, last_stream_id=last_stream_id, error_code=error_code).serialize()
+
+
+# ---------------------------------------------------------------- both sides
+
+
+class _Side:
+    """What a client-facing and an upstream connection share: the h2 state,
+    the transport, batched writes, the blocked flows and the connection window."""
+
+    handlers: dict[type, Any] = {}
+
+    def __init__(self, conn_window: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.h2: _H2 = None  # type: ignore[assignment]  # made in connection_made
+        self.transport: Any = None
+        self.streams: dict[int, _Stream] = {}
+        self.blocked: dict[int, _Flow] = {}  # stream id here -> flow waiting for window or writability
+        self.write_paused = False
+        self.flush_pending = False
+        self.receiving = False  # inside data_received: it flushes at its end
+        self.closed = False
+        self.conn_window = max(conn_window, DEFAULT_WINDOW)
+        self.conn_window_half = self.conn_window // 2
+
+    # -- writes
+    def want_flush(self) -> None:
+        if not self.receiving and not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_pending = False
+        data = self.h2.data_to_send()
+        if data and not self.closed:
+            self.transport.write(data)
+
+    def _open_connection_window(self) -> None:
+        if self.conn_window > DEFAULT_WINDOW:
+            self.h2.increment_flow_control_window(self.conn_window - DEFAULT_WINDOW)
+
+    # -- asyncio.Protocol
+    def data_received(self, data: bytes) -> None:
+        h2 = self.h2
+        self.receiving = True
+        try:
+            try:
+                events = h2.receive_data(data)
+            except ProtocolError:
+                # h2 has queued a GOAWAY with the reason: send it and stop.
+                self._flush()
+                self.transport.close()
+                return
+            handlers = self.handlers
+            for event in events:
+                handler = handlers.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+            # Reopen the connection window for what arrived (see the module doc).
+            if not self.closed:
+                deficit = self.conn_window - h2.inbound_flow_control_window
+                if deficit >= self.conn_window_half:
+                    h2.increment_flow_control_window(deficit)
+        finally:
+            self.receiving = False
+        self._flush()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_all()
+
+    # -- flows
+    def ack(self, stream_id: int, size: int) -> None:
+        """``size`` bytes received on ``stream_id`` were passed on: let the peer send more."""
+        self.h2.acknowledge_received_data(size, stream_id)
+        self.want_flush()
+
+    def reset(self, stream_id: int, code: int) -> None:
+        if self.closed:
+            return
+        try:
+            self.h2.reset_stream(stream_id, code)
+        except ProtocolError:  # already closed: nothing to reset
+            return
+        self.want_flush()
+
+    def _wake_all(self) -> None:
+        blocked = self.blocked
+        if blocked:
+            self.blocked = {}
+            for flow in blocked.values():
+                flow.pump()
+
+    def _on_window(self, event: WindowUpdated) -> None:
+        if event.stream_id == 0:
+            self._wake_all()
+        else:
+            flow = self.blocked.pop(event.stream_id, None)
+            if flow is not None:
+                flow.pump()
+
+    def _on_settings(self, event: RemoteSettingsChanged) -> None:
+        # A new INITIAL_WINDOW_SIZE or MAX_FRAME_SIZE can let blocked flows go on.
+        self._wake_all()
+
+
+# ---------------------------------------------------------------- streams
+
+
+class _Flow:
+    """One direction of a stream: DATA from ``src`` not yet sent to ``dst``."""
+
+    __slots__ = ("stream", "src", "src_sid", "dst", "dst_sid", "chunks", "ended", "trailers", "finished")
+
+    def __init__(self, stream: _Stream, src: _Side | None, src_sid: int) -> None:
+        self.stream = stream
+        self.src = src
+        self.src_sid = src_sid
+        self.dst: _Side | None = None  # None until the destination stream exists
+        self.dst_sid = 0
+        self.chunks: deque[bytes] | None = None
+        self.ended = False  # END_STREAM received from src
+        self.trailers: list[Any] | None = None
+        self.finished = False  # END_STREAM sent to dst, or the flow was dropped
+
+    def received(self, data: bytes, flow_len: int, ended: bool) -> None:
+        if self.finished:
+            return  # dropped: the connection window is reopened anyway
+        if data:
+            chunks = self.chunks
+            if chunks is None:
+                chunks = self.chunks = deque()
+            chunks.append(data)
+        if ended:
+            self.ended = True
+        elif flow_len > len(data):  # padding is never forwarded: acknowledge it now
+            self.src.ack(self.src_sid, flow_len - len(data))  # type: ignore[union-attr]
+        self.pump()
+
+    def end(self, trailers: list[Any] | None = None) -> None:
+        if self.ended or self.finished:
+            return
+        self.ended = True
+        self.trailers = trailers
+        self.pump()
+
+    def drop(self) -> None:
+        self.finished = True
+        self.chunks = None
+        if self.dst is not None:
+            self.dst.blocked.pop(self.dst_sid, None)
+
+    def pump(self) -> None:
+        """Send what the destination's windows allow; park in ``dst.blocked`` for the rest."""
+        dst = self.dst
+        if dst is None or self.finished or dst.closed:
+            return
+        sid = self.dst_sid
+        h2 = dst.h2
+        chunks = self.chunks
+        try:
+            if chunks:
+                if dst.write_paused:
+                    dst.blocked[sid] = self
+                    return
+                sent = 0
+                while chunks:
+                    window = h2.local_flow_control_window(sid)
+                    if window <= 0:
+                        dst.blocked[sid] = self
+                        break
+                    data = chunks[0]
+                    size = len(data)
+                    limit = h2.max_outbound_frame_size
+                    if window < limit:
+                        limit = window
+                    if size > limit:
+                        h2.send_data(sid, data[:limit])
+                        chunks[0] = data[limit:]
+                        size = limit
+                    else:
+                        chunks.popleft()
+                        if not chunks and self.ended and self.trailers is None:
+                            h2.send_data(sid, data, end_stream=True)
+                            self.finished = True
+                        else:
+                            h2.send_data(sid, data)
+                    sent += size
+                if sent and not self.ended:
+                    self.src.ack(self.src_sid, sent)  # type: ignore[union-attr]
+            if self.ended and not chunks and not self.finished:
+                if self.trailers is not None:
+                    h2.send_headers(sid, self.trailers, end_stream=True)
+                    self.trailers = None
+                else:
+                    h2.end_stream(sid)
+                self.finished = True
+        except ProtocolError:
+            # The destination stream is gone under us (a reset not yet seen):
+            # the stream cannot continue.
+            self.stream.abort(_INTERNAL_ERROR, "unclassified")
+            return
+        dst.want_flush()
+        if self.finished:
+            self.stream.flow_finished(self)
+
+
+class _Stream:
+    """A client stream and the upstream stream it is forwarded on."""
+
+    __slots__ = (
+        "server", "sid", "up", "up_sid", "headers", "exchange", "request", "response",
+        "grpc_status", "timer", "responded", "client_open", "done",
+    )
+
+    def __init__(self, server: H2ServerConnection, sid: int, headers: list[Any], exchange: Exchange) -> None:
+        self.server = server
+        self.sid = sid
+        self.up: H2ClientConnection | None = None
+        self.up_sid = 0
+        self.headers: list[Any] | None = headers  # request head, until sent upstream
+        self.exchange = exchange
+        self.request = _Flow(self, server, sid)
+        self.response = _Flow(self, None, 0)
+        self.response.dst = server
+        self.response.dst_sid = sid
+        self.grpc_status: int | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.responded = False  # response headers sent to the client
+        self.client_open = True  # the client stream has not been reset
+        self.done = False
+
+    # -- upstream side
+    def opened(self, up: H2ClientConnection, up_sid: int, ended: bool) -> None:
+        self.up = up
+        self.up_sid = up_sid
+        self.headers = None
+        response = self.response
+        response.src = up
+        response.src_sid = up_sid
+        request = self.request
+        request.dst = up
+        request.dst_sid = up_sid
+        if ended:
+            request.finished = True
+        else:
+            request.pump()
+
+    def response_head(self, headers: list[Any], ended: bool) -> None:
+        if self.responded or self.done:
+            return
+        self.responded = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        status = 0
+        kept = []
+        for h in headers:
+            name = h[0]
+            if name == _STATUS:
+                status = int(h[1])
+            elif name in _CONNECTION_HEADERS:
+                continue
+            elif name == _GRPC_STATUS and ended:
+                self.grpc_status = _grpc_status((h,))
+            kept.append(h)
+        self.exchange.response_head(status)
+        server = self.server
+        try:
+            server.h2.send_headers(self.sid, kept, end_stream=ended)
+        except ProtocolError:
+            self.abort(_INTERNAL_ERROR, "unclassified")
+            return
+        server.want_flush()
+        if ended:
+            response = self.response
+            response.ended = response.finished = True
+            self.flow_finished(response)
+
+    def informational(self, headers: list[Any]) -> None:
+        if self.responded or self.done:
+            return
+        try:
+            self.server.h2.send_headers(self.sid, _forwardable(headers))
+        except ProtocolError:
+            return
+        self.server.want_flush()
+
+    def trailers(self, headers: list[Any]) -> None:
+        if self.exchange.grpc:
+            self.grpc_status = _grpc_status(headers)
+        self.response.end(_forwardable(headers))
+
+    def upstream_reset(self, code: int) -> None:
+        response = self.response
+        if code == _NO_ERROR and response.ended:
+            # RFC 9113 8.1: the upstream answered in full and asks the client
+            # to stop sending the request; the response still goes out.
+            self._detach_upstream(reset=False)
+            self.request.drop()
+            if response.finished:
+                self._close()
+            return
+        self.abort(code, h2_error_label(code), upstream_code=None)
+
+    def upstream_lost(self) -> None:
+        """The upstream connection died under this stream."""
+        self._detach_upstream(reset=False)
+        if not self.responded:
+            self.fail(IO_ERROR)
+        else:
+            self.abort(_INTERNAL_ERROR, "unclassified")
+
+    def refused(self) -> None:
+        """The upstream's GOAWAY excluded this stream: it was never processed."""
+        self._detach_upstream(reset=False)
+        self.abort(_REFUSED_STREAM, h2_error_label(_REFUSED_STREAM))
+
+    def _detach_upstream(self, reset: bool, code: int = _CANCEL) -> None:
+        up = self.up
+        if up is None:
+            return
+        self.up = None
+        if up.streams.pop(self.up_sid, None) is not None:
+            up.blocked.pop(self.up_sid, None)
+            if reset:
+                up.reset(self.up_sid, code)
+            up.stream_closed()
+
+    # -- client side
+    def client_reset(self, code: int) -> None:
+        self.client_open = False
+        self.abort(None, h2_error_label(code), upstream_code=code)
+
+    def client_lost(self) -> None:
+        self.client_open = False
+        self.abort(None, h2_error_label(_CANCEL), upstream_code=_CANCEL)
+
+    def timed_out(self) -> None:
+        self.timer = None
+        if not self.responded and not self.done:
+            self.fail(RESPONSE_TIMEOUT)
+
+    # -- endings
+    def fail(self, err: ProxyError) -> None:
+        """Answer the client by itself (ref 3.5) and forget the upstream stream."""
+        if self.done:
+            return
+        server = self.server
+        self.server.pool_cancel(self)
+        self._detach_upstream(reset=True)
+        self.request.drop()
+        exchange = self.exchange
+        grpc = exchange.grpc
+        status, fields = response_headers(err, grpc, server.route.informational_headers)
+        exchange.proxy_error(err)
+        exchange.response_head(status)
+        exchange.end(grpc_status=err.grpc_status if grpc else None)
+        self.responded = True
+        if self.client_open and not server.closed:
+            try:
+                block = [(b":status", str(status).encode())]
+                block += [(name.encode(), value.encode()) for name, value in fields]
+                server.h2.send_headers(self.sid, block, end_stream=True)
+            except ProtocolError:
+                pass
+            server.want_flush()
+        self.response.finished = True
+        self._close()
+
+    def abort(self, client_code: int | None, error: str, upstream_code: int | None = _CANCEL) -> None:
+        """End the stream with resets: ``client_code`` to the client, ``upstream_code`` upstream."""
+        if self.done:
+            return
+        self.exchange.end(grpc_status=None, error=error)
+        self.server.pool_cancel(self)
+        self._detach_upstream(reset=upstream_code is not None, code=upstream_code or 0)
+        self.request.drop()
+        self.response.drop()
+        if client_code is not None and self.client_open:
+            self.client_open = False
+            self.server.reset(self.sid, client_code)
+        self._close()
+
+    def flow_finished(self, flow: _Flow) -> None:
+        if flow is self.response:
+            self.exchange.end(grpc_status=self.grpc_status if self.exchange.grpc else None)
+        if self.request.finished and self.response.finished:
+            self._close()
+
+    def _close(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.request.ended and self.client_open:
+            # The response is complete but the client is still sending: ask it
+            # to stop (RFC 9113 8.1).
+            self.client_open = False
+            self.server.reset(self.sid, _NO_ERROR)
+        self._detach_upstream(reset=False)
+        self.server.stream_closed(self)
+
+
+# ---------------------------------------------------------------- upstream
+
+
+class H2ClientConnection(_Side):
+    """One HTTP/2 connection to an upstream endpoint, shared by many client connections."""
+
+    def __init__(self, pool: H2Pool) -> None:
+        super().__init__(pool.settings.client_connection_window)
+        self.pool = pool
+        self.goaway = False  # received GOAWAY or retired: no new streams
+        self.idle_since = self.loop.time()
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        h2 = self.h2 = _H2(_CLIENT_CONFIG)
+        h2.initiate_connection()
+        settings = {SettingCodes.ENABLE_PUSH: 0}
+        if self.pool.settings.client_stream_window != DEFAULT_WINDOW:
+            settings[SettingCodes.INITIAL_WINDOW_SIZE] = self.pool.settings.client_stream_window
+        h2.update_settings(settings)
+        self._open_connection_window()
+        self._flush()
+        self._arm_idle_timer()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self.goaway = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.pool.retired(self)
+        for stream in list(self.streams.values()):
+            stream.upstream_lost()
+        self.streams.clear()
+        self.blocked.clear()
+
+    # -- streams
+    def has_capacity(self) -> bool:
+        return not self.goaway and len(self.streams) < self.h2.remote_settings.max_concurrent_streams
+
+    def open(self, stream: _Stream) -> bool:
+        """Start ``stream`` here; False if this connection cannot take it."""
+        h2 = self.h2
+        request = stream.request
+        ended = request.ended and not request.chunks and request.trailers is None
+        try:
+            sid = h2.get_next_available_stream_id()
+            h2.send_headers(sid, stream.headers, end_stream=ended)
+        except (NoAvailableStreamIDError, TooManyStreamsError):
+            self.retire()
+            return False
+        self.streams[sid] = stream
+        stream.opened(self, sid, ended)
+        self.want_flush()
+        return True
+
+    def stream_closed(self) -> None:
+        if self.streams:
+            return
+        if self.goaway:
+            self.close()
+            return
+        self.idle_since = self.loop.time()
+        if self.pool.pending:
+            self.pool.dispatch()
+
+    def retire(self) -> None:
+        """Take no new streams; close once the streams in flight are done."""
+        if not self.goaway:
+            self.goaway = True
+            self.pool.retired(self)
+        if not self.streams:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.goaway = True
+            self.h2.close_connection()
+            self._flush()
+            self.transport.close()
+
+    def _arm_idle_timer(self) -> None:
+        self.idle_timer = self.loop.call_at(self.idle_since + UPSTREAM_IDLE_TIMEOUT, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self.idle_timer = None
+        if self.closed:
+            return
+        if not self.streams and self.loop.time() - self.idle_since >= UPSTREAM_IDLE_TIMEOUT:
+            self.retire()
+            if self.pool.conn is None and not self.pool.pending:
+                self.pool.closed = True  # Clients makes a fresh pool if the endpoint is used again
+            return
+        if self.streams:
+            self.idle_since = self.loop.time()  # busy now: look again a full period later
+        self._arm_idle_timer()
+
+    # -- events
+    def _on_response(self, event: ResponseReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.response_head(event.headers, event.stream_ended is not None)
+
+    def _on_informational(self, event: InformationalResponseReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.informational(event.headers)
+
+    def _on_data(self, event: DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.response.received(event.data, event.flow_controlled_length, event.stream_ended is not None)
+
+    def _on_trailers(self, event: TrailersReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.trailers(event.headers)
+
+    def _on_end(self, event: StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.response.end()
+
+    def _on_reset(self, event: StreamReset) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.upstream_reset(event.error_code)
+
+    def _on_settings_changed(self, event: RemoteSettingsChanged) -> None:
+        self._wake_all()
+        if SettingCodes.MAX_CONCURRENT_STREAMS in event.changed_settings and self.pool.pending:
+            self.pool.dispatch()
+
+    def _on_goaway(self, event: ConnectionTerminated) -> None:
+        self.goaway = True
+        self.pool.retired(self)
+        last = event.last_stream_id if event.last_stream_id is not None else MAX_STREAM_ID
+        for sid, stream in list(self.streams.items()):
+            if sid > last:
+                stream.refused()
+        if not self.streams:
+            self.close()
+
+
+H2ClientConnection.handlers = {
+    ResponseReceived: H2ClientConnection._on_response,
+    InformationalResponseReceived: H2ClientConnection._on_informational,
+    DataReceived: H2ClientConnection._on_data,
+    TrailersReceived: H2ClientConnection._on_trailers,
+    StreamEnded: H2ClientConnection._on_end,
+    StreamReset: H2ClientConnection._on_reset,
+    WindowUpdated: _Side._on_window,
+    RemoteSettingsChanged: H2ClientConnection._on_settings_changed,
+    ConnectionTerminated: H2ClientConnection._on_goaway,
+}
+
+
+class H2Pool:
+    """The upstream of one endpoint in one worker: one shared connection, dialled on demand."""
+
+    def __init__(self, target: Addr, connect_timeout: float, settings: H2Settings) -> None:
+        self.target = target
+        self.connect_timeout = connect_timeout
+        self.settings = settings
+        self.loop = asyncio.get_running_loop()
+        self.conn: H2ClientConnection | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.pending: dict[_Stream, None] = {}  # insertion-ordered: first come, first sent
+        self.closed = False
+        self.connections_opened = 0  # how many times it dialled (tests, debugging)
+
+    def submit(self, stream: _Stream) -> None:
+        conn = self.conn
+        if conn is not None and not self.pending and conn.has_capacity() and conn.open(stream):
+            return
+        self.pending[stream] = None
+        if self.conn is None:
+            self._dial()
+
+    def cancel(self, stream: _Stream) -> None:
+        self.pending.pop(stream, None)
+
+    def dispatch(self) -> None:
+        """Start waiting streams while the connection has room; dial if there is none."""
+        pending = self.pending
+        while pending:
+            conn = self.conn
+            if conn is None:
+                self._dial()
+                return
+            if not conn.has_capacity():
+                return
+            stream = next(iter(pending))
+            if not conn.open(stream):
+                continue  # that connection retired itself; the loop dials a new one
+            del pending[stream]
+
+    def retired(self, conn: H2ClientConnection) -> None:
+        """``conn`` takes no new streams (GOAWAY, lost, out of ids)."""
+        if self.conn is conn:
+            self.conn = None
+            if self.pending:
+                self._dial()
+
+    def _dial(self) -> None:
+        if self.connecting is None and not self.closed:
+            self.connecting = self.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        target = self.target
+        err: ProxyError | None = None
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(lambda: H2ClientConnection(self), target.host, target.port),
+                self.connect_timeout,
+            )
+        except asyncio.TimeoutError:
+            err = CONNECT_TIMEOUT
+        except OSError as exc:
+            err = IO_ERROR.because(f"connect to {target}: {exc.strerror or exc}")
+        finally:
+            self.connecting = None
+        if err is not None:
+            waiting = list(self.pending)
+            self.pending.clear()
+            for stream in waiting:
+                stream.fail(err)
+            return
+        self.connections_opened += 1
+        if self.closed:
+            conn.close()
+            return
+        self.conn = conn
+        self.dispatch()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        waiting = list(self.pending)
+        self.pending.clear()
+        for stream in waiting:
+            stream.fail(IO_ERROR)
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            conn.goaway = True
+            conn.close()
+
+
+# ---------------------------------------------------------------- client-facing
+
+
+class H2ServerConnection(_Side):
+    """The protocol of one accepted HTTP/2 client connection.
+
+    ``done`` resolves when the connection is closed. ``shutdown()`` drains it:
+    GOAWAY at once, in-flight streams finish, then the connection closes.
+
+    Settings without a mechanism here: ``max_send_buf_size`` (what a stream
+    buffers is already bounded by the receive window of its source),
+    ``max_pending_accept_reset_streams`` (streams are accepted at once, none
+    wait), ``adaptive_flow_control`` (windows are fixed).
+    """
+
+    def __init__(self, route: HttpRoute, metrics: Any, clients: Clients, settings: H2Settings) -> None:
+        conn_window = settings.initial_connection_window or DEFAULT_WINDOW
+        super().__init__(conn_window)
+        self.route = route
+        self.metrics = metrics
+        self.clients = clients
+        self.settings = settings
+        self.pool: H2Pool | None = None
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.draining = False
+        self.last_stream_id: int | None = None  # set by the final GOAWAY of a drain
+        self.peer_leaving = False  # the client sent GOAWAY or EOF
+        self.drain_timer: asyncio.TimerHandle | None = None
+        self.keepalive_timer: asyncio.TimerHandle | None = None
+        self.keepalive_waiting = False
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        h2 = self.h2 = _H2(_SERVER_CONFIG)
+        h2.initiate_connection()
+        settings = self.settings.server_settings()
+        if settings:
+            h2.update_settings(settings)
+        self._open_connection_window()
+        self._flush()
+        if self.settings.keep_alive_interval:
+            self.keepalive_timer = self.loop.call_later(self.settings.keep_alive_interval, self._keepalive)
+
+    def eof_received(self) -> bool:
+        # The client will send nothing more; answer what is in flight, then close.
+        self.peer_leaving = True
+        self._maybe_close()
+        return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        for timer in (self.drain_timer, self.keepalive_timer):
+            if timer is not None:
+                timer.cancel()
+        for stream in list(self.streams.values()):
+            stream.client_lost()
+        self.streams.clear()
+        self.blocked.clear()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # -- drain
+    def shutdown(self) -> None:
+        """Drain: GOAWAY now, let the streams in flight finish, then close."""
+        if self.draining or self.closed or self.transport is None:
+            return
+        self.draining = True
+        self._flush()
+        self.transport.write(_goaway(MAX_STREAM_ID))
+        self.h2.ping(DRAIN_PING)
+        self._flush()
+        self.drain_timer = self.loop.call_later(DRAIN_PING_TIMEOUT, self._final_goaway)
+
+    def _final_goaway(self) -> None:
+        if self.drain_timer is not None:
+            self.drain_timer.cancel()
+            self.drain_timer = None
+        if self.last_stream_id is not None or self.closed:
+            return
+        self.last_stream_id = self.h2.highest_inbound_stream_id
+        self._flush()
+        self.transport.write(_goaway(self.last_stream_id))
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self.streams or self.closed:
+            return
+        if self.last_stream_id is not None or self.peer_leaving:
+            self._flush()
+            self.transport.close()
+
+    def stream_closed(self, stream: _Stream) -> None:
+        self.streams.pop(stream.sid, None)
+        self.blocked.pop(stream.sid, None)
+        if not self.streams and (self.last_stream_id is not None or self.peer_leaving):
+            self.want_flush()
+            self.loop.call_soon(self._maybe_close)
+
+    # -- keep-alive
+    def _keepalive(self) -> None:
+        self.keepalive_timer = None
+        if self.closed:
+            return
+        if self.keepalive_waiting:
+            # No PONG within the timeout: the client is gone.
+            self.transport.close()
+            return
+        self.keepalive_waiting = True
+        self.h2.ping(KEEPALIVE_PING)
+        self.want_flush()
+        timeout = self.settings.keep_alive_timeout or 20.0  # hyper's default keep-alive timeout
+        self.keepalive_timer = self.loop.call_later(timeout, self._keepalive)
+
+    def _on_ping_ack(self, event: PingAckReceived) -> None:
+        data = event.ping_data
+        if data == DRAIN_PING:
+            self._final_goaway()
+        elif data == KEEPALIVE_PING and self.keepalive_waiting:
+            self.keepalive_waiting = False
+            if self.keepalive_timer is not None:
+                self.keepalive_timer.cancel()
+            interval = self.settings.keep_alive_interval
+            if interval:
+                self.keepalive_timer = self.loop.call_later(interval, self._keepalive)
+
+    # -- pool
+    def _new_pool(self) -> H2Pool:
+        return H2Pool(self.route.target, self.route.connect_timeout, self.settings)
+
+    def pool_cancel(self, stream: _Stream) -> None:
+        pool = self.pool
+        if pool is not None and pool.pending:
+            pool.cancel(stream)
+
+    # -- events
+    def _on_request(self, event: RequestReceived) -> None:
+        sid = event.stream_id
+        if self.last_stream_id is not None and sid > self.last_stream_id:
+            self.reset(sid, _REFUSED_STREAM)  # opened after our final GOAWAY
+            return
+        headers = []
+        content_type = None
+        for h in event.headers:
+            name = h[0]
+            if name in _CONNECTION_HEADERS or (name == _TE and h[1] != _TRAILERS):
+                continue
+            if name == _CONTENT_TYPE:
+                content_type = h[1]
+            headers.append(h)
+        route = self.route
+        stream = _Stream(self, sid, headers, Exchange(self.metrics, route, is_grpc(content_type)))
+        self.streams[sid] = stream
+        if event.stream_ended is not None:
+            stream.request.ended = True
+        if route.response_timeout is not None:
+            stream.timer = self.loop.call_later(route.response_timeout, stream.timed_out)
+        pool = self.pool
+        if pool is None or pool.closed:
+            pool = self.pool = self.clients.get("h2", route.target, self._new_pool)
+        pool.submit(stream)
+
+    def _on_data(self, event: DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.request.received(event.data, event.flow_controlled_length, event.stream_ended is not None)
+
+    def _on_trailers(self, event: TrailersReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.request.end(_forwardable(event.headers))
+
+    def _on_end(self, event: StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.request.end()
+
+    def _on_reset(self, event: StreamReset) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.client_reset(event.error_code)
+
+    def _on_goaway(self, event: ConnectionTerminated) -> None:
+        self.peer_leaving = True
+        self._maybe_close()
+
+
+H2ServerConnection.handlers = {
+    RequestReceived: H2ServerConnection._on_request,
+    DataReceived: H2ServerConnection._on_data,
+    TrailersReceived: H2ServerConnection._on_trailers,
+    StreamEnded: H2ServerConnection._on_end,
+    StreamReset: H2ServerConnection._on_reset,
+    WindowUpdated: _Side._on_window,
+    RemoteSettingsChanged: _Side._on_settings,
+    PingAckReceived: H2ServerConnection._on_ping_ack,
+    ConnectionTerminated: H2ServerConnection._on_goaway,
+}
