@@ -5,26 +5,32 @@ Built from the connection upward, one line per layer:
   -> original destination        transport.orig_dst (SO_ORIGINAL_DST)
   -> route                       podIP:port of the app; never our own inbound port (a loop)
   -> opaque ports                skip detection entirely (LINKERD2_PROXY_INBOUND_PORTS_DISABLE_PROTOCOL_DETECTION)
-  -> TLS ClientHello peek        core.detect; TLS not for us is passed through opaque (mTLS: next)
-  -> HTTP detection              one read, 10 s; timeout or not HTTP -> opaque
-  -> HTTP/1 | HTTP/2 | opaque    http.h1 / http.h2 | transport.relay
+  -> TLS ClientHello peek        tls.server: SNI == our name -> terminate mTLS; other TLS -> opaque passthrough
+  -> HTTP detection              transport.detect: one read, 10 s; timeout or not HTTP -> opaque
+  -> HTTP/1 | HTTP/2 | opaque    http.h1 / http.h2 (l5d-client-id set or stripped) | transport.relay
 """
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from typing import Any
 
 from proxy.config import Addr, Config
 from proxy.core import detect as core_detect
 from proxy.http.server import HttpStage
 from proxy.http.stack import HttpRoute
+from proxy.log import get_logger
+from proxy.tls import server as tls_server
+from proxy.tls.local import LocalIdentity
 from proxy.transport import detect
-from proxy.transport.forward import Accepted, Acceptor, Conn, forward_opaque
-from proxy.transport.relay import RelayTracker
+from proxy.transport.forward import Accepted, Acceptor, Conn, Target, forward_opaque
+from proxy.transport.relay import RelayTracker, reset
+
+log = get_logger("proxy.app.inbound")
 
 # The default server of Linkerd's inbound policy when no policy controller answers.
 DEFAULT_SERVER = ("", "default")
-TLS = "tls"
 
 
 def route(config: Config) -> Any:
@@ -32,64 +38,54 @@ def route(config: Config) -> Any:
     inbound_port = config.inbound_listen.port
     allowed_ips = config.inbound_ips
 
-    def choose(conn: Accepted) -> Addr | str:
+    def choose(conn: Accepted) -> Target | str:
         if not conn.redirected:
             if fallback is not None:
-                return fallback
+                return Target(fallback)
             return "not redirected and no MESHPROXY_INBOUND_FALLBACK_ADDR"
         if conn.orig_dst.port == inbound_port:
             return "loop to own inbound port"
         if allowed_ips and conn.orig_dst.host not in allowed_ips:
             return "original destination is not one of LINKERD2_PROXY_INBOUND_IPS"
-        return conn.orig_dst
+        return Target(conn.orig_dst)
 
     return choose
 
 
-def make_server_labels(config: Config) -> Any:
-    policy = config.inbound_default_policy
-    opaque = config.inbound_opaque_ports
-
-    def labels(conn: Accepted, target: Addr | None) -> tuple[Any, ...]:
-        o = conn.orig_dst
-        reason = "port_skipped" if o.port in opaque else "no_tls_from_remote"
-        return ("inbound", "src", None, str(o), o.host, str(o.port), "no_identity", None, None, reason, None,
-                DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(o.port))
-
-    return labels
+def tls_labels(conn: Conn, reason: str) -> tuple[Any, ...]:
+    """(tls, server_id, client_id, no_tls_reason, sni) of an inbound connection (ref 5.5, 7.2)."""
+    if conn.tls:
+        return ("true", None, conn.client_id, None, None)
+    return ("no_identity", None, None, reason, None)
 
 
-def client_labels(conn: Accepted, target: Addr | None) -> tuple[Any, ...]:
-    t = target or conn.orig_dst
+def client_labels(conn: Accepted, target: Target | None) -> tuple[Any, ...]:
+    t = target.addr if target is not None else conn.orig_dst
     # The app is local: the inbound client side is plaintext over "loopback" (ref 7.2).
     return ("inbound", "dst", None, str(t), t.host, str(t.port), "no_identity", None, None, "loopback", None, None, None, None, None)
 
 
-def decide(buf: bytes) -> str:
-    """TLS first (ref 2.1), then HTTP."""
-    sni = core_detect.client_hello_sni(buf)
-    if sni == core_detect.NEED_MORE:
-        return core_detect.NEED_MORE
-    if sni is not None:
-        return TLS
-    return core_detect.detect_http(buf)
-
-
-def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage) -> Acceptor:
+def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, local: LocalIdentity | None = None) -> Acceptor:
     policy = config.inbound_default_policy
+    opaque_ports = config.inbound_opaque_ports
     results, durations = metrics.inbound_tcp_detect_http_results_total, metrics.inbound_tcp_detect_http_duration_seconds
 
-    def detected(conn: Conn, kind: str, prefix: bytes, client_eof: bool, elapsed: float) -> None:
-        if kind != TLS:
-            result = kind if kind in (core_detect.HTTP1, core_detect.HTTP2, detect.READ_TIMEOUT) else ("error" if kind == detect.CLOSED else "not_http")
-            results.labels(result).value += 1
-            durations.labels(result).observe(elapsed)
-        t = conn.target
+    def server_labels(conn: Conn, reason: str) -> tuple[Any, ...]:
         o = conn.accepted.orig_dst
-        labels = ("inbound", None, str(o), o.host, str(o.port), "no_identity", None, None, "no_tls_from_remote",
+        return ("inbound", "src", None, str(o), o.host, str(o.port), *tls_labels(conn, reason),
+                DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(o.port))
+
+    def detected(conn: Conn, kind: str, prefix: bytes, client_eof: bool, elapsed: float) -> None:
+        result = kind if kind in (core_detect.HTTP1, core_detect.HTTP2, detect.READ_TIMEOUT) else ("error" if kind == detect.CLOSED else "not_http")
+        results.labels(result).value += 1
+        durations.labels(result).observe(elapsed)
+        o = conn.accepted.orig_dst
+        tls, server_id, client_id, reason, _sni = tls_labels(conn, "no_tls_from_remote")
+        labels = ("inbound", None, str(o), o.host, str(o.port), tls, server_id, client_id, reason,
                   DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(o.port), "", "default", "default", "", "default", policy)
-        route_ = HttpRoute("inbound", t, labels, config.inbound_connect_timeout, config.http_response_timeout,
-                           True, (str(o), o.host, str(o.port), DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(o.port)))
+        route_ = HttpRoute("inbound", conn.target.addr, labels, config.inbound_connect_timeout, config.http_response_timeout,
+                           conn.tls, (str(o), o.host, str(o.port), DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(o.port)),
+                           client_id=conn.client_id if conn.tls else "")
         if kind == core_detect.HTTP1 and not client_eof:
             http.serve_http1(conn.transport, route_, prefix, conn.src)
         elif kind == core_detect.HTTP2 and not client_eof and http.h2_available:
@@ -100,11 +96,51 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage) 
         else:
             forward_opaque(conn, prefix, client_eof)
 
-    def dispatch(conn: Conn) -> None:
-        if conn.accepted.orig_dst.port in config.inbound_opaque_ports:
-            forward_opaque(conn, b"")  # opaque port: no detection at all (server-speaks-first protocols)
+    async def serve(conn: Conn) -> None:
+        sock = conn.sock
+        conn.sock = None
+        timeout = config.inbound_detect_timeout
+        if conn.accepted.orig_dst.port in opaque_ports:
+            kind, sni = "opaque-port", ""  # no detection at all (server-speaks-first protocols)
+        else:
+            kind, sni = await tls_server.peek_client_hello(sock, timeout)
+        ours = kind == "tls" and local is not None and local.creds is not None and sni == local.name
+        try:
+            transport, hold = await tls_server.adopt(sock, local.server_ctx if ours else None, timeout)  # type: ignore[union-attr]
+        except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("TLS handshake failed" if ours else "connection failed", client=str(conn.accepted.client), error=str(exc))
+            metrics.inbound_tcp_errors_total.labels("tls handshake" if ours else "i/o", *_target(conn)).value += 1
+            sock.close()
             return
-        detect.start(conn, decide, detected, config.inbound_detect_timeout, core_detect.TLS_DETECT_LIMIT, http.live)
+        conn.transport = transport
+        if ours:
+            from proxy.tls.credentials import peer_identity
+
+            conn.tls = True
+            conn.client_id = peer_identity(transport.get_extra_info("ssl_object")) or ""
+            conn.open_series(server_labels(conn, ""))
+        elif kind == "opaque-port":
+            conn.open_series(server_labels(conn, "port_skipped"))
+        elif kind == "tls":
+            # TLS for someone else (the app terminates it): pass it through untouched (ref 2.1).
+            conn.open_series(("inbound", "src", None, *_target(conn), "opaque", None, None, None, sni,
+                              DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(conn.accepted.orig_dst.port)))
+        else:
+            conn.open_series(server_labels(conn, "no_tls_from_remote"))
+        if kind in ("tls", "opaque-port") and not ours:
+            forward_opaque(conn, b"".join(hold.chunks), hold.eof)
+            return
+        proto = detect.DetectProtocol(conn, core_detect.detect_http, detected, timeout, core_detect.HTTP_DETECT_LIMIT, http.live)
+        tls_server.hand_over(transport, hold, proto)
+
+    def dispatch(conn: Conn) -> None:
+        asyncio.get_running_loop().create_task(serve(conn))
+
+    def _target(conn: Conn) -> tuple[str, str, str]:
+        o = conn.accepted.orig_dst
+        return (str(o), o.host, str(o.port))
 
     return Acceptor("inbound", route(config), config.inbound_connect_timeout, metrics, tracker,
-                    make_server_labels(config), client_labels, metrics.inbound_tcp_errors_total, dispatch)
+                    lambda a, t: ("inbound", "src", None, str(a.orig_dst), a.orig_dst.host, str(a.orig_dst.port), "no_identity", None, None,
+                                  "no_tls_from_remote", None, DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(a.orig_dst.port)),
+                    client_labels, metrics.inbound_tcp_errors_total, dispatch, local)

@@ -3,7 +3,7 @@
 Built from the connection upward, one line per layer:
   listener (SO_REUSEPORT)       transport.listen, one per worker
   -> original destination        transport.orig_dst (SO_ORIGINAL_DST)
-  -> route                       orig dst, or the fallback when not redirected; never our own listener
+  -> route                       discovery (standalone file) by orig dst, else orig dst / the fallback; never our own listener
   -> opaque ports                server-first ports skip detection (MESHPROXY_OUTBOUND_PORTS_DISABLE_PROTOCOL_DETECTION)
   -> HTTP detection              transport.detect + core.detect (one read, 10 s; timeout -> opaque)
   -> HTTP/1 | HTTP/2 | opaque    http.h1 / http.h2 with metrics and synthetic errors | transport.relay
@@ -11,6 +11,7 @@ Built from the connection upward, one line per layer:
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from proxy.config import Addr, Config
@@ -18,44 +19,66 @@ from proxy.core import detect as core_detect
 from proxy.http.server import HttpStage
 from proxy.http.stack import HttpRoute
 from proxy.transport import detect
-from proxy.transport.forward import Accepted, Acceptor, Conn, forward_opaque
+from proxy.discovery.static import StaticDiscovery
+from proxy.tls.local import LocalIdentity
+from proxy.transport.forward import Accepted, Acceptor, Conn, Target, forward_opaque
 from proxy.transport.relay import RelayTracker
 
 
-def route(config: Config) -> Any:
+def route(config: Config, discovery: StaticDiscovery | None, local: LocalIdentity | None) -> Any:
     fallback: Addr | None = config.outbound_fallback
     listeners = set(config.outbound_listen)
+    pick = random.Random().choices
 
-    def choose(conn: Accepted) -> Addr | str:
+    def choose(conn: Accepted) -> Target | str:
         if not conn.redirected:
-            if fallback is not None:
-                return fallback
-            return "not redirected and no MESHPROXY_OUTBOUND_FALLBACK_ADDR"
-        if conn.orig_dst in listeners:
+            if fallback is None:
+                return "not redirected and no MESHPROXY_OUTBOUND_FALLBACK_ADDR"
+            dst = fallback
+        elif conn.orig_dst in listeners:
             return "loop to own outbound listener"
-        return conn.orig_dst
+        else:
+            dst = conn.orig_dst
+        found = discovery.resolve(dst) if discovery is not None else None
+        if found is None:
+            return Target(dst)
+        if not found.endpoints:
+            return f"no endpoints for {found.service.name if found.service else dst}"
+        # Weighted choice among the endpoints (peak-EWMA balancing replaces this with issue 5).
+        ep = found.endpoints[0] if len(found.endpoints) == 1 else pick(found.endpoints, [e.weight for e in found.endpoints])[0]
+        meshed = ep.identity if (local is not None and local.creds is not None) else ""
+        return Target(ep.addr, meshed, ep.protocol, found.service.name if found.service else None)
 
     return choose
 
 
-def server_labels(conn: Accepted, target: Addr | None) -> tuple[Any, ...]:
+def tls_labels(target: Target | None) -> tuple[Any, ...]:
+    """(tls, server_id, client_id, no_tls_reason) of an outbound connection (ref 7.2)."""
+    if target is not None and target.identity:
+        return ("true", target.identity, None, None)
+    return ("no_identity", None, None, "not_provided_by_service_discovery")
+
+
+def server_labels(conn: Accepted, target: Target | None) -> tuple[Any, ...]:
     # The outbound server side always reads from the local app (ref 7.2).
     o = conn.orig_dst
     return ("outbound", "src", None, str(o), o.host, str(o.port), "no_identity", None, None, "loopback", None, None, None, None, None)
 
 
-def client_labels(conn: Accepted, target: Addr | None) -> tuple[Any, ...]:
-    t = target or conn.orig_dst
-    return ("outbound", "dst", None, str(t), t.host, str(t.port), "no_identity", None, None, "not_provided_by_service_discovery", None, None, None, None, None)
+def client_labels(conn: Accepted, target: Target | None) -> tuple[Any, ...]:
+    t = target.addr if target is not None else conn.orig_dst
+    authority = target.authority if target is not None else None
+    return ("outbound", "dst", authority, str(t), t.host, str(t.port), *tls_labels(target), None, None, None, None, None)
 
 
-def http_labels(target: Addr) -> tuple[Any, ...]:
-    # Endpoint labels (ref 7.1): no logical authority until discovery exists.
-    return ("outbound", None, str(target), target.host, str(target.port), "no_identity", None, None, "not_provided_by_service_discovery",
+def http_labels(target: Target) -> tuple[Any, ...]:
+    t = target.addr
+    return ("outbound", target.authority, str(t), t.host, str(t.port), *tls_labels(target),
             None, None, None, None, None, None, None, None, None, None)
 
 
-def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage) -> Acceptor:
+def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
+          discovery: StaticDiscovery | None = None, local: LocalIdentity | None = None) -> Acceptor:
     informational = not config.ingress_mode  # ref 1.5: OUTBOUND_DISABLE_INFORMATIONAL_HEADERS defaults to ingress mode
     results, durations = metrics.outbound_tcp_detect_http_results_total, metrics.outbound_tcp_detect_http_duration_seconds
 
@@ -63,8 +86,9 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage) 
         result = kind if kind in (core_detect.HTTP1, core_detect.HTTP2, detect.READ_TIMEOUT) else ("error" if kind == detect.CLOSED else "not_http")
         results.labels(result).value += 1
         durations.labels(result).observe(elapsed)
-        route_ = HttpRoute("outbound", conn.target, http_labels(conn.target), config.outbound_connect_timeout,
-                           config.http_response_timeout, informational)
+        target = conn.target
+        route_ = HttpRoute("outbound", target.addr, http_labels(target), config.outbound_connect_timeout,
+                           config.http_response_timeout, informational, identity=target.identity)
         if kind == core_detect.HTTP1 and not client_eof:
             http.serve_http1(conn.transport, route_, prefix, conn.src)
         elif kind == core_detect.HTTP2 and not client_eof and http.h2_available:
@@ -76,10 +100,11 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage) 
             forward_opaque(conn, prefix, client_eof)  # not HTTP, or no bytes in time: bytes pass unchanged
 
     def dispatch(conn: Conn) -> None:
-        if conn.target.port in config.outbound_opaque_ports:
+        conn.open_series()
+        if conn.target.protocol == "opaque" or conn.target.addr.port in config.outbound_opaque_ports:
             forward_opaque(conn, b"")
             return
         detect.start(conn, core_detect.detect_http, detected, config.outbound_detect_timeout, core_detect.HTTP_DETECT_LIMIT, http.live)
 
-    return Acceptor("outbound", route(config), config.outbound_connect_timeout, metrics, tracker,
-                    server_labels, client_labels, metrics.outbound_tcp_errors_total, dispatch)
+    return Acceptor("outbound", route(config, discovery, local), config.outbound_connect_timeout, metrics, tracker,
+                    server_labels, client_labels, metrics.outbound_tcp_errors_total, dispatch, local)

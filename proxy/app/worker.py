@@ -21,7 +21,9 @@ from proxy import log as logging_
 from proxy.app import inbound, outbound
 from proxy.config import Config
 from proxy.http.admin import AdminProtocol
+from proxy.discovery.static import StaticDiscovery
 from proxy.http.server import HttpStage
+from proxy.tls.local import LocalIdentity
 from proxy.metrics import process
 from proxy.metrics.families import ProxyMetrics
 from proxy.metrics.registry import render
@@ -43,6 +45,8 @@ class Worker:
         self.tracker = RelayTracker(config.tcp_idle_timeout, config.tcp_half_closed_timeout)
         self.metrics.registry.before_snapshot.append(self.tracker.flush_counts)
         self.http: HttpStage | None = None
+        self.local = LocalIdentity()
+        self.discovery: StaticDiscovery | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.ready = False
         self.stopping: asyncio.Event | None = None
@@ -111,10 +115,14 @@ class Worker:
             admin_sock = listen.bind(self.config.admin_listen, reuse_port=False)
             self.servers.append(await loop.create_server(lambda: AdminProtocol(self), sock=admin_sock))
 
-        self.http = HttpStage(self.config, self.metrics, self.tracker, pure=NO_EXTENSIONS)
-        in_sock = listen.bind(self.config.inbound_listen)
-        self.servers.append(await loop.create_server(inbound.build(self.config, self.metrics, self.tracker, self.http), sock=in_sock))
-        outbound_forwarder = outbound.build(self.config, self.metrics, self.tracker, self.http)
+        self.http = HttpStage(self.config, self.metrics, self.tracker, pure=NO_EXTENSIONS, local=self.local)
+        if self.config.discovery_file:
+            self.discovery = StaticDiscovery(self.config.discovery_file)
+            loop.create_task(self.discovery.watch())
+        inbound_acceptor = inbound.build(self.config, self.metrics, self.tracker, self.http, self.local)
+        # Inbound accepts raw sockets itself: TLS detection peeks before any transport reads.
+        self.servers.append(listen.SocketAcceptor(listen.bind(self.config.inbound_listen), inbound_acceptor.accepted_socket))
+        outbound_forwarder = outbound.build(self.config, self.metrics, self.tracker, self.http, self.discovery, self.local)
         for addr in self.config.outbound_listen:
             self.servers.append(await loop.create_server(outbound_forwarder, sock=listen.bind(addr)))
 

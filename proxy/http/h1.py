@@ -28,6 +28,8 @@ from proxy.core import h1
 from proxy.http import errors
 from proxy.http.stack import Clients, Exchange, HttpRoute
 from proxy.log import get_logger
+from proxy.tls.local import IdentityMismatch
+from proxy.transport.connect import connect
 
 log = get_logger("proxy.http.h1")
 
@@ -51,8 +53,11 @@ def error_response(err: errors.ProxyError, informational: bool, close: bool) -> 
 class H1Pool:
     """Idle keep-alive connections to one endpoint (per worker)."""
 
-    def __init__(self, target: Addr, connect_timeout: float, idle_timeout: float, max_idle: int, pure: bool, max_head: int) -> None:
+    def __init__(self, target: Addr, connect_timeout: float, idle_timeout: float, max_idle: int, pure: bool, max_head: int,
+                 identity: str = "", local: Any = None) -> None:
         self.target = target
+        self.identity = identity  # meshed endpoint: connect with mTLS and check this name
+        self.local = local
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
@@ -72,10 +77,7 @@ class H1Pool:
         return None
 
     async def connect(self) -> UpstreamConnection:
-        transport, conn = await asyncio.wait_for(
-            self.loop.create_connection(lambda: UpstreamConnection(self), self.target.host, self.target.port),
-            self.connect_timeout,
-        )
+        transport, conn = await connect(lambda: UpstreamConnection(self), self.target, self.connect_timeout, self.identity, self.local)
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -138,12 +140,16 @@ class UpstreamConnection:
             self.close()  # bytes on an idle connection: it is no longer in a known state
             return
         self.got_bytes = True
+        server = ex.server
+        server.cork()  # head, body and last chunk of one read leave in one write (one syscall)
         try:
             self.parser.feed(data)
         except h1.Switch as switch:
             ex.upstream_switched(switch.remaining)
         except h1.ParseError as exc:
             ex.upstream_failed(errors.IO_ERROR.because(exc.reason))
+        finally:
+            server.flush()
 
     def eof_received(self) -> bool:
         ex = self.exchange
@@ -227,6 +233,9 @@ class H1Exchange:
             conn = await pool.connect()
         except asyncio.TimeoutError:
             self.fail(errors.CONNECT_TIMEOUT.because(f"connect to {pool.target} timed out after {pool.connect_timeout:g}s"))
+            return
+        except IdentityMismatch as exc:
+            self.fail(errors.IDENTITY_REQUIRED.because(str(exc)))
             return
         except OSError as exc:
             self.fail(errors.IO_ERROR.because(f"connect to {pool.target}: {exc.strerror or exc}"))
@@ -416,7 +425,8 @@ class Http1Server:
     """One client connection speaking HTTP/1.x."""
 
     def __init__(self, route: HttpRoute, metrics: Any, clients: Clients, pure: bool, max_head: int, pool_idle: float,
-                 max_idle: int, live: set[Any], relay_factory: Any, src: Any = None) -> None:
+                 max_idle: int, live: set[Any], relay_factory: Any, src: Any = None, local: Any = None) -> None:
+        self.local = local
         self.route = route
         self.src = src  # server-side TCP series of this connection (tcp_* metrics)
         self.metrics = metrics
@@ -436,11 +446,13 @@ class Http1Server:
         self.lost = False
         self.draining = False
         self.pending_error: errors.ProxyError | None = None
+        self.corked: list[bytes] | None = None
         live.add(self)
 
     def pool(self) -> H1Pool:
-        target = self.route.target
-        return self.clients.get("h1", target, lambda: H1Pool(target, self.route.connect_timeout, self.pool_idle, self.max_idle, self.pure, self.max_head))
+        route = self.route
+        return self.clients.get("h1:" + route.identity, route.target, lambda: H1Pool(
+            route.target, route.connect_timeout, self.pool_idle, self.max_idle, self.pure, self.max_head, route.identity, self.local))
 
     # -- asyncio protocol
     def connection_made(self, transport: Any) -> None:
@@ -503,10 +515,22 @@ class Http1Server:
 
     # -- used by exchanges
     def write(self, data: bytes) -> None:
+        if self.corked is not None:
+            self.corked.append(data)
+            return
         if not self.lost:
             self.transport.write(data)
             if self.src is not None:
                 self.src.write.value += len(data)
+
+    def cork(self) -> None:
+        if self.corked is None:
+            self.corked = []
+
+    def flush(self) -> None:
+        out, self.corked = self.corked, None
+        if out:
+            self.write(out[0] if len(out) == 1 else b"".join(out))
 
     def pause_reading(self) -> None:
         self.paused += 1
@@ -559,10 +583,12 @@ class Http1Server:
     def switch_to_relay(self, upstream_transport: Any, to_client: bytes, to_upstream: bytes) -> None:
         self.queue.clear()
         self.live.discard(self)
+        self.flush()
         src, self.src = self.src, None  # the relay owns the connection's metrics from here
         self.relay_factory(self.transport, upstream_transport, to_upstream, to_client, src)
 
     def close(self) -> None:
+        self.flush()
         if not self.lost and not self.transport.is_closing():
             self.transport.close()
 

@@ -23,8 +23,9 @@ except ImportError:  # pragma: no cover
 
 
 class HttpStage:
-    def __init__(self, config: Config, metrics: Any, tracker: relay_mod.RelayTracker, pure: bool) -> None:
+    def __init__(self, config: Config, metrics: Any, tracker: relay_mod.RelayTracker, pure: bool, local: Any = None) -> None:
         self.config = config
+        self.local = local
         self.metrics = metrics
         self.tracker = tracker
         self.pure = pure
@@ -42,7 +43,7 @@ class HttpStage:
     def serve_http1(self, transport: Any, route: HttpRoute, prefix: bytes, src: Any) -> None:
         pool_idle = self.config.inbound_http1_pool_idle_timeout if route.direction == "inbound" else self.config.outbound_http1_pool_idle_timeout
         server = Http1Server(route, self.metrics, self.clients, self.pure, self.config.http_max_head_size, pool_idle,
-                             self.config.max_idle_conns_per_endpoint, self.live, self._relay_factory, src)
+                             self.config.max_idle_conns_per_endpoint, self.live, self._relay_factory, src, self.local)
         transport.set_protocol(server)
         server.connection_made(transport)
         transport.resume_reading()

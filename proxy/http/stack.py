@@ -31,6 +31,8 @@ class HttpRoute:
     response_timeout: float | None = None  # None: wait as long as the client does
     informational_headers: bool = True  # may l5d-proxy-error be sent to this client?
     error_labels: tuple[str, ...] = field(default=())  # labels after `error` of *_http_errors_total
+    identity: str = ""  # the endpoint's TLS identity: requests go over mTLS when set
+    client_id: str = ""  # inbound: the authenticated peer identity ("" = none), for l5d-client-id
 
 
 class Exchange:

@@ -12,16 +12,21 @@ replaying any bytes already read during detection.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from proxy.config import Addr
 from proxy.log import LEVELS, enabled, get_logger
+from proxy.tls.local import IdentityMismatch, LocalIdentity
+from proxy.transport.connect import connect
 from proxy.transport.orig_dst import original_dst, peer_addr
 from proxy.transport.relay import Relay, RelayTracker, TcpSeries, reset
 
 log = get_logger("proxy.transport.forward")
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,21 +38,40 @@ class Accepted:
     redirected: bool
 
 
-Route = Callable[[Accepted], "Addr | str"]  # an address to dial, or the reason to refuse
-Labels = Callable[[Accepted, "Addr | None"], tuple[Any, ...]]
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a connection goes: an address, and what discovery knows of it."""
+
+    addr: Addr
+    identity: str = ""  # the peer's TLS identity when it is meshed; "" = plaintext
+    protocol: str = ""  # discovery's protocol hint: "", "http1", "http2", "opaque"
+    authority: str | None = None  # the logical service name:port, when there is one
+
+
+Route = Callable[[Accepted], "Target | str"]  # where to go, or the reason to refuse
+Labels = Callable[[Accepted, "Target | None"], tuple[Any, ...]]
 
 
 class Conn:
     """An accepted connection on its way through the stages."""
 
-    __slots__ = ("transport", "accepted", "target", "src", "forwarder")
+    __slots__ = ("transport", "accepted", "target", "src", "forwarder", "client_id", "tls", "sock")
 
-    def __init__(self, transport: Any, accepted: Accepted, target: Addr, src: TcpSeries, forwarder: Acceptor) -> None:
+    def __init__(self, transport: Any, accepted: Accepted, target: Target, src: TcpSeries | None, forwarder: Acceptor) -> None:
         self.transport = transport
         self.accepted = accepted
         self.target = target
         self.src = src
         self.forwarder = forwarder
+        self.sock: Any = None  # the raw socket while no transport exists yet (inbound peek)
+        self.tls = False  # inbound: mTLS terminated by us
+        self.client_id = ""  # inbound: the peer's identity, when it presented a certificate
+
+    def open_series(self, labels: tuple[Any, ...] | None = None) -> TcpSeries:
+        """Count the connection as open (tcp_open_total etc.), with the labels known by now."""
+        fwd = self.forwarder
+        self.src = TcpSeries(fwd.metrics, labels or fwd.server_labels(self.accepted, self.target))
+        return self.src
 
 
 class Acceptor:
@@ -62,7 +86,9 @@ class Acceptor:
         client_labels: Labels,
         errors: Any,
         dispatch: Callable[[Conn], None] | None = None,
+        local: LocalIdentity | None = None,
     ) -> None:
+        self.local = local
         self.direction = direction
         self.route = route
         self.connect_timeout = connect_timeout
@@ -87,13 +113,33 @@ class Acceptor:
             return
         target = self.route(accepted)
         if enabled(log.name, LEVELS["debug"]):
-            log.debug("accepted", direction=self.direction, client=str(accepted.client), orig_dst=str(orig), target=str(target))
+            log.debug("accepted", direction=self.direction, client=str(accepted.client), orig_dst=str(orig), target=str(getattr(target, "addr", target)))
         if isinstance(target, str):
             self.errors.labels(target, str(orig), orig.host, str(orig.port)).value += 1
             log.info("connection refused", direction=self.direction, client=str(accepted.client), orig_dst=str(orig), reason=target)
             reset(transport)
             return
-        conn = Conn(transport, accepted, target, TcpSeries(self.metrics, self.server_labels(accepted, target)), self)
+        conn = Conn(transport, accepted, target, None, self)
+        self.dispatch(conn)  # the dispatch opens the server-side series once it knows the TLS state
+
+
+    def accepted_socket(self, sock: Any) -> None:
+        """The same as ``accepted`` for a raw socket (no transport yet)."""
+        try:
+            orig, redirected = original_dst(sock)
+            accepted = Accepted(peer_addr(sock), orig, redirected)
+        except OSError:
+            sock.close()
+            return
+        target = self.route(accepted)
+        if isinstance(target, str):
+            self.errors.labels(target, str(orig), orig.host, str(orig.port)).value += 1
+            log.info("connection refused", direction=self.direction, client=str(accepted.client), orig_dst=str(orig), reason=target)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.close()
+            return
+        conn = Conn(None, accepted, target, None, self)
+        conn.sock = sock
         self.dispatch(conn)
 
 
@@ -111,14 +157,17 @@ def forward_opaque(conn: Conn, prefix: bytes, client_eof: bool = False) -> None:
     relay.connect_task = fwd.loop.create_task(_connect(fwd, relay, conn.accepted, conn.target))
 
 
-async def _connect(fwd: Acceptor, relay: Relay, accepted: Accepted, target: Addr) -> None:
+async def _connect(fwd: Acceptor, relay: Relay, accepted: Accepted, target: Target) -> None:
     try:
-        await asyncio.wait_for(fwd.loop.create_connection(relay.new_upstream, target.host, target.port), fwd.connect_timeout)
+        await connect(relay.new_upstream, target.addr, fwd.connect_timeout, target.identity, fwd.local)
     except asyncio.TimeoutError:
-        _failed(fwd, relay, target, "connect timeout")
+        _failed(fwd, relay, target.addr, "connect timeout")
+        return
+    except IdentityMismatch as exc:
+        _failed(fwd, relay, target.addr, f"identity required: {exc}")
         return
     except OSError as exc:
-        _failed(fwd, relay, target, f"i/o: {exc.strerror or exc}")
+        _failed(fwd, relay, target.addr, f"i/o: {exc.strerror or exc}")
         return
     except asyncio.CancelledError:
         # The client left while we were connecting.

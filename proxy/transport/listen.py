@@ -7,6 +7,7 @@ new connections over them. A worker that dies takes only its own backlog.
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from proxy.config import Addr
 
@@ -30,3 +31,38 @@ def bind(addr: Addr, reuse_port: bool = True) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class SocketAcceptor:
+    """Accepts on a listening socket itself, handing each raw socket to ``on_socket``.
+
+    Used where the first bytes must be peeked before a transport exists (inbound
+    TLS detection): uvloop's servers start reading as soon as a connection is made.
+    """
+
+    def __init__(self, sock: socket.socket, on_socket: Any) -> None:
+        import asyncio
+
+        self.sock = sock
+        self.on_socket = on_socket
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._accept)
+        self.closed = False
+
+    def _accept(self) -> None:
+        for _ in range(64):  # a burst is taken in one wake-up, bounded so other work runs
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # e.g. ECONNABORTED, EMFILE: the next wake-up tries again
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.on_socket(conn)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()

@@ -1,0 +1,1 @@
+"""Where traffic goes: the standalone discovery file (and, later, the Destination API and DNS)."""

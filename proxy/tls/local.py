@@ -1,0 +1,41 @@
+"""This proxy's own identity as the data path sees it: credentials and their TLS contexts.
+
+One identity per proxy: the supervisor (or the single worker) runs the
+identity source and installs every new certificate here; contexts are built
+once per certificate, not per connection. Until the first certificate, the
+proxy is not ready (ref 9) and meshed connections cannot be made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.log import get_logger
+
+log = get_logger("proxy.tls")
+
+
+class LocalIdentity:
+    def __init__(self) -> None:
+        self.creds: Any = None
+        self.server_ctx: Any = None
+        self.client_ctx: Any = None
+        self.generation = 0
+
+    @property
+    def name(self) -> str:
+        return self.creds.name if self.creds is not None else ""
+
+    def install(self, creds: Any) -> None:
+        self.server_ctx = creds.server_context()
+        self.client_ctx = creds.client_context()
+        self.creds = creds
+        self.generation += 1
+        log.info("identity installed", name=creds.name, not_after=int(creds.not_after), generation=self.generation)
+
+
+class IdentityMismatch(Exception):
+    def __init__(self, expected: str, got: str | None) -> None:
+        super().__init__(f"server identity {got!r} is not the expected {expected!r}")
+        self.expected = expected
+        self.got = got

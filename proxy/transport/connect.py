@@ -1,0 +1,34 @@
+"""Dial an endpoint: plain TCP, or mTLS to a meshed peer (ref 5.4).
+
+For a meshed endpoint the SNI is the peer's identity; the chain is verified
+against our trust anchors by the TLS context, and the expected name must then
+be among the leaf's SANs (hostname checking is off: Linkerd ignores the SNI
+match and checks the identity after the handshake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from proxy.config import Addr
+from proxy.tls.local import IdentityMismatch, LocalIdentity
+
+
+async def connect(factory: Callable[[], Any], addr: Addr, timeout: float, identity: str = "", local: LocalIdentity | None = None) -> tuple[Any, Any]:
+    loop = asyncio.get_running_loop()
+    if identity and local is not None and local.client_ctx is not None:
+        transport, proto = await asyncio.wait_for(
+            loop.create_connection(factory, addr.host, addr.port, ssl=local.client_ctx, server_hostname=identity, ssl_handshake_timeout=timeout),
+            timeout,
+        )
+        from proxy.tls.credentials import check_server_identity, peer_identity
+
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None or not check_server_identity(ssl_object, identity):
+            got = peer_identity(ssl_object) if ssl_object is not None else None
+            transport.abort()
+            raise IdentityMismatch(identity, got)
+        return transport, proto
+    return await asyncio.wait_for(loop.create_connection(factory, addr.host, addr.port), timeout)
