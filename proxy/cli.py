@@ -17,6 +17,9 @@ commands:
                                wait for /ready, run CMD, exit with its status
   iptables {install,remove,show} [--dry-run] ...
                                Linkerd's proxy-init rules for a pod namespace or a VM
+  identity init --dir D        a trust anchor and issuer for a standalone mesh
+  identity issue --dir D --name NAME --out O
+                               a workload certificate (cert.pem, key.pem, roots.pem)
 """
 
 
@@ -45,6 +48,16 @@ def cmd_run(argv: list[str]) -> int:
 
     for name in config.unknown_variables:  # type: ignore[attr-defined]
         print(f"meshproxy: warning: unknown variable {name} is ignored", file=sys.stderr)
+    from proxy.tls.identity import source_from_config
+
+    if config.identity_disabled:  # type: ignore[attr-defined]
+        print("meshproxy: WARNING: identity is disabled (MESHPROXY_IDENTITY_DISABLED=true): "
+              "no mTLS, every connection between proxies is PLAINTEXT", file=sys.stderr)
+    elif source_from_config(config) is None:
+        print("meshproxy: no identity source: set LINKERD2_PROXY_IDENTITY_SVC_ADDR (Linkerd identity), "
+              "LINKERD2_PROXY_IDENTITY_SPIRE_WORKLOAD_API_ADDRESS (SPIRE), or MESHPROXY_IDENTITY_CERT_FILE and "
+              "MESHPROXY_IDENTITY_KEY_FILE (files); or MESHPROXY_IDENTITY_DISABLED=true to run plaintext", file=sys.stderr)
+        return EX_USAGE
     if config.workers == 1:  # type: ignore[attr-defined]
         from proxy.app import worker
 
@@ -81,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         from proxy import await_ready
 
         return await_ready.main(rest)
+    if command == "identity":
+        from proxy import identity_cmd
+
+        return identity_cmd.main(rest)
     if command == "demo":
         from proxy import demo
 

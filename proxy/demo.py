@@ -108,6 +108,7 @@ def proxy_env(inbound: int, outbound: int, admin: int, **extra: str) -> dict[str
         LINKERD2_PROXY_ADMIN_LISTEN_ADDR=f"127.0.0.1:{admin}",
         LINKERD2_PROXY_LOG="warn",
         LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD="5s",
+        MESHPROXY_IDENTITY_DISABLED="true",
     )
     env.update(extra)
     return env

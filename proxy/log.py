@@ -159,7 +159,8 @@ def configure(filter_text: str, fmt: str, worker: int | None = None) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        # One write per record, newline included: worker processes share stdout and must not interleave.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=False,
     )
 

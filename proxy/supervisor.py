@@ -14,7 +14,6 @@ import asyncio
 import os
 import signal
 import sys
-import tempfile
 from typing import Any
 
 import uvloop
@@ -23,7 +22,8 @@ from proxy import log as logging_
 from proxy.config import Config
 from proxy.http.admin import AdminProtocol
 from proxy.metrics import process
-from proxy.metrics.registry import merge, render
+from proxy.metrics.registry import Registry, merge, render
+from proxy.tls.identity import IdentityMetrics, source_from_config
 from proxy.transport import ipc, listen
 
 log = logging_.get_logger("proxy.supervisor")
@@ -41,9 +41,13 @@ class Supervisor:
         self.ready = False
         self.stopping = False
         self.stop_event: asyncio.Event | None = None
-        self.socket_dir = tempfile.mkdtemp(prefix="meshproxy-")
-        self.socket_path = os.path.join(self.socket_dir, "supervisor.sock")
+        # An abstract unix socket: no file, so a read-only root filesystem (Linkerd's injector sets
+        # readOnlyRootFilesystem) is no obstacle; the workers share our network namespace.
+        # Written "@name" (environment variables cannot hold the leading NUL); see ipc.socket_address.
+        self.socket_path = f"@meshproxy-supervisor-{os.getpid()}"
         self.restarts = 0
+        self.credentials: Any = None
+        self.registry = Registry(config.metrics_retain_idle)  # the supervisor's own families (identity)
 
     # -- AdminBackend
     def is_ready(self) -> bool:
@@ -53,7 +57,7 @@ class Supervisor:
         channels = list(self.channels.values())
         replies = await asyncio.gather(*(c.request({"op": "snapshot"}, SNAPSHOT_TIMEOUT) for c in channels), return_exceptions=True)
         snaps = [r for r in replies if isinstance(r, dict) and "families" in r]
-        text = render(merge(s["families"] for s in snaps))
+        text = render(merge([self.registry.snapshot()] + [s["families"] for s in snaps]))
         return text + process.render(process.merge([process.sample()] + [s["process"] for s in snaps]))
 
     def log_level(self) -> str:
@@ -70,6 +74,13 @@ class Supervisor:
     def shutdown(self) -> None:
         self.begin_shutdown("admin /shutdown")
 
+    # -- identity: one key and certificate per proxy, shared by every worker (SPEC 8)
+    def install_identity(self, creds: Any) -> None:
+        self.credentials = creds
+        message = {"op": "identity", "credentials": creds.to_json()}
+        for channel in self.channels.values():
+            channel.notify(message)
+
     # -- workers
     async def on_worker_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         state: dict[str, Any] = {}
@@ -78,6 +89,8 @@ class Supervisor:
             if message.get("op") == "hello":
                 state["index"] = message["index"]
                 self.channels[message["index"]] = channel
+                if self.credentials is not None:  # a (re)started worker gets the current identity at once
+                    channel.notify({"op": "identity", "credentials": self.credentials.to_json()})
             elif message.get("op") == "ready":
                 self.ready_workers.add(message["index"])
                 if len(self.ready_workers) >= self.config.workers:
@@ -119,10 +132,14 @@ class Supervisor:
         self.stop_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown, signal.Signals(sig).name)
-        ipc_server = await asyncio.start_unix_server(self.on_worker_connected, self.socket_path, limit=ipc.MAX_LINE)
+        ipc_server = await asyncio.start_unix_server(self.on_worker_connected, sock=ipc.listening_socket(self.socket_path), limit=ipc.MAX_LINE)
         admin = await loop.create_server(lambda: AdminProtocol(self), sock=listen.bind(self.config.admin_listen, reuse_port=False))
         log.info("starting workers", workers=self.config.workers, admin=str(self.config.admin_listen))
         keepers = [loop.create_task(self.keep_worker(i)) for i in range(self.config.workers)]
+        if not self.config.identity_disabled:
+            source = source_from_config(self.config, IdentityMetrics(self.registry))
+            assert source is not None  # the CLI refuses to start without one
+            keepers.append(loop.create_task(source.run(self.install_identity)))
 
         await self.stop_event.wait()
         deadline = self.config.shutdown_grace_period + 5.0  # workers enforce the grace period; this is a backstop
@@ -136,11 +153,6 @@ class Supervisor:
             task.cancel()
         admin.close()
         ipc_server.close()
-        try:
-            os.unlink(self.socket_path)
-            os.rmdir(self.socket_dir)
-        except OSError:
-            pass
         return 0
 
 

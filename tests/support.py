@@ -117,6 +117,8 @@ def make_proxy(pure: bool = False, workers: int = 1, **extra: str) -> Proxy:
         LINKERD2_PROXY_CORES=str(workers),
         LINKERD2_PROXY_LOG="warn,linkerd=info",
         PYTHONPATH=ROOT,
+        # Plaintext unless a test gives the proxy an identity (tests/support.with_identity).
+        MESHPROXY_IDENTITY_DISABLED="true",
     )
     if pure:
         env["MESHPROXY_NO_EXTENSIONS"] = "1"

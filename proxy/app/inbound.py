@@ -85,7 +85,7 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
                   DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(o.port), "", "default", "default", "", "default", policy)
         route_ = HttpRoute("inbound", conn.target.addr, labels, config.inbound_connect_timeout, config.http_response_timeout,
                            conn.tls, (str(o), o.host, str(o.port), DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(o.port)),
-                           client_id=conn.client_id if conn.tls else "")
+                           client_id=conn.client_id if conn.tls else "", dst_labels=client_labels(conn.accepted, conn.target))
         if kind == core_detect.HTTP1 and not client_eof:
             http.serve_http1(conn.transport, route_, prefix, conn.src)
         elif kind == core_detect.HTTP2 and not client_eof and http.h2_available:
@@ -104,7 +104,7 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
             kind, sni = "opaque-port", ""  # no detection at all (server-speaks-first protocols)
         else:
             kind, sni = await tls_server.peek_client_hello(sock, timeout)
-        ours = kind == "tls" and local is not None and local.creds is not None and sni == local.name
+        ours = kind == "tls" and local is not None and local.creds is not None and sni == local.server_name
         try:
             transport, hold = await tls_server.adopt(sock, local.server_ctx if ours else None, timeout)  # type: ignore[union-attr]
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as exc:

@@ -88,7 +88,8 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
         durations.labels(result).observe(elapsed)
         target = conn.target
         route_ = HttpRoute("outbound", target.addr, http_labels(target), config.outbound_connect_timeout,
-                           config.http_response_timeout, informational, identity=target.identity)
+                           config.http_response_timeout, informational, identity=target.identity,
+                           dst_labels=client_labels(conn.accepted, target))
         if kind == core_detect.HTTP1 and not client_eof:
             http.serve_http1(conn.transport, route_, prefix, conn.src)
         elif kind == core_detect.HTTP2 and not client_eof and http.h2_available:

@@ -23,6 +23,8 @@ from proxy.config import Config
 from proxy.http.admin import AdminProtocol
 from proxy.discovery.static import StaticDiscovery
 from proxy.http.server import HttpStage
+from proxy.tls.credentials import Credentials
+from proxy.tls.identity import IdentityMetrics, source_from_config
 from proxy.tls.local import LocalIdentity
 from proxy.metrics import process
 from proxy.metrics.families import ProxyMetrics
@@ -46,6 +48,7 @@ class Worker:
         self.metrics.registry.before_snapshot.append(self.tracker.flush_counts)
         self.http: HttpStage | None = None
         self.local = LocalIdentity()
+        self.identity_ready: asyncio.Event | None = None
         self.discovery: StaticDiscovery | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.ready = False
@@ -74,6 +77,12 @@ class Worker:
     def shutdown(self) -> None:
         self.begin_shutdown("admin /shutdown")
 
+    # -- identity
+    def install_identity(self, creds: Any) -> None:
+        self.local.install(creds)
+        if self.identity_ready is not None and not self.identity_ready.is_set():
+            self.identity_ready.set()
+
     # -- lifecycle
     def snapshot(self) -> dict[str, Any]:
         return {"families": self.metrics.registry.snapshot(), "process": process.sample()}
@@ -93,6 +102,9 @@ class Worker:
             except ValueError as exc:
                 return {"error": str(exc)}
             return {"ok": True}
+        if op == "identity":
+            self.install_identity(Credentials.from_json(message["credentials"]))
+            return {"ok": True}
         if op == "drain":
             self.begin_shutdown("supervisor")
             return {"ok": True}
@@ -104,6 +116,14 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown, signal.Signals(sig).name)
         self.tracker.start()
+        self.identity_ready = asyncio.Event()
+        if self.config.identity_disabled:
+            self.identity_ready.set()
+        elif not self.supervisor_socket:
+            # One process: this worker keeps the proxy's identity itself.
+            source = source_from_config(self.config, IdentityMetrics(self.metrics.registry))
+            assert source is not None  # the CLI refuses to start without one
+            loop.create_task(source.run(self.install_identity))
 
         if self.supervisor_socket:
             self.channel = await ipc.connect(self.supervisor_socket, self.on_supervisor_message)
@@ -115,16 +135,29 @@ class Worker:
             admin_sock = listen.bind(self.config.admin_listen, reuse_port=False)
             self.servers.append(await loop.create_server(lambda: AdminProtocol(self), sock=admin_sock))
 
+        # Listeners are bound now (ports reserved, connections wait in the backlog) but accept
+        # only once the first certificate is installed (ref 1.2, 9).
+        in_sock = listen.bind(self.config.inbound_listen)
+        out_socks = [listen.bind(addr) for addr in self.config.outbound_listen]
+        waiting = loop.create_task(self._log_waiting())
+        ready, stop = loop.create_task(self.identity_ready.wait()), loop.create_task(self.stopping.wait())
+        await asyncio.wait([ready, stop], return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if not self.identity_ready.is_set():
+            ready.cancel()
+            for sock in [in_sock, *out_socks]:
+                sock.close()
+            return await self.drain()
         self.http = HttpStage(self.config, self.metrics, self.tracker, pure=NO_EXTENSIONS, local=self.local)
         if self.config.discovery_file:
             self.discovery = StaticDiscovery(self.config.discovery_file)
             loop.create_task(self.discovery.watch())
         inbound_acceptor = inbound.build(self.config, self.metrics, self.tracker, self.http, self.local)
         # Inbound accepts raw sockets itself: TLS detection peeks before any transport reads.
-        self.servers.append(listen.SocketAcceptor(listen.bind(self.config.inbound_listen), inbound_acceptor.accepted_socket))
+        self.servers.append(listen.SocketAcceptor(in_sock, inbound_acceptor.accepted_socket))
         outbound_forwarder = outbound.build(self.config, self.metrics, self.tracker, self.http, self.discovery, self.local)
-        for addr in self.config.outbound_listen:
-            self.servers.append(await loop.create_server(outbound_forwarder, sock=listen.bind(addr)))
+        for sock in out_socks:
+            self.servers.append(await loop.create_server(outbound_forwarder, sock=sock))
 
         self.ready = True  # until identity exists, ready = listening (ref 9)
         if self.channel is not None:
@@ -136,6 +169,11 @@ class Worker:
 
         await self.stopping.wait()
         return await self.drain()
+
+    async def _log_waiting(self) -> None:
+        while True:
+            await asyncio.sleep(15)
+            log.warning("Waiting for identity to be initialized...")
 
     async def drain(self) -> int:
         grace = self.config.shutdown_grace_period

@@ -30,6 +30,7 @@ from proxy.http.stack import Clients, Exchange, HttpRoute
 from proxy.log import get_logger
 from proxy.tls.local import IdentityMismatch
 from proxy.transport.connect import connect
+from proxy.transport.relay import TcpSeries
 
 log = get_logger("proxy.http.h1")
 
@@ -54,7 +55,9 @@ class H1Pool:
     """Idle keep-alive connections to one endpoint (per worker)."""
 
     def __init__(self, target: Addr, connect_timeout: float, idle_timeout: float, max_idle: int, pure: bool, max_head: int,
-                 identity: str = "", local: Any = None) -> None:
+                 identity: str = "", local: Any = None, metrics: Any = None, dst_labels: tuple[Any, ...] | None = None) -> None:
+        self.metrics = metrics
+        self.dst_labels = dst_labels
         self.target = target
         self.identity = identity  # meshed endpoint: connect with mTLS and check this name
         self.local = local
@@ -78,6 +81,8 @@ class H1Pool:
 
     async def connect(self) -> UpstreamConnection:
         transport, conn = await connect(lambda: UpstreamConnection(self), self.target, self.connect_timeout, self.identity, self.local)
+        if self.metrics is not None and self.dst_labels is not None:
+            conn.series = TcpSeries(self.metrics, self.dst_labels)
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -119,7 +124,7 @@ class H1Pool:
 class UpstreamConnection:
     """One connection to the endpoint, serving one exchange at a time."""
 
-    __slots__ = ("pool", "transport", "exchange", "parser", "reused", "got_bytes", "lost", "idle_since")
+    __slots__ = ("pool", "transport", "exchange", "parser", "reused", "got_bytes", "lost", "idle_since", "series")
 
     def __init__(self, pool: H1Pool) -> None:
         self.pool = pool
@@ -130,6 +135,7 @@ class UpstreamConnection:
         self.got_bytes = False
         self.lost = False
         self.idle_since = 0.0
+        self.series: Any = None  # tcp_* metrics of this connection (peer="dst")
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -140,6 +146,8 @@ class UpstreamConnection:
             self.close()  # bytes on an idle connection: it is no longer in a known state
             return
         self.got_bytes = True
+        if self.series is not None:
+            self.series.read.value += len(data)
         server = ex.server
         server.cork()  # head, body and last chunk of one read leave in one write (one syscall)
         try:
@@ -167,6 +175,9 @@ class UpstreamConnection:
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
         self.pool.forget(self)
+        if self.series is not None:
+            self.series.closed("")
+            self.series = None
         ex = self.exchange
         if ex is not None and not ex.response_done:
             ex.upstream_failed(errors.IO_ERROR.because(f"connection lost: {exc}" if exc else "connection closed by the server"))
@@ -219,6 +230,18 @@ class H1Exchange:
         server = self.server
         route = server.route
         self.metrics = Exchange(server.metrics, route, grpc=False)
+        if route.direction == "outbound":
+            required = self.take_header(b"l5d-require-id")
+            if required is not None and required.decode("latin-1") != route.identity:
+                # ref 3.4: the request fails unless the endpoint's TLS identity is the one required.
+                self.fail(errors.IDENTITY_REQUIRED.because(
+                    f"endpoint identity {route.identity or 'none'!r} is not the required {required.decode('latin-1')!r}"))
+                return
+        else:
+            # ref 3.4: set from the authenticated peer, and never trusted from the client (anti-spoofing).
+            self.take_header(b"l5d-client-id")
+            if route.client_id:
+                self.head.headers.append((b"l5d-client-id", route.client_id.encode()))
         if route.response_timeout:
             self.timer = server.loop.call_later(route.response_timeout, self.timed_out)
         pool = server.pool()
@@ -227,6 +250,20 @@ class H1Exchange:
             self.attach(conn)
         else:
             self.connect_task = server.loop.create_task(self.connect(pool))
+
+    def take_header(self, name: bytes) -> bytes | None:
+        """Remove every ``name`` header (lower-case); return the first value."""
+        found = None
+        kept = []
+        for n, v in self.head.headers:
+            if n.lower() == name:
+                if found is None:
+                    found = v
+            else:
+                kept.append((n, v))
+        if found is not None:
+            self.head.headers = kept
+        return found
 
     async def connect(self, pool: H1Pool) -> None:
         try:
@@ -452,7 +489,8 @@ class Http1Server:
     def pool(self) -> H1Pool:
         route = self.route
         return self.clients.get("h1:" + route.identity, route.target, lambda: H1Pool(
-            route.target, route.connect_timeout, self.pool_idle, self.max_idle, self.pure, self.max_head, route.identity, self.local))
+            route.target, route.connect_timeout, self.pool_idle, self.max_idle, self.pure, self.max_head, route.identity, self.local,
+            self.metrics, route.dst_labels))
 
     # -- asyncio protocol
     def connection_made(self, transport: Any) -> None:
@@ -507,7 +545,8 @@ class Http1Server:
             self.pause_reading()  # pipelined: one request at a time, the next waits (bounded)
 
     def on_body(self, chunk: bytes) -> None:
-        self.queue[-1].request_body(chunk)
+        if self.queue:  # empty when the request already failed (e.g. l5d-require-id)
+            self.queue[-1].request_body(chunk)
 
     def on_end(self) -> None:
         if self.queue:

@@ -3,9 +3,11 @@
 Theory of operation
 -------------------
 Both sides speak HTTP/2 with prior knowledge: the detection stage has already
-seen the client's preface, and upstreams are dialled in cleartext. The ``h2``
-library is the protocol core (bytes in, events out); this module is the
-asyncio glue around it.
+seen the client's preface, and upstreams are dialled in cleartext (or mTLS
+when the route names the endpoint's identity). The ``h2`` library is the
+protocol core (bytes in, events out); this module is the asyncio glue around
+it. Nearly all the CPU of a proxied request is spent inside h2 (HPACK, frames,
+state machines); the glue adds about a tenth.
 
 * ``H2ServerConnection``: the protocol of one accepted client connection.
 * ``H2Pool``: the upstream side of one endpoint in one worker, kept in the
@@ -29,6 +31,13 @@ WINDOW_UPDATE (or SETTINGS, or ``resume_writing``) wakes it: no task, no timer.
 Writes. h2 queues the bytes of every frame it makes; each side hands them to
 its transport once per batch of events (``_flush``), so the frames made while
 handling one read cost one ``write``.
+
+Errors (ref 3.5). A failed dial answers 502 (504 on timeout), as does an
+upstream connection lost before the response head; no response head within
+``route.response_timeout`` answers 504. gRPC requests get HTTP 200 with
+``grpc-status`` instead (trailers-only). Resets cross the proxy with their
+error code; a stream above an upstream GOAWAY's last id is refused
+(REFUSED_STREAM). Every request is one ``Exchange`` (metrics, ref 7.1).
 
 GOAWAY. h2 4 treats any GOAWAY, sent or received, as the end of the
 connection: its state machine then refuses every frame. RFC 9113 6.8 lets the
@@ -63,11 +72,22 @@ from h2.events import (
 )
 from h2.exceptions import NoAvailableStreamIDError, ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
+from hpack import Encoder
 from hyperframe.frame import GoAwayFrame
 
 from proxy.config import Addr
-from proxy.http.errors import CONNECT_TIMEOUT, IO_ERROR, RESPONSE_TIMEOUT, ProxyError, is_grpc, response_headers
+from proxy.http.errors import (
+    CONNECT_TIMEOUT,
+    IDENTITY_REQUIRED,
+    IO_ERROR,
+    RESPONSE_TIMEOUT,
+    ProxyError,
+    is_grpc,
+    response_headers,
+)
 from proxy.http.stack import Clients, Exchange, HttpRoute
+from proxy.tls.local import IdentityMismatch
+from proxy.transport.connect import connect
 
 # RFC 9113 6.9.2: every window starts at 65,535 bytes, and SETTINGS cannot
 # change the connection window (only WINDOW_UPDATE can).
@@ -90,6 +110,10 @@ UPSTREAM_IDLE_TIMEOUT = 60.0
 _CONNECTION_HEADERS = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"http2-settings")
 )
+# Inbound, ``l5d-client-id`` is set by the proxy alone (ref 3.4): a client's own
+# is removed, so a peer without an identity cannot claim one.
+_CLIENT_ID = b"l5d-client-id"
+_INBOUND_DROPPED = _CONNECTION_HEADERS | {_CLIENT_ID}
 _TE = b"te"
 _TRAILERS = b"trailers"
 _CONTENT_TYPE = b"content-type"
@@ -101,16 +125,26 @@ _CANCEL = ErrorCodes.CANCEL
 _REFUSED_STREAM = ErrorCodes.REFUSED_STREAM
 _INTERNAL_ERROR = ErrorCodes.INTERNAL_ERROR
 
-# Headers stay bytes (no decoding); what a peer sends is validated on the way
-# in, so what the proxy forwards is not validated a second time on the way out.
+# Headers stay bytes (no decoding). What a client sends is validated on the way
+# in; what the proxy forwards is not validated again on the way out, and
+# responses are left for the client to validate (it does, and the proxy only
+# relays them): h2's validation is a third of its per-header cost.
 _SERVER_CONFIG = H2Configuration(
     client_side=False, header_encoding=None, validate_inbound_headers=True,
     normalize_inbound_headers=False, validate_outbound_headers=False, normalize_outbound_headers=False,
 )
 _CLIENT_CONFIG = H2Configuration(
-    client_side=True, header_encoding=None, validate_inbound_headers=True,
+    client_side=True, header_encoding=None, validate_inbound_headers=False,
     normalize_inbound_headers=False, validate_outbound_headers=False, normalize_outbound_headers=False,
 )
+
+
+class _RawEncoder(Encoder):
+    """HPACK without Huffman coding: pure-Python Huffman costs more CPU than the
+    bytes it saves, and repeated fields are sent as table indexes anyway."""
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=False)
 
 
 def h2_error_label(code: int) -> str:
@@ -178,8 +212,8 @@ class H2Settings:
             client_connection_window=getattr(config, "http2_initial_connection_window", 1048576),
         )
 
-    def server_settings(self) -> dict[int, int]:
-        wanted = {
+    def server_settings(self) -> dict[SettingCodes | int, int]:
+        wanted: dict[SettingCodes | int, int | None] = {
             SettingCodes.MAX_CONCURRENT_STREAMS: self.max_concurrent_streams,
             SettingCodes.MAX_FRAME_SIZE: self.max_frame_size,
             SettingCodes.MAX_HEADER_LIST_SIZE: self.max_header_list_size,
@@ -189,7 +223,12 @@ class H2Settings:
 
 
 class _H2(H2Connection):
-    """h2's connection, except that a received GOAWAY does not end it (see the module doc)."""
+    """h2's connection, except that a received GOAWAY does not end it (see the
+    module doc), and header blocks are encoded without Huffman coding."""
+
+    def __init__(self, config: H2Configuration) -> None:
+        super().__init__(config)
+        self.encoder = _RawEncoder()
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
         event = ConnectionTerminated()
@@ -209,7 +248,7 @@ def _goaway(last_stream_id: int, error_code: int = 0) -> bytes:
 # ---------------------------------------------------------------- both sides
 
 
-class _Side:
+class _Side(asyncio.Protocol):
     """What a client-facing and an upstream connection share: the h2 state,
     the transport, batched writes, the blocked flows and the connection window."""
 
@@ -227,6 +266,7 @@ class _Side:
         self.closed = False
         self.conn_window = max(conn_window, DEFAULT_WINDOW)
         self.conn_window_half = self.conn_window // 2
+        self.src: Any = None  # TCP series (tcp_read/write_bytes_total) of a client connection
 
     # -- writes
     def want_flush(self) -> None:
@@ -237,8 +277,10 @@ class _Side:
     def _flush(self) -> None:
         self.flush_pending = False
         data = self.h2.data_to_send()
-        if data and not self.closed:
+        if data and not self.transport.is_closing():
             self.transport.write(data)
+            if self.src is not None:
+                self.src.write.value += len(data)
 
     def _open_connection_window(self) -> None:
         if self.conn_window > DEFAULT_WINDOW:
@@ -247,6 +289,8 @@ class _Side:
     # -- asyncio.Protocol
     def data_received(self, data: bytes) -> None:
         h2 = self.h2
+        if self.src is not None:
+            self.src.read.value += len(data)
         self.receiving = True
         try:
             try:
@@ -621,6 +665,10 @@ class H2ClientConnection(_Side):
     def __init__(self, pool: H2Pool) -> None:
         super().__init__(pool.settings.client_connection_window)
         self.pool = pool
+        # Streams wait for the upstream's first SETTINGS: before it, its stream
+        # limit is unknown, and a server with a small one would refuse streams.
+        self.ready = False
+        self.settings_timer: asyncio.TimerHandle | None = None
         self.goaway = False  # received GOAWAY or retired: no new streams
         self.idle_since = self.loop.time()
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -629,13 +677,14 @@ class H2ClientConnection(_Side):
         self.transport = transport
         h2 = self.h2 = _H2(_CLIENT_CONFIG)
         h2.initiate_connection()
-        settings = {SettingCodes.ENABLE_PUSH: 0}
+        settings: dict[SettingCodes | int, int] = {SettingCodes.ENABLE_PUSH: 0}
         if self.pool.settings.client_stream_window != DEFAULT_WINDOW:
             settings[SettingCodes.INITIAL_WINDOW_SIZE] = self.pool.settings.client_stream_window
         h2.update_settings(settings)
         self._open_connection_window()
         self._flush()
         self._arm_idle_timer()
+        self.settings_timer = self.loop.call_later(self.pool.connect_timeout, self._no_settings)
 
     def eof_received(self) -> bool:
         return False
@@ -643,8 +692,12 @@ class H2ClientConnection(_Side):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         self.goaway = True
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+        for timer in (self.idle_timer, self.settings_timer):
+            if timer is not None:
+                timer.cancel()
+        if not self.ready:
+            # Not an HTTP/2 server, or it went away at once: like a failed dial.
+            self.pool.dial_failed(self, IO_ERROR.because(f"{self.pool.target} closed the connection before HTTP/2 settings"))
         self.pool.retired(self)
         for stream in list(self.streams.values()):
             stream.upstream_lost()
@@ -653,7 +706,13 @@ class H2ClientConnection(_Side):
 
     # -- streams
     def has_capacity(self) -> bool:
-        return not self.goaway and len(self.streams) < self.h2.remote_settings.max_concurrent_streams
+        return self.ready and not self.goaway and len(self.streams) < self.h2.remote_settings.max_concurrent_streams
+
+    def _no_settings(self) -> None:
+        self.settings_timer = None
+        if not self.ready and not self.closed:
+            self.pool.dial_failed(self, CONNECT_TIMEOUT.because(f"no HTTP/2 settings from {self.pool.target}"))
+            self.retire()
 
     def open(self, stream: _Stream) -> bool:
         """Start ``stream`` here; False if this connection cannot take it."""
@@ -662,7 +721,7 @@ class H2ClientConnection(_Side):
         ended = request.ended and not request.chunks and request.trailers is None
         try:
             sid = h2.get_next_available_stream_id()
-            h2.send_headers(sid, stream.headers, end_stream=ended)
+            h2.send_headers(sid, stream.headers or (), end_stream=ended)
         except (NoAvailableStreamIDError, TooManyStreamsError):
             self.retire()
             return False
@@ -672,12 +731,13 @@ class H2ClientConnection(_Side):
         return True
 
     def stream_closed(self) -> None:
-        if self.streams:
-            return
+        """A stream here is over: room for a waiting one, or the end of a retired connection."""
         if self.goaway:
-            self.close()
+            if not self.streams:
+                self.close()
             return
-        self.idle_since = self.loop.time()
+        if not self.streams:
+            self.idle_since = self.loop.time()
         if self.pool.pending:
             self.pool.dispatch()
 
@@ -690,7 +750,7 @@ class H2ClientConnection(_Side):
             self.close()
 
     def close(self) -> None:
-        if not self.closed and self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.goaway = True
             self.h2.close_connection()
             self._flush()
@@ -745,7 +805,12 @@ class H2ClientConnection(_Side):
 
     def _on_settings_changed(self, event: RemoteSettingsChanged) -> None:
         self._wake_all()
-        if SettingCodes.MAX_CONCURRENT_STREAMS in event.changed_settings and self.pool.pending:
+        if not self.ready:
+            self.ready = True
+            if self.settings_timer is not None:
+                self.settings_timer.cancel()
+                self.settings_timer = None
+        if self.pool.pending and self.pool.conn is self:
             self.pool.dispatch()
 
     def _on_goaway(self, event: ConnectionTerminated) -> None:
@@ -775,10 +840,12 @@ H2ClientConnection.handlers = {
 class H2Pool:
     """The upstream of one endpoint in one worker: one shared connection, dialled on demand."""
 
-    def __init__(self, target: Addr, connect_timeout: float, settings: H2Settings) -> None:
+    def __init__(self, target: Addr, connect_timeout: float, settings: H2Settings, identity: str = "", local: Any = None) -> None:
         self.target = target
         self.connect_timeout = connect_timeout
         self.settings = settings
+        self.identity = identity  # meshed endpoint: dial with mTLS and check this name
+        self.local = local
         self.loop = asyncio.get_running_loop()
         self.conn: H2ClientConnection | None = None
         self.connecting: asyncio.Task[None] | None = None
@@ -819,6 +886,15 @@ class H2Pool:
             if self.pending:
                 self._dial()
 
+    def dial_failed(self, conn: H2ClientConnection, err: ProxyError) -> None:
+        """``conn`` connected but never became usable: answer the waiting streams."""
+        if self.conn is conn:
+            self.conn = None
+        waiting = list(self.pending)
+        self.pending.clear()
+        for stream in waiting:
+            stream.fail(err)
+
     def _dial(self) -> None:
         if self.connecting is None and not self.closed:
             self.connecting = self.loop.create_task(self._connect())
@@ -827,12 +903,11 @@ class H2Pool:
         target = self.target
         err: ProxyError | None = None
         try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: H2ClientConnection(self), target.host, target.port),
-                self.connect_timeout,
-            )
-        except asyncio.TimeoutError:
+            _, conn = await connect(lambda: H2ClientConnection(self), target, self.connect_timeout, self.identity, self.local)
+        except TimeoutError:
             err = CONNECT_TIMEOUT
+        except IdentityMismatch as exc:
+            err = IDENTITY_REQUIRED.because(str(exc))
         except OSError as exc:
             err = IO_ERROR.because(f"connect to {target}: {exc.strerror or exc}")
         finally:
@@ -847,6 +922,8 @@ class H2Pool:
         if self.closed:
             conn.close()
             return
+        if conn.goaway:
+            return  # lost before this task resumed: connection_lost has answered the waiting streams
         self.conn = conn
         self.dispatch()
 
@@ -880,13 +957,20 @@ class H2ServerConnection(_Side):
     wait), ``adaptive_flow_control`` (windows are fixed).
     """
 
-    def __init__(self, route: HttpRoute, metrics: Any, clients: Clients, settings: H2Settings) -> None:
+    def __init__(self, route: HttpRoute, metrics: Any, clients: Clients, settings: H2Settings, local: Any = None,
+                 src: Any = None) -> None:
         conn_window = settings.initial_connection_window or DEFAULT_WINDOW
         super().__init__(conn_window)
+        self.src = src  # counts bytes only: whoever made the series closes it (on ``done``)
         self.route = route
         self.metrics = metrics
         self.clients = clients
         self.settings = settings
+        self.local = local  # LocalIdentity, for mTLS to meshed endpoints (route.identity)
+        self.pool_kind = "h2:" + route.identity if route.identity else "h2"
+        inbound = route.direction == "inbound"
+        self.dropped = _INBOUND_DROPPED if inbound else _CONNECTION_HEADERS  # request fields not forwarded
+        self.added = [(_CLIENT_ID, route.client_id.encode())] if inbound and route.client_id else []
         self.pool: H2Pool | None = None
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.draining = False
@@ -993,7 +1077,8 @@ class H2ServerConnection(_Side):
 
     # -- pool
     def _new_pool(self) -> H2Pool:
-        return H2Pool(self.route.target, self.route.connect_timeout, self.settings)
+        route = self.route
+        return H2Pool(route.target, route.connect_timeout, self.settings, route.identity, self.local)
 
     def pool_cancel(self, stream: _Stream) -> None:
         pool = self.pool
@@ -1008,13 +1093,16 @@ class H2ServerConnection(_Side):
             return
         headers = []
         content_type = None
+        dropped = self.dropped
         for h in event.headers:
             name = h[0]
-            if name in _CONNECTION_HEADERS or (name == _TE and h[1] != _TRAILERS):
+            if name in dropped or (name == _TE and h[1] != _TRAILERS):
                 continue
             if name == _CONTENT_TYPE:
                 content_type = h[1]
             headers.append(h)
+        if self.added:
+            headers += self.added
         route = self.route
         stream = _Stream(self, sid, headers, Exchange(self.metrics, route, is_grpc(content_type)))
         self.streams[sid] = stream
@@ -1024,7 +1112,7 @@ class H2ServerConnection(_Side):
             stream.timer = self.loop.call_later(route.response_timeout, stream.timed_out)
         pool = self.pool
         if pool is None or pool.closed:
-            pool = self.pool = self.clients.get("h2", route.target, self._new_pool)
+            pool = self.pool = self.clients.get(self.pool_kind, route.target, self._new_pool)
         pool.submit(stream)
 
     def _on_data(self, event: DataReceived) -> None:

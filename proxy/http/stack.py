@@ -33,6 +33,7 @@ class HttpRoute:
     error_labels: tuple[str, ...] = field(default=())  # labels after `error` of *_http_errors_total
     identity: str = ""  # the endpoint's TLS identity: requests go over mTLS when set
     client_id: str = ""  # inbound: the authenticated peer identity ("" = none), for l5d-client-id
+    dst_labels: tuple[Any, ...] | None = None  # TCP labels of connections to the endpoint (tcp_* peer="dst")
 
 
 class Exchange:

@@ -24,7 +24,13 @@ class LocalIdentity:
 
     @property
     def name(self) -> str:
+        """Our identity (metrics, l5d-client-id on the peer side)."""
         return self.creds.name if self.creds is not None else ""
+
+    @property
+    def server_name(self) -> str:
+        """The SNI peers use to reach us: equal to the name for Linkerd identities."""
+        return self.creds.sni if self.creds is not None else ""
 
     def install(self, creds: Any) -> None:
         self.server_ctx = creds.server_context()

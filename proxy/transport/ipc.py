@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -69,6 +70,23 @@ class Channel:
             self.writer.close()
 
 
+def socket_address(path: str) -> str:
+    """``@name`` is the abstract unix socket ``\\0name`` (Linux): no file on disk."""
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
+def listening_socket(path: str) -> socket.socket:
+    # uvloop refuses abstract addresses itself, so the sockets are made here and handed over.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(socket_address(path))
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
 async def connect(path: str, on_message: Handler) -> Channel:
-    reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(socket_address(path))  # local and immediate: the supervisor listens before starting workers
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_LINE)
     return Channel(reader, writer, on_message)

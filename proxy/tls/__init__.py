@@ -1,0 +1,1 @@
+"""This proxy's identity and TLS: credentials, sources, CA, inbound termination."""
