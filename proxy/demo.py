@@ -1,15 +1,17 @@
 """``meshproxy demo``: a small mesh on loopback, with traffic and a live summary.
 
 It starts, with no root and no iptables:
+  dev CA         a trust anchor and issuer made for this run; a leaf for each proxy
   app            an HTTP/1.1 server and a raw TCP echo on one port (it looks at the first bytes)
-  server proxy   a real ``meshproxy run``; its inbound listener forwards to the app
-  client proxy   a real ``meshproxy run``; its outbound listener forwards to the server proxy
+  server proxy   a real ``meshproxy run``; its inbound listener terminates mTLS and forwards to the app
+  client proxy   a real ``meshproxy run``; its outbound listener dials the server proxy over mTLS,
+                 knowing the server's identity from a standalone discovery file
   traffic        HTTP/1.1 keep-alive requests and TCP echo exchanges through client -> server
 
 Without iptables nothing is redirected, so each proxy is told where non-redirected
 connections go (MESHPROXY_*_FALLBACK_ADDR). It prints the admin URLs, a summary
-every second, and with ``--duration`` exits 0 after that time, or 1 if any
-exchange failed. This demo grows with the proxy (mTLS and balancing next).
+every second (with the TLS identities the proxies report in their metrics), and
+with ``--duration`` exits 0 after that time, or 1 if any exchange failed.
 """
 
 from __future__ import annotations
@@ -108,10 +110,46 @@ def proxy_env(inbound: int, outbound: int, admin: int, **extra: str) -> dict[str
         LINKERD2_PROXY_ADMIN_LISTEN_ADDR=f"127.0.0.1:{admin}",
         LINKERD2_PROXY_LOG="warn",
         LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD="5s",
-        MESHPROXY_IDENTITY_DISABLED="true",
     )
     env.update(extra)
     return env
+
+
+SERVER_ID = "app.demo.serviceaccount.identity.linkerd.cluster.local"
+CLIENT_ID = "client.demo.serviceaccount.identity.linkerd.cluster.local"
+
+
+def dev_identities(workdir: str) -> dict[str, dict[str, str]]:
+    """A dev CA for this run and a leaf per proxy, written as ``meshproxy identity issue`` writes them."""
+    from proxy.tls import ca
+
+    root, _root_key, issuer, issuer_key = ca.make_ca("cluster.local")
+    envs = {}
+    for role, name in (("server", SERVER_ID), ("client", CLIENT_ID)):
+        leaf, key = ca.issue_leaf(issuer, issuer_key, name, 24 * 3600)
+        out = os.path.join(workdir, role)
+        ca.write_leaf(out, leaf, key, issuer, [root])
+        with open(os.path.join(out, "roots.pem")) as f:
+            roots = f.read()
+        envs[role] = {
+            "MESHPROXY_IDENTITY_CERT_FILE": os.path.join(out, "cert.pem"),
+            "MESHPROXY_IDENTITY_KEY_FILE": os.path.join(out, "key.pem"),
+            "LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS": roots,
+            "LINKERD2_PROXY_IDENTITY_LOCAL_NAME": name,
+        }
+    return envs
+
+
+def tls_identities_seen(admin: int) -> set[str]:
+    """server_id / client_id label values of tls="true" series in a proxy's /metrics."""
+    import re
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return set()
+    return set(re.findall(r'tls="true",(?:server_id|client_id)="([^"]+)"', text))
 
 
 # ------------------------------------------------------------------ traffic
@@ -165,20 +203,22 @@ async def http_client(port: int, stats: Stats, stop: asyncio.Event) -> None:
 
 
 async def tcp_client(port: int, stats: Stats, stop: asyncio.Event) -> None:
-    """Raw TCP: send 64 KiB, half-close, expect the same bytes back."""
+    """Raw TCP: send 64 KiB, expect the same bytes back, close.
+
+    The client reads a known length rather than waiting for EOF: a half-close does
+    not cross the mTLS hop (TLS transports here cannot shut down one direction)."""
     payload = os.urandom(64 * 1024)
     while not stop.is_set():
         started = time.monotonic()
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"TCP!" + payload)
-            writer.write_eof()
-            echoed = await asyncio.wait_for(reader.read(-1), 5)
+            echoed = await asyncio.wait_for(reader.readexactly(4 + len(payload)), 5)
             writer.close()
             if echoed != b"TCP!" + payload:
                 raise ValueError(f"echo mismatch ({len(echoed)} bytes)")
             stats.record("tcp", started, 2 * len(echoed))
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        except (OSError, asyncio.TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
             if stop.is_set():
                 return
             stats.failed += 1
@@ -195,8 +235,16 @@ async def run_demo(duration: float | None) -> int:
     logdir = tempfile.mkdtemp(prefix="meshproxy-demo-")
     s_in, s_out, s_admin = free_port(), free_port(), free_port()
     c_in, c_out, c_admin = free_port(), free_port(), free_port()
-    server = DemoProxy("server", proxy_env(s_in, s_out, s_admin, MESHPROXY_INBOUND_FALLBACK_ADDR=f"127.0.0.1:{app_port}"), s_admin, os.path.join(logdir, "server.log"))
-    client = DemoProxy("client", proxy_env(c_in, c_out, c_admin, MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{s_in}"), c_admin, os.path.join(logdir, "client.log"))
+    ids = dev_identities(logdir)
+    discovery = os.path.join(logdir, "discovery.toml")
+    with open(discovery, "w") as f:
+        f.write(f'[[services]]\nauthority = "app.demo.svc.cluster.local"\nport = 80\n'
+                f'[[services.endpoints]]\naddr = "127.0.0.1:{s_in}"\nidentity = "{SERVER_ID}"\n')
+    server = DemoProxy("server", proxy_env(s_in, s_out, s_admin, MESHPROXY_INBOUND_FALLBACK_ADDR=f"127.0.0.1:{app_port}", **ids["server"]),
+                       s_admin, os.path.join(logdir, "server.log"))
+    client = DemoProxy("client", proxy_env(c_in, c_out, c_admin, MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{s_in}",
+                                           MESHPROXY_DISCOVERY_FILE=discovery, **ids["client"]),
+                       c_admin, os.path.join(logdir, "client.log"))
     proxies = [server, client]
     for p in proxies:
         p.start()
@@ -215,7 +263,7 @@ async def run_demo(duration: float | None) -> int:
         print(f"  client proxy admin: http://127.0.0.1:{c_admin}/metrics   (outbound listener 127.0.0.1:{c_out})")
         print(f"  server proxy admin: http://127.0.0.1:{s_admin}/metrics   (inbound listener 127.0.0.1:{s_in})")
         print(f"  app: 127.0.0.1:{app_port} (HTTP/1.1 and TCP echo); proxy logs in {logdir}")
-        print("  TLS identities seen: none: the hop is plaintext until mTLS lands (issue 4)")
+        print(f"  mTLS between the proxies: client {CLIENT_ID} -> server {SERVER_ID} (dev CA in {logdir})")
         print("  Ctrl-C stops" + (f"; stopping by itself after {duration:g} s" if duration else ""))
         clients = [loop.create_task(http_client(c_out, stats, stop)) for _ in range(2)] + [loop.create_task(tcp_client(c_out, stats, stop))]
         started = time.monotonic()
@@ -236,10 +284,13 @@ async def run_demo(duration: float | None) -> int:
             if duration is not None and elapsed >= duration:
                 stop.set()
         await asyncio.gather(*clients, return_exceptions=True)
+        seen = tls_identities_seen(c_admin) | tls_identities_seen(s_admin)
+        print("TLS identities seen in the proxies' metrics: " + (", ".join(sorted(seen)) if seen else "none"))
         if stats.last_error:
             print(f"last error: {stats.last_error}")
-        print(f"done: {stats.ok} successful exchanges through the proxy pair, {stats.failed} failed")
-        return 0 if stats.failed == 0 and stats.ok > 0 else 1
+        meshed = {SERVER_ID, CLIENT_ID} <= seen
+        print(f"done: {stats.ok} successful exchanges through the proxy pair{' over mTLS' if meshed else ''}, {stats.failed} failed")
+        return 0 if stats.failed == 0 and stats.ok > 0 and meshed else 1
     finally:
         codes = [p.stop() for p in proxies]
         app.close()
