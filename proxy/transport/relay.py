@@ -47,24 +47,51 @@ def reset(transport: Any) -> None:
     transport.abort()
 
 
-class TcpSeries:
-    """The metric series of one side of a connection (server side or client side)."""
+class _TcpSeriesSet:
+    """The four series of one label set, looked up once and shared by its connections."""
 
-    __slots__ = ("open_total", "open_now", "read", "write", "close_family", "labels")
+    __slots__ = ("open_total", "open_now", "read", "write", "clean_close")
 
     def __init__(self, metrics: Any, labels: tuple[Any, ...]) -> None:
-        self.labels = labels
         self.open_total = metrics.tcp_open_total.labels(*labels)
         self.open_now = metrics.tcp_open_connections.labels(*labels)
         self.read = metrics.tcp_read_bytes_total.labels(*labels)
         self.write = metrics.tcp_write_bytes_total.labels(*labels)
+        self.clean_close = metrics.tcp_close_total.labels(*labels, "")
+
+
+_SERIES_CACHE: dict[tuple[int, tuple[Any, ...]], _TcpSeriesSet] = {}
+_SERIES_CACHE_MAX = 4096  # bounded: label values come from addresses, which churn
+
+
+class TcpSeries:
+    """The metric series of one side of a connection (server side or client side)."""
+
+    __slots__ = ("open_total", "open_now", "read", "write", "close_family", "labels", "clean_close")
+
+    def __init__(self, metrics: Any, labels: tuple[Any, ...]) -> None:
+        key = (id(metrics), labels)
+        found = _SERIES_CACHE.get(key)
+        if found is None or found.open_total is not metrics.tcp_open_total.series.get(labels):
+            if len(_SERIES_CACHE) >= _SERIES_CACHE_MAX:
+                _SERIES_CACHE.clear()
+            found = _SERIES_CACHE[key] = _TcpSeriesSet(metrics, labels)
+        self.labels = labels
+        self.open_total = found.open_total
+        self.open_now = found.open_now
+        self.read = found.read
+        self.write = found.write
+        self.clean_close = found.clean_close
         self.close_family = metrics.tcp_close_total
         self.open_total.value += 1
         self.open_now.value += 1
 
     def closed(self, errno: str) -> None:
         self.open_now.value -= 1
-        self.close_family.labels(*self.labels, errno).value += 1
+        if not errno:
+            self.clean_close.value += 1
+        else:
+            self.close_family.labels(*self.labels, errno).value += 1
 
 
 class Relay:

@@ -1,0 +1,552 @@
+"""Scenarios: a backend, the paths to it, one bounded load per path.
+
+A scenario is a small class: which backend it starts, which *paths* it measures (direct,
+meshproxy 1 worker / N workers / pure-Python twin, haproxy, nginx), and how it loads one
+port. ``Scenario.run`` does the rest for every scenario alike: skip a path with a reason
+(peer not installed, feature not built yet), start the proxy, warm up, meter the proxy's
+process tree, the backend and the machine while the load runs, stop the proxy.
+
+To add one (gRPC unary, streaming, mTLS between two proxies): subclass ``Scenario``, set
+its names and units, write ``backend``/``paths``/``load``, and add it to ``SCENARIOS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import statistics
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import loads, servers
+from .loads import LoadError, LoadResult
+from .procs import MachineMeter, TreeMeter, TreeUsage
+from .servers import Env, Server
+
+# Scenario defaults (seconds). Full values follow peers-bench (iperf3 5 s; wrk/h2load 10 s
+# after a 2 s warm-up); quick values (no warm-up) keep `--quick` under a minute.
+FULL = {"iperf": 5.0, "http": 10.0, "churn": 10.0, "warmup": 2.0}
+QUICK = {"iperf": 2.0, "http": 2.0, "churn": 2.0, "warmup": 0.0}
+# Churn: at most this many connections per run (the time bound usually ends it first).
+CHURN_BUDGET_FULL = 300_000
+CHURN_BUDGET_QUICK = 30_000
+# Concurrent connections: wrk keep-alive as in peers-bench; churn a little lower so the
+# TIME_WAIT sockets of a 10 s run stay far from the ephemeral port range (28k ports).
+H1_CONNECTIONS = 50
+CHURN_CONNECTIONS = 32
+H2_CLIENTS, H2_STREAMS = 10, 10
+
+HTTP_ENV = "MESHPROXY_BENCH_HTTP"
+# A meshproxy with no connections left should exit at once on SIGTERM; slower is noted.
+SLOW_STOP_S = 1.0
+# Log lines the bench itself causes, not worth a note: the plaintext warning.
+EXPECTED_LOG = re.compile(r"identity is disabled")
+
+
+@dataclass
+class Ctx:
+    env: Env
+    quick: bool = False
+    duration: float | None = None  # overrides every load's duration
+    repeat: int = 1
+    workers: int = 1  # N for the "meshproxy Nw" rows
+    http_enabled: bool = False  # MESHPROXY_BENCH_HTTP=1: meshproxy HTTP rows are measured
+    log: Callable[[str], None] = print
+
+    def seconds(self, kind: str) -> float:
+        if self.duration is not None:
+            return self.duration
+        return (QUICK if self.quick else FULL)[kind]
+
+    def warmup(self) -> float:
+        return (QUICK if self.quick else FULL)["warmup"]
+
+
+@dataclass
+class Row:
+    scenario: str
+    label: str
+    kind: str  # direct | meshproxy | haproxy | nginx
+    status: str = "ok"  # ok | skipped | error
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # Rounds that failed: {"round", "reason", "log_tail"}; the row keeps its good rounds.
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@dataclass
+class Path:
+    """One way from the load generator to the backend port named ``upstream``."""
+
+    label: str
+    kind: str
+    upstream: str
+
+    def skip_reason(self, ctx: Ctx) -> str | None:
+        return None
+
+    def start(self, ctx: Ctx, upstream_port: int) -> ContextManager[Server | None]:
+        return contextlib.nullcontext(None)
+
+
+def Direct(upstream: str) -> Path:  # noqa: N802 - reads like the other path classes
+    """No proxy: the base Path starts nothing and loads the backend port itself."""
+    return Path("direct", "direct", upstream)
+
+
+@dataclass
+class Meshproxy(Path):
+    workers: int = 1
+    pure: bool = False
+    # False: the backend port is opaque (no protocol detection), the TCP scenarios.
+    # True: detection on, HTTP is served by the HTTP stage (a later feature): gated.
+    http: bool = False
+
+    def skip_reason(self, ctx: Ctx) -> str | None:
+        if self.http and not ctx.http_enabled:
+            return f"not built yet (HTTP forwarding is a later feature; set {HTTP_ENV}=1)"
+        return None
+
+    def start(self, ctx: Ctx, upstream_port: int) -> ContextManager[Server | None]:
+        return servers.meshproxy(
+            ctx.env, upstream_port, self.workers, self.pure, opaque=not self.http
+        )
+
+
+@dataclass
+class Haproxy(Path):
+    mode: str = "tcp"
+    front_proto: str = "h1"
+
+    def skip_reason(self, ctx: Ctx) -> str | None:
+        return None if servers.installed("haproxy") else "haproxy not installed"
+
+    def start(self, ctx: Ctx, upstream_port: int) -> ContextManager[Server | None]:
+        return servers.haproxy(ctx.env, upstream_port, self.mode, self.front_proto)
+
+
+@dataclass
+class NginxProxy(Path):
+    front_proto: str = "h1"
+
+    def skip_reason(self, ctx: Ctx) -> str | None:
+        return None if servers.installed("nginx") else "nginx not installed"
+
+    def start(self, ctx: Ctx, upstream_port: int) -> ContextManager[Server | None]:
+        return servers.nginx_proxy(ctx.env, upstream_port, self.front_proto)
+
+
+def meshproxy_rows(ctx: Ctx, upstream: str, http: bool) -> list[Path]:
+    n = ctx.workers
+    return [
+        Meshproxy("meshproxy 1w", "meshproxy", upstream, workers=1, http=http),
+        Meshproxy(f"meshproxy {n}w", "meshproxy", upstream, workers=n, http=http),
+        Meshproxy("meshproxy 1w pure", "meshproxy", upstream, workers=1, pure=True, http=http),
+    ]
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+class Scenario:
+    name = ""
+    family = ""  # rows of one family share a Markdown table
+    title = ""
+    unit = ""  # of the throughput column
+    cost_unit = ""  # of the CPU cost column
+    tools: tuple[str, ...] = ()
+    concurrency = 1  # connections the load keeps open at once
+    rows: list[Row]  # set by run(), filled in as rows are measured
+
+    def backend(self, ctx: Ctx) -> ContextManager[Server]:
+        raise NotImplementedError
+
+    def paths(self, ctx: Ctx) -> list[Path]:
+        raise NotImplementedError
+
+    def warmup(self, ctx: Ctx, port: int) -> None:
+        """Load run before metering (connection pools, caches); default none."""
+
+    def load(self, ctx: Ctx, port: int) -> LoadResult:
+        raise NotImplementedError
+
+    def cost(self, cpu_s: float, res: LoadResult) -> float | None:
+        """CPU ms per 1,000 requests/connections; throughput scenarios override."""
+        return cpu_s * 1e6 / res.units if res.units else None
+
+    def check_counters(self, run: dict[str, Any]) -> str | None:
+        """A note when meshproxy's own counters disagree with the load tool."""
+        c = run.get("proxy_counters")
+        if c is None:
+            return "GET /metrics failed after the load"
+        # A load generator that stops mid-flight resets the connections it still has open
+        # (warm-up and measured run: twice); more resets than that are the proxy's doing.
+        if c["closed_with_errno"] > 2 * 2 * self.concurrency:  # x2: both sides count
+            errs = ", ".join(f"{k} x{v:.0f}" for k, v in sorted(c.get("errnos", {}).items()))
+            return f"{c['closed_with_errno']:.0f} connection(s) closed with an errno ({errs})"
+        return None
+
+    def missing_tool(self) -> str | None:
+        for tool in self.tools:
+            if not servers.installed(tool):
+                return tool
+        return None
+
+    # The same loop for every scenario.
+    def run(self, ctx: Ctx) -> list[Row]:
+        paths = self.paths(ctx)
+        missing = self.missing_tool()
+        if missing:
+            ctx.log(f"{self.name}: skipped ({missing} not installed)")
+            return [
+                Row(self.name, p.label, p.kind, "skipped", f"{missing} not installed")
+                for p in paths
+            ]
+        rows = [Row(self.name, p.label, p.kind) for p in paths]
+        for path, row in zip(paths, rows, strict=True):
+            reason = path.skip_reason(ctx)
+            if reason:
+                row.status, row.reason = "skipped", reason
+                ctx.log(f"{self.name}: {path.label}: skipped: {reason}")
+        self.rows = rows  # what was measured survives an interruption
+        try:
+            with self.backend(ctx) as backend:
+                # Rounds: every path once per round, so a burst of background load on this
+                # shared machine hits one round of all rows rather than all rounds of one row.
+                for rnd in range(ctx.repeat):
+                    for path, row in zip(paths, rows, strict=True):
+                        if row.status == "ok":
+                            self._run_path(ctx, backend, path, row, rnd)
+        finally:
+            for row in rows:
+                if row.status != "ok":
+                    continue
+                if not row.runs and row.failures:
+                    row.status, row.reason = "error", row.failures[0]["reason"]
+                elif not row.runs:
+                    row.status, row.reason = "skipped", "not measured (run interrupted)"
+                else:
+                    row.metrics = median_run(row.runs)
+                    row.metrics["failed_rounds"] = len(row.failures)
+                    if len(row.runs) > 1:
+                        row.metrics["throughput_runs"] = [r["throughput"] for r in row.runs]
+        return rows
+
+    def _run_path(self, ctx: Ctx, backend: Server, path: Path, row: Row, rnd: int) -> None:
+        """Start the path's proxy, warm up, measure once, stop it. A failure is recorded
+        with the proxy's log tail; the path is tried again in the next round."""
+        started: Server | None = None
+        try:
+            with path.start(ctx, backend.ports[path.upstream]) as proxy:
+                started = proxy
+                port = proxy.ports["front"] if proxy else backend.ports[path.upstream]
+                self.warmup(ctx, port)
+                run = self._measure(ctx, backend, proxy, port)
+                if proxy is not None and "admin" in proxy.ports:
+                    run["proxy_counters"] = servers.meshproxy_counters(proxy.ports["admin"])
+                    note = self.check_counters(run)
+                    if note and note not in row.notes:
+                        row.notes.append(note)
+                        ctx.log(f"{self.name}: {path.label}: note: {note}")
+                row.runs.append(run)
+                ctx.log(
+                    f"{self.name}: {path.label}{f' #{rnd + 1}' if ctx.repeat > 1 else ''}: {self.describe(run)}"
+                )
+        except (LoadError, RuntimeError, OSError) as e:
+            reason = str(e).strip() or repr(e)
+            tail = "\n".join(p.log_tail(30) for p in started.procs) if started else ""
+            row.failures.append({"round": rnd + 1, "reason": reason, "log_tail": tail})
+            ctx.log(f"{self.name}: {path.label} #{rnd + 1}: ERROR: {reason.splitlines()[0]}")
+        if started is not None:  # stopped by now: its whole log and its exit are known
+            for note in proxy_notes(started):
+                if note not in row.notes:
+                    row.notes.append(note)
+                    ctx.log(f"{self.name}: {path.label}: note: {note}")
+
+    def _measure(
+        self, ctx: Ctx, backend: Server, proxy: Server | None, port: int
+    ) -> dict[str, Any]:
+        with (
+            TreeMeter(proxy.pids if proxy else []) as pm,
+            TreeMeter(backend.pids) as bm,
+            MachineMeter() as mm,
+        ):
+            res = self.load(ctx, port)
+        return self.figures(res, pm.usage() if proxy else None, bm.usage(), mm.busy_cores(), proxy)
+
+    def figures(
+        self,
+        res: LoadResult,
+        proxy: TreeUsage | None,
+        backend: TreeUsage,
+        busy: float,
+        server: Server | None,
+    ) -> dict[str, Any]:
+        f: dict[str, Any] = {
+            "throughput": res.rate,
+            "unit": self.unit,
+            "p50_ms": res.p50_ms,
+            "p99_ms": res.p99_ms,
+            "p999_ms": res.p999_ms,
+            "errors": res.errors,
+            "units": res.units,
+            "seconds": res.seconds,
+            "machine_busy_cores": busy,
+            "backend_cpu_s": backend.cpu_s,
+            "backend_cost": self.cost(backend.cpu_s, res),
+            "backend_peak_rss_mb": backend.peak_rss_mb,
+            "proxy_cpu_s": None,
+            "cpu_cost": None,
+            "cost_unit": self.cost_unit,
+            "proxy_cpu_util": None,
+            "peak_rss_mb": None,
+            "proxy_procs": None,
+            "proxy_alive_after": None,
+            "tool": res.raw,
+        }
+        if proxy is not None and server is not None:
+            f.update(
+                proxy_cpu_s=proxy.cpu_s,
+                cpu_cost=self.cost(proxy.cpu_s, res),
+                # over the measured seconds: a churn run that met its budget idles after it
+                proxy_cpu_util=proxy.cpu_s / res.seconds if res.seconds else None,
+                peak_rss_mb=proxy.peak_rss_mb,
+                proxy_procs=proxy.max_procs,
+                proxy_alive_after=all(p.alive() for p in server.procs),
+            )
+        return f
+
+    def describe(self, run: dict[str, Any]) -> str:
+        parts = [f"{run['throughput']:,.{3 if self.unit == 'Gbit/s' else 0}f} {self.unit}"]
+        if run["p99_ms"] is not None:
+            parts.append(f"p50 {run['p50_ms']:.2f} ms p99 {run['p99_ms']:.2f} ms")
+        if run["proxy_cpu_s"] is not None:
+            parts.append(
+                f"proxy CPU {run['proxy_cpu_s']:.2f} s ({run['cpu_cost']:.2f} {self.cost_unit})"
+            )
+            parts.append(f"RSS {run['peak_rss_mb']:.1f} MB")
+        if run["errors"]:
+            parts.append(f"{run['errors']} errors")
+        if run["proxy_alive_after"] is False:
+            parts.append("PROXY DIED")
+        return ", ".join(parts)
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median throughput (the lower middle one for an even count)."""
+    if not runs:
+        return {}
+    ordered = sorted(runs, key=lambda r: r["throughput"])
+    med = dict(ordered[(len(ordered) - 1) // 2])
+    if len(runs) > 1:
+        med["throughput_stdev"] = statistics.pstdev(r["throughput"] for r in runs)
+    return med
+
+
+def proxy_notes(server: Server, limit: int = 3) -> list[str]:
+    """What looked odd about a meshproxy run: log lines that look like trouble, an exit
+    other than 0 after SIGTERM, a slow stop."""
+    if not server.name.startswith("meshproxy"):
+        return []
+    out = []
+    for proc in server.procs:
+        if proc.exit_code not in (0, None):
+            out.append(f"exit code {proc.exit_code} (expected 0 after SIGTERM)")
+        if proc.stop_s > SLOW_STOP_S:
+            out.append(f"took {proc.stop_s:.1f} s to exit after SIGTERM")
+        try:
+            lines = proc.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        bad = [
+            ln.strip()
+            for ln in lines
+            if re.search(r"Traceback|ERROR|WARN|[Ee]rror|[Ww]arn", ln)
+            and not EXPECTED_LOG.search(ln)
+        ]
+        if bad:
+            # Times and PIDs vary per run; without them equal notes collapse to one.
+            sample = " | ".join(re.sub(r"^\[\s*[\d.]+s\]\s*", "", ln) for ln in bad[:limit])
+            out.append(f"{len(bad)} warning/error log line(s), e.g.: {sample[:500]}")
+    return out
+
+
+class TcpThroughput(Scenario):
+    name = "tcp-throughput"
+    family = "tcp"
+    title = "Opaque TCP throughput (iperf3, 1 stream)"
+    unit = "Gbit/s"
+    cost_unit = "s/GB"
+    tools = ("iperf3",)
+    concurrency = 2  # iperf3: control + 1 data stream
+
+    def backend(self, ctx: Ctx) -> ContextManager[Server]:
+        return servers.iperf3_server(ctx.env)
+
+    def paths(self, ctx: Ctx) -> list[Path]:
+        return [
+            Direct("iperf"),
+            *meshproxy_rows(ctx, "iperf", http=False),
+            Haproxy("haproxy tcp", "haproxy", "iperf"),
+        ]
+
+    def load(self, ctx: Ctx, port: int) -> LoadResult:
+        return loads.iperf3(port, ctx.seconds("iperf"), cpus=ctx.env.load_cpus)
+
+    def cost(self, cpu_s: float, res: LoadResult) -> float | None:
+        # CPU seconds per GB relayed (units = bytes received by the iperf3 server).
+        return cpu_s / (res.units / 1e9) if res.units else None
+
+
+class TcpChurn(Scenario):
+    """Short connections: connect, one small request, one small reply, close.
+
+    wrk sends `Connection: close`; nginx answers "ok" and closes, wrk reconnects. The proxy
+    sees opaque TCP: accept, connect upstream, relay ~100 bytes each way, two closes.
+    Bounded by time and by a connection budget (a wrk Lua hook stops the thread).
+    """
+
+    name = "tcp-churn"
+    family = "tcp"
+    title = "Connection churn (wrk, Connection: close, opaque TCP)"
+    unit = "conn/s"
+    cost_unit = "ms/1k conn"
+    tools = ("wrk", "nginx")
+    concurrency = CHURN_CONNECTIONS
+
+    def backend(self, ctx: Ctx) -> ContextManager[Server]:
+        return servers.nginx_backend(ctx.env)
+
+    def paths(self, ctx: Ctx) -> list[Path]:
+        return [
+            Direct("h1"),
+            *meshproxy_rows(ctx, "h1", http=False),
+            # The same short HTTP/1 connections with detection on: the HTTP stage's cost
+            # per connection (accept, detect, parse, connect, close).
+            Meshproxy("meshproxy 1w http", "meshproxy", "h1", workers=1, http=True),
+            Haproxy("haproxy tcp", "haproxy", "h1"),
+        ]
+
+    def load(self, ctx: Ctx, port: int) -> LoadResult:
+        budget = CHURN_BUDGET_QUICK if ctx.quick else CHURN_BUDGET_FULL
+        script = loads.wrk_script(ctx.env.tmp / "wrk-churn.lua", budget_per_thread=budget)
+        return loads.wrk(
+            f"http://127.0.0.1:{port}/",
+            ctx.seconds("churn"),
+            script,
+            connections=CHURN_CONNECTIONS,
+            headers=("Connection: close",),
+            cpus=ctx.env.load_cpus,
+        )
+
+    def check_counters(self, run: dict[str, Any]) -> str | None:
+        note = super().check_counters(run)
+        c = run.get("proxy_counters")
+        if note is None and c is not None and c["accepted"] < 0.9 * run["units"]:
+            note = f"proxy counted {c['accepted']:.0f} accepted connections, wrk {run['units']:.0f}"
+        return note
+
+
+class H1KeepAlive(Scenario):
+    name = "h1-keepalive"
+    family = "http"
+    title = "HTTP/1.1 keep-alive (wrk -t1 -c50)"
+    unit = "req/s"
+    cost_unit = "ms/1k req"
+    tools = ("wrk", "nginx")
+    concurrency = H1_CONNECTIONS
+
+    def backend(self, ctx: Ctx) -> ContextManager[Server]:
+        return servers.nginx_backend(ctx.env)
+
+    def paths(self, ctx: Ctx) -> list[Path]:
+        return [
+            Direct("h1"),
+            *meshproxy_rows(ctx, "h1", http=True),
+            Haproxy("haproxy http", "haproxy", "h1", mode="http"),
+            NginxProxy("nginx http", "nginx", "h1"),
+        ]
+
+    def _wrk(self, ctx: Ctx, port: int, seconds: float) -> LoadResult:
+        script = loads.wrk_script(ctx.env.tmp / "wrk-summary.lua")
+        return loads.wrk(
+            f"http://127.0.0.1:{port}/",
+            seconds,
+            script,
+            connections=H1_CONNECTIONS,
+            cpus=ctx.env.load_cpus,
+        )
+
+    def warmup(self, ctx: Ctx, port: int) -> None:
+        if ctx.warmup() > 0:
+            self._wrk(ctx, port, ctx.warmup())
+
+    def load(self, ctx: Ctx, port: int) -> LoadResult:
+        return self._wrk(ctx, port, ctx.seconds("http"))
+
+
+class H2c(Scenario):
+    name = "h2c"
+    family = "http"
+    title = "HTTP/2 cleartext, prior knowledge (h2load -c10 -m10)"
+    unit = "req/s"
+    cost_unit = "ms/1k req"
+    tools = ("h2load", "nginx")
+    concurrency = H2_CLIENTS
+
+    def backend(self, ctx: Ctx) -> ContextManager[Server]:
+        return servers.nginx_backend(ctx.env)
+
+    def paths(self, ctx: Ctx) -> list[Path]:
+        # meshproxy keeps h2 to an h2 upstream; the peers translate h2c -> HTTP/1.1 as in peers-bench.
+        return [
+            Direct("h2c"),
+            *meshproxy_rows(ctx, "h2c", http=True),
+            Haproxy("haproxy http h2c->h1", "haproxy", "h1", mode="http", front_proto="h2"),
+            NginxProxy("nginx http h2c->h1", "nginx", "h1", front_proto="h2"),
+        ]
+
+    def _h2load(self, ctx: Ctx, port: int, seconds: float) -> LoadResult:
+        log = ctx.env.tmp / f"h2load-{port}.log"
+        with contextlib.suppress(FileNotFoundError):
+            log.unlink()  # h2load appends; the percentiles must be this run's only
+        try:
+            return loads.h2load(
+                f"http://127.0.0.1:{port}/",
+                seconds,
+                log,
+                H2_CLIENTS,
+                H2_STREAMS,
+                cpus=ctx.env.load_cpus,
+            )
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                log.unlink()  # up to ~20 MB per run
+
+    def warmup(self, ctx: Ctx, port: int) -> None:
+        # A separate run, not --warm-up-time: the meters must cover only measured requests.
+        if ctx.warmup() > 0:
+            self._h2load(ctx, port, ctx.warmup())
+
+    def load(self, ctx: Ctx, port: int) -> LoadResult:
+        return self._h2load(ctx, port, ctx.seconds("http"))
+
+
+SCENARIOS: dict[str, type[Scenario]] = {
+    cls.name: cls for cls in (TcpThroughput, TcpChurn, H1KeepAlive, H2c)
+}
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,378 @@
+"""The servers a run starts: backends (iperf3, nginx) and proxies (meshproxy, haproxy, nginx).
+
+Every starter is a context manager yielding a ``Server``; the process is stopped by PID on
+the way out, whatever happened inside. Configs and logs go to the run's temp directory.
+The peer configs follow /work/shared/reference/peers-bench.md so the numbers can be set
+beside the ones measured there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .procs import PortPool, Proc, wait_listening
+
+# meshproxy imports and binds in well under a second; a slow shared machine gets 20 s.
+READY_TIMEOUT_S = 20.0
+# haproxy derives maxconn from RLIMIT_NOFILE, whose hard limit here is 20000; ask for less
+# than half so it never refuses to start, and far more than any load here opens.
+HAPROXY_MAXCONN = 8000
+# Backend keep-alive: never the reason a connection closes during a run (as in peers-bench).
+KEEPALIVE_REQUESTS = 10_000_000
+
+
+@dataclass
+class Env:
+    """What starters need from the run: a temp dir, ports, pinning and the interpreter."""
+
+    tmp: Path
+    ports: PortPool
+    python: str
+    repo: Path
+    proxy_cpus: str | None = None  # taskset list for single-threaded proxies
+    load_cpus: str | None = None  # taskset list for backends and load generators
+
+
+@dataclass
+class Server:
+    name: str
+    ports: dict[str, int]
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+
+def installed(tool: str) -> bool:
+    return shutil.which(tool) is not None
+
+
+@contextlib.contextmanager
+def _started(proc: Proc, ports: list[int], timeout: float = 10.0) -> Iterator[Proc]:
+    try:
+        proc.start()
+        wait_listening(proc, ports, timeout)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _dir(env: Env, name: str) -> Path:
+    d = env.tmp / name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# --------------------------------------------------------------------------- backends
+
+
+@contextlib.contextmanager
+def iperf3_server(env: Env) -> Iterator[Server]:
+    port = env.ports.take()
+    d = _dir(env, f"iperf3-{port}")
+    proc = Proc(
+        "iperf3 -s",
+        ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)],
+        d / "log",
+        cpus=env.load_cpus,
+    )
+    with _started(proc, [port]):
+        yield Server("iperf3", {"iperf": port}, [proc])
+
+
+NGINX_BACKEND = """\
+# Backend as in peers-bench: 1 worker, `return 200 "ok"`, h1 and h2c (prior knowledge).
+worker_processes 1;
+daemon off;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests {keepalive};
+    keepalive_timeout 75s;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{h1};
+        location / {{ return 200 "ok"; }}
+    }}
+    server {{
+        listen 127.0.0.1:{h2c} http2;
+        http2_max_requests {keepalive};
+        location / {{ return 200 "ok"; }}
+    }}
+}}
+"""
+
+
+def _nginx_proc(env: Env, d: Path, conf: str, name: str, cpus: str | None) -> Proc:
+    path = d / "nginx.conf"
+    path.write_text(conf)
+    argv = ["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(path)]
+    return Proc(name, argv, d / "log", cpus=cpus)
+
+
+@contextlib.contextmanager
+def nginx_backend(env: Env) -> Iterator[Server]:
+    h1, h2c = env.ports.take(), env.ports.take()
+    d = _dir(env, f"nginx-backend-{h1}")
+    conf = NGINX_BACKEND.format(dir=d, h1=h1, h2c=h2c, keepalive=KEEPALIVE_REQUESTS)
+    proc = _nginx_proc(env, d, conf, "nginx backend", env.load_cpus)
+    with _started(proc, [h1, h2c]):
+        yield Server("nginx backend", {"h1": h1, "h2c": h2c}, [proc])
+
+
+# --------------------------------------------------------------------------- peers
+
+
+HAPROXY_HEAD = """\
+global
+    nbthread {threads}
+    maxconn {maxconn}
+defaults
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+"""
+
+HAPROXY_TCP = """\
+listen fwd
+    mode tcp
+    bind 127.0.0.1:{front}
+    server s1 127.0.0.1:{upstream}
+"""
+
+# HTTP mode as in peers-bench: forwardfor, server-side connection reuse; an h2c front
+# (`proto h2`) still talks HTTP/1.1 to the backend.
+HAPROXY_HTTP = """\
+listen fwd
+    mode http
+    option forwardfor
+    http-reuse always
+    bind 127.0.0.1:{front}{proto}
+    server s1 127.0.0.1:{upstream}
+"""
+
+
+@contextlib.contextmanager
+def haproxy(
+    env: Env, upstream: int, mode: str = "tcp", front_proto: str = "h1", threads: int = 1
+) -> Iterator[Server]:
+    """``mode`` tcp|http; ``front_proto`` h1|h2 (http mode: h2c with prior knowledge)."""
+    front = env.ports.take()
+    d = _dir(env, f"haproxy-{front}")
+    body = HAPROXY_TCP if mode == "tcp" else HAPROXY_HTTP
+    proto = " proto h2" if front_proto == "h2" else ""
+    cfg = HAPROXY_HEAD.format(threads=threads, maxconn=HAPROXY_MAXCONN) + body.format(
+        front=front, upstream=upstream, proto=proto
+    )
+    (d / "haproxy.cfg").write_text(cfg)
+    cpus = env.proxy_cpus if threads == 1 else None
+    proc = Proc(
+        f"haproxy {mode}", ["haproxy", "-db", "-f", str(d / "haproxy.cfg")], d / "log", cpus=cpus
+    )
+    with _started(proc, [front]):
+        yield Server(f"haproxy {mode}", {"front": front}, [proc])
+
+
+NGINX_PROXY = """\
+# Reverse proxy as in peers-bench: 1 worker, HTTP/1.1 upstream with a keep-alive pool.
+worker_processes 1;
+daemon off;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests {keepalive};
+    keepalive_timeout 75s;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream backend {{
+        server 127.0.0.1:{upstream};
+        keepalive 128;
+        keepalive_requests {keepalive};
+    }}
+    server {{
+        listen 127.0.0.1:{front}{http2};
+        http2_max_requests {keepalive};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx_proxy(env: Env, upstream: int, front_proto: str = "h1") -> Iterator[Server]:
+    front = env.ports.take()
+    d = _dir(env, f"nginx-proxy-{front}")
+    conf = NGINX_PROXY.format(
+        dir=d,
+        front=front,
+        upstream=upstream,
+        keepalive=KEEPALIVE_REQUESTS,
+        http2=" http2" if front_proto == "h2" else "",
+    )
+    proc = _nginx_proc(env, d, conf, "nginx proxy", env.proxy_cpus)
+    with _started(proc, [front]):
+        yield Server("nginx proxy", {"front": front}, [proc])
+
+
+# --------------------------------------------------------------------------- meshproxy
+
+
+def meshproxy_env(
+    out_port: int,
+    in_port: int,
+    admin_port: int,
+    fallback: int,
+    workers: int,
+    pure: bool,
+    repo: Path,
+    opaque: bool = False,
+) -> dict[str, str]:
+    # Start from a clean slate: a LINKERD2_*/MESHPROXY_* variable in the caller's shell
+    # must not change what is measured.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LINKERD2_", "MESHPROXY_"))}
+    env.update(
+        LINKERD2_PROXY_OUTBOUND_LISTEN_ADDR=f"127.0.0.1:{out_port}",
+        MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{fallback}",
+        LINKERD2_PROXY_INBOUND_LISTEN_ADDR=f"127.0.0.1:{in_port}",
+        LINKERD2_PROXY_ADMIN_LISTEN_ADDR=f"127.0.0.1:{admin_port}",
+        LINKERD2_PROXY_CORES=str(workers),
+        LINKERD2_PROXY_LOG="warn",
+        # Plaintext between app and proxy and to the backend: no identity source here. (An
+        # mTLS scenario between two proxies will give each a certificate instead.)
+        MESHPROXY_IDENTITY_DISABLED="true",
+        PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p),
+    )
+    if pure:
+        env["MESHPROXY_NO_EXTENSIONS"] = "1"
+    if opaque:
+        # The backend port is marked opaque (what a user does for a non-HTTP port): no
+        # protocol detection, bytes relayed as they come. Without it an HTTP load is
+        # detected as HTTP/1 and served by the HTTP stage.
+        env["MESHPROXY_OUTBOUND_PORTS_DISABLE_PROTOCOL_DETECTION"] = str(fallback)
+    return env
+
+
+def http_get(port: int, path: str, timeout: float = 1.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(proc: Proc, admin_port: int, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            tail = proc.log_tail()
+            last = tail.splitlines()[-1] if tail else "(empty log)"
+            rc = proc.popen.returncode if proc.popen else "?"
+            raise RuntimeError(f"meshproxy exited with {rc} before ready: {last}\n{tail}")
+        try:
+            status, _ = http_get(admin_port, "/ready")
+            if status == 200:
+                return
+            last = f"GET /ready -> {status}"
+        except OSError as e:
+            last = f"GET /ready: {e}"
+        time.sleep(0.1)
+    tail = proc.log_tail()
+    lines = [ln for ln in tail.splitlines() if ln.strip() and "identity is disabled" not in ln]
+    hint = f"; last log line: {lines[-1].strip()}" if lines else ""
+    raise RuntimeError(f"meshproxy not ready after {timeout}s ({last}){hint}\n{tail}")
+
+
+@contextlib.contextmanager
+def meshproxy(
+    env: Env, upstream: int, workers: int = 1, pure: bool = False, opaque: bool = False
+) -> Iterator[Server]:
+    """``python -m proxy run`` with its outbound listener forwarding to ``upstream``
+    (the fallback used when a connection was not redirected by iptables); ``opaque``
+    turns protocol detection off for that port."""
+    out_port, in_port, admin = env.ports.take(), env.ports.take(), env.ports.take()
+    d = _dir(env, f"meshproxy-{out_port}")
+    penv = meshproxy_env(out_port, in_port, admin, upstream, workers, pure, env.repo, opaque)
+    cpus = env.proxy_cpus if workers == 1 else None
+    proc = Proc(
+        f"meshproxy {workers}w",
+        [env.python, "-m", "proxy", "run"],
+        d / "log",
+        env=penv,
+        cwd=str(env.repo),
+        cpus=cpus,
+    )
+    try:
+        proc.start()
+        wait_ready(proc, admin)
+        yield Server(proc.name, {"front": out_port, "inbound": in_port, "admin": admin}, [proc])
+    finally:
+        proc.stop()
+
+
+def meshproxy_counters(admin_port: int) -> dict[str, Any] | None:
+    """Sums of a few Linkerd TCP counters from GET /metrics: a check that the load went
+    through the proxy (connections accepted, connections closed on an error, bytes)."""
+    try:
+        status, body = http_get(admin_port, "/metrics", timeout=5.0)
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    out: dict[str, Any] = {
+        "accepted": 0.0,
+        "connected": 0.0,
+        "closed_with_errno": 0.0,
+        "bytes_from_clients": 0.0,
+    }
+    errnos: dict[str, float] = {}
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        series, _, value = line.rpartition(" ")
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        src = 'peer="src"' in series
+        if series.startswith("tcp_open_total{"):
+            out["accepted" if src else "connected"] += v
+        elif series.startswith("tcp_close_total{") and 'errno=""' not in series:
+            out["closed_with_errno"] += v
+            m = re.search(r'errno="([^"]*)"', series)
+            key = f"{'src' if src else 'dst'}:{m.group(1) if m else '?'}"
+            errnos[key] = errnos.get(key, 0.0) + v
+        elif series.startswith("tcp_read_bytes_total{") and src:
+            out["bytes_from_clients"] += v
+    out["errnos"] = errnos  # "src|dst:ERRNO" -> count (src = the client side)
+    return out
