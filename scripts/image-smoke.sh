@@ -119,6 +119,24 @@ echo_pid=$!
 # architecture keeps podman from warning about the mismatch.
 ARCH=$("${PODMAN[@]}" image inspect --format '{{.Architecture}}' "$IMAGE") || fail "no image $IMAGE"
 
+# A file identity made by the image's own `meshproxy identity` commands (SPEC 6): the proxy is
+# ready only once it has loaded it.
+IDENTITY_NAME=smoke.default.serviceaccount.identity.linkerd.cluster.local
+mkdir -p "$workdir/id" && chmod 777 "$workdir/id"
+for args in "init --dir /id/ca" "issue --dir /id/ca --name $IDENTITY_NAME --out /id/leaf"; do
+  # shellcheck disable=SC2086
+  "${PODMAN[@]}" run --rm --pull=never --arch "$ARCH" --network=none "${ULIMITS[@]}" -v "$workdir/id:/id" \
+    --entrypoint /opt/meshproxy/bin/meshproxy "$IMAGE" identity $args >/dev/null || fail "meshproxy identity $args failed in the image"
+done
+[ -s "$workdir/id/leaf/roots.pem" ] || fail "meshproxy identity issue wrote no roots.pem"
+IDENTITY_ENV=(
+  -v "$workdir/id:/id:ro"
+  -e MESHPROXY_IDENTITY_CERT_FILE=/id/leaf/cert.pem
+  -e MESHPROXY_IDENTITY_KEY_FILE=/id/leaf/key.pem
+  -e LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS="$(cat "$workdir/id/leaf/roots.pem")"
+  -e LINKERD2_PROXY_IDENTITY_LOCAL_NAME=$IDENTITY_NAME
+)
+
 # start_proxy ADMIN OUTBOUND INBOUND [podman run options...]: prints the container id.
 # --read-only without tmpfs mounts, as Linkerd's injector sets readOnlyRootFilesystem.
 start_proxy() {
@@ -130,7 +148,7 @@ start_proxy() {
     -e LINKERD2_PROXY_OUTBOUND_LISTEN_ADDR="127.0.0.1:$outbound" \
     -e LINKERD2_PROXY_INBOUND_LISTEN_ADDR="127.0.0.1:$inbound" \
     -e MESHPROXY_OUTBOUND_FALLBACK_ADDR="127.0.0.1:$ECHO" \
-    -e MESHPROXY_IDENTITY_DISABLED=true \
+    "${IDENTITY_ENV[@]}" \
     -e LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD=10s \
     "$@" "$IMAGE"
 }
