@@ -206,6 +206,11 @@ def set_parent_death_signal() -> None:
 
 def run(config: Config, index: int = 0, supervisor_socket: str | None = None) -> int:
     logging_.configure(config.log_filter, config.log_format, worker=index if supervisor_socket else None)
+    # asyncio warns on every TLS connection whose peer half-closes ("returning true from
+    # eof_received() has no effect when using ssl"): expected here, and noise in the logs.
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     if supervisor_socket:
         set_parent_death_signal()
     worker = Worker(config, index, supervisor_socket, dict(os.environ))

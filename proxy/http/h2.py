@@ -88,6 +88,7 @@ from proxy.http.errors import (
 from proxy.http.stack import Clients, Exchange, HttpRoute
 from proxy.tls.local import IdentityMismatch
 from proxy.transport.connect import connect
+from proxy.transport.relay import TcpSeries
 
 # RFC 9113 6.9.2: every window starts at 65,535 bytes, and SETTINGS cannot
 # change the connection window (only WINDOW_UPDATE can).
@@ -266,7 +267,7 @@ class _Side(asyncio.Protocol):
         self.closed = False
         self.conn_window = max(conn_window, DEFAULT_WINDOW)
         self.conn_window_half = self.conn_window // 2
-        self.src: Any = None  # TCP series (tcp_read/write_bytes_total) of a client connection
+        self.series: Any = None  # TcpSeries of this connection: its byte counts (tcp_*_bytes_total)
 
     # -- writes
     def want_flush(self) -> None:
@@ -279,8 +280,8 @@ class _Side(asyncio.Protocol):
         data = self.h2.data_to_send()
         if data and not self.transport.is_closing():
             self.transport.write(data)
-            if self.src is not None:
-                self.src.write.value += len(data)
+            if self.series is not None:
+                self.series.write.value += len(data)
 
     def _open_connection_window(self) -> None:
         if self.conn_window > DEFAULT_WINDOW:
@@ -289,8 +290,8 @@ class _Side(asyncio.Protocol):
     # -- asyncio.Protocol
     def data_received(self, data: bytes) -> None:
         h2 = self.h2
-        if self.src is not None:
-            self.src.read.value += len(data)
+        if self.series is not None:
+            self.series.read.value += len(data)
         self.receiving = True
         try:
             try:
@@ -675,6 +676,9 @@ class H2ClientConnection(_Side):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        pool = self.pool
+        if pool.metrics is not None and pool.dst_labels is not None:
+            self.series = TcpSeries(pool.metrics, pool.dst_labels)
         h2 = self.h2 = _H2(_CLIENT_CONFIG)
         h2.initiate_connection()
         settings: dict[SettingCodes | int, int] = {SettingCodes.ENABLE_PUSH: 0}
@@ -695,6 +699,9 @@ class H2ClientConnection(_Side):
         for timer in (self.idle_timer, self.settings_timer):
             if timer is not None:
                 timer.cancel()
+        if self.series is not None:
+            self.series.closed("")
+            self.series = None
         if not self.ready:
             # Not an HTTP/2 server, or it went away at once: like a failed dial.
             self.pool.dial_failed(self, IO_ERROR.because(f"{self.pool.target} closed the connection before HTTP/2 settings"))
@@ -840,8 +847,11 @@ H2ClientConnection.handlers = {
 class H2Pool:
     """The upstream of one endpoint in one worker: one shared connection, dialled on demand."""
 
-    def __init__(self, target: Addr, connect_timeout: float, settings: H2Settings, identity: str = "", local: Any = None) -> None:
+    def __init__(self, target: Addr, connect_timeout: float, settings: H2Settings, identity: str = "", local: Any = None,
+                 metrics: Any = None, dst_labels: tuple[Any, ...] | None = None) -> None:
         self.target = target
+        self.metrics = metrics
+        self.dst_labels = dst_labels  # tcp_* labels (peer="dst") of its connections; None: not counted
         self.connect_timeout = connect_timeout
         self.settings = settings
         self.identity = identity  # meshed endpoint: dial with mTLS and check this name
@@ -961,7 +971,7 @@ class H2ServerConnection(_Side):
                  src: Any = None) -> None:
         conn_window = settings.initial_connection_window or DEFAULT_WINDOW
         super().__init__(conn_window)
-        self.src = src  # counts bytes only: whoever made the series closes it (on ``done``)
+        self.series = src  # counts bytes only: whoever made the series closes it (on ``done``)
         self.route = route
         self.metrics = metrics
         self.clients = clients
@@ -1078,7 +1088,7 @@ class H2ServerConnection(_Side):
     # -- pool
     def _new_pool(self) -> H2Pool:
         route = self.route
-        return H2Pool(route.target, route.connect_timeout, self.settings, route.identity, self.local)
+        return H2Pool(route.target, route.connect_timeout, self.settings, route.identity, self.local, self.metrics, route.dst_labels)
 
     def pool_cancel(self, stream: _Stream) -> None:
         pool = self.pool

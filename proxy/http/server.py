@@ -52,7 +52,7 @@ class HttpStage:
 
     def serve_http2(self, transport: Any, route: HttpRoute, prefix: bytes, src: Any) -> None:
         assert H2ServerConnection is not None
-        server = H2ServerConnection(route, self.metrics, self.clients, self.h2_settings[route.direction])
+        server = H2ServerConnection(route, self.metrics, self.clients, self.h2_settings[route.direction], local=self.local, src=src)
         self.live.add(server)
         done = getattr(server, "done", None)
         if isinstance(done, asyncio.Future):
