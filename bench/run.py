@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
         duration=args.duration,
         repeat=max(1, args.repeat),
         workers=max(1, args.workers),
-        http_enabled=os.environ.get(HTTP_ENV) == "1",
+        http_enabled=os.environ.get(HTTP_ENV, "1") != "0",  # HTTP forwarding is built: on unless MESHPROXY_BENCH_HTTP=0
         log=log,
     )
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

@@ -115,7 +115,7 @@ class Meshproxy(Path):
 
     def skip_reason(self, ctx: Ctx) -> str | None:
         if self.http and not ctx.http_enabled:
-            return f"not built yet (HTTP forwarding is a later feature; set {HTTP_ENV}=1)"
+            return f"turned off with {HTTP_ENV}=0"
         return None
 
     def start(self, ctx: Ctx, upstream_port: int) -> ContextManager[Server | None]:
