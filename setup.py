@@ -1,6 +1,8 @@
 """Build the Cython twins in native/ as extensions inside the proxy package.
 
-Each native/<name>.pyx becomes proxy._native.<name>. The extensions are optional:
+Each native/<name>.pyx becomes proxy._native.<name>, and each module of
+COMPILED_TWINS is compiled from its own Python source (so the twin cannot drift).
+The extensions are optional:
 when Cython or a C compiler is missing the wheel still installs and the pure
 Python twins run (the same thing MESHPROXY_NO_EXTENSIONS=1 selects at runtime).
 """
@@ -10,6 +12,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 NATIVE_MODULES = ["relay"]
+# Pure modules compiled as they are (Cython's pure-Python mode): the twin is the same source.
+COMPILED_TWINS = {"h1parse": "proxy/core/h1.py"}
 
 
 class OptionalBuildExt(build_ext):
@@ -38,6 +42,9 @@ def native_extensions():
     exts = [
         Extension(f"proxy._native.{name}", [f"native/{name}.pyx"], extra_compile_args=["-O2"])
         for name in NATIVE_MODULES
+    ] + [
+        Extension(f"proxy._native.{name}", [source], extra_compile_args=["-O2"])
+        for name, source in COMPILED_TWINS.items()
     ]
     return cythonize(exts, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})
 

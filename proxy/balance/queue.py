@@ -79,7 +79,9 @@ class Queue:
         self.failfast = Failfast(failfast_timeout)
         self.rng = rng if rng is not None else random.Random()
         # Insertion-ordered set of waiting futures: FIFO wake-ups, O(1) removal on cancel.
-        self._waiters: dict[asyncio.Future[None], None] = {}
+        # A waiter's future resolves to None (pick again now) or to the time its
+        # wake-up timer was set for (pick again as of then; see ``_on_timer``).
+        self._waiters: dict[asyncio.Future[float | None], None] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = inf
 
@@ -113,7 +115,7 @@ class Queue:
                 raise FailFast(waited)
             if len(self._waiters) >= self.capacity:
                 raise LoadShed()
-            fut: asyncio.Future[None] = loop.create_future()
+            fut: asyncio.Future[float | None] = loop.create_future()
             self._waiters[fut] = None
             wake_at = failfast.deadline if failfast.deadline is not None else inf
             retry_at = balancer.next_ready_at()
@@ -121,28 +123,28 @@ class Queue:
                 wake_at = retry_at
             self._arm(loop, wake_at)
             try:
-                await fut
+                woken_at = await fut
             finally:
                 self._waiters.pop(fut, None)
                 if not self._waiters:
                     self._disarm()
-                if fut.done() and not fut.cancelled():
-                    fut.exception()  # mark retrieved: a cancelled waiter's FailFast is not "never retrieved"
                 del fut
             waited = True
             now = loop.time()
+            if woken_at is not None and woken_at > now:
+                now = woken_at
             ep = balancer.pick(now, self.rng)
             if ep is not None:
                 failfast.on_ready()
                 return ep
 
-    def _wake_all(self) -> None:
+    def _wake_all(self, at: float | None = None) -> None:
         waiters = self._waiters
         self._waiters = {}
         self._disarm()
         for fut in waiters:
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(at)
 
     def _fail_all(self) -> None:
         waiters = self._waiters
@@ -167,11 +169,15 @@ class Queue:
         self._timer_at = inf
 
     def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Timers may fire a little before their time (uvloop's clock and timers
+        # have 1 ms steps): the moment this timer stands for has come, so use
+        # it rather than spin until the clock catches up.
+        now = max(loop.time(), self._timer_at)
         self._timer = None
         self._timer_at = inf
-        if self.failfast.state(loop.time()) == FAILFAST:
+        if self.failfast.state(now) == FAILFAST:
             self._fail_all()
         else:
-            # A backoff expired (or the timer fired a hair early): everyone picks
-            # again, and whoever still finds nothing re-arms the timer.
-            self._wake_all()
+            # A backoff expired: everyone picks again, as of ``now``; whoever
+            # still finds nothing queues again and re-arms the timer.
+            self._wake_all(now)

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from proxy.config import Addr
-from proxy.core import h1
+from proxy.native import load
 from proxy.http import errors
 from proxy.http.stack import Clients, Exchange, HttpRoute
 from proxy.log import get_logger
@@ -33,6 +33,7 @@ from proxy.transport.connect import connect
 from proxy.transport.relay import TcpSeries
 
 log = get_logger("proxy.http.h1")
+h1 = load("h1parse", "proxy.core.h1")[0]  # the parser module: compiled twin unless MESHPROXY_NO_EXTENSIONS=1
 
 HOLD_LIMIT = 256 * 1024  # request body bytes held while the upstream connects
 STATUS_REASONS = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 431: b"Request Header Fields Too Large",
@@ -514,9 +515,9 @@ class Http1Server:
             self.reject(err)
 
     def eof_received(self) -> bool:
-        if not self.queue:
-            return False  # an idle client left: close
-        return True  # half-closed while a response is on its way: finish it, then close
+        # The client left (HTTP/1 has no half-close): drop what it asked for, as Linkerd's
+        # server does, rather than keep an upstream request, and the drain, waiting for it.
+        return False  # connection_lost follows and abandons the exchanges in flight
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True

@@ -11,9 +11,10 @@ import asyncio
 from typing import Any
 
 from proxy.config import Config
-from proxy.http.h1 import Http1Server
 from proxy.http.stack import Clients, HttpRoute
 from proxy.transport import relay as relay_mod
+
+from proxy.http.h1 import Http1Server  # noqa: E402 - its parser (proxy.core.h1) has a compiled twin
 
 try:  # HTTP/2 proxying lives in its own module; without it h2c is relayed opaquely.
     from proxy.http.h2 import H2ServerConnection, H2Settings
