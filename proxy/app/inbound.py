@@ -18,6 +18,7 @@ from typing import Any
 
 from proxy.config import Addr, Config
 from proxy.core import detect as core_detect
+from proxy.core.policy import allows as policy_allows
 from proxy.http.server import HttpStage
 from proxy.http.stack import HttpRoute
 from proxy.log import get_logger
@@ -75,6 +76,24 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
         return ("inbound", "src", None, str(o), o.host, str(o.port), *tls_labels(conn, reason),
                 DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(o.port))
 
+    def authorized(conn: Conn) -> bool:
+        return policy_allows(policy, conn.accepted.client.host, conn.client_id if conn.tls else "", config.policy_cluster_networks)
+
+    def tcp_authz(conn: Conn) -> bool:
+        """Count the connection against the default policy (ref 7.3); False: close it."""
+        o = conn.accepted.orig_dst
+        server = (str(o), o.host, str(o.port), DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(o.port))
+        tls, client_id = ("true" if conn.tls else "no_identity"), (conn.client_id if conn.tls else "")
+        if authorized(conn):
+            metrics.inbound_tcp_authz_allow_total.labels(*server, "", "default", policy, tls, client_id).value += 1
+            return True
+        metrics.inbound_tcp_authz_deny_total.labels(*server, tls, client_id).value += 1
+        log.info("connection denied by the default inbound policy", policy=policy, client=str(conn.accepted.client), client_id=client_id)
+        reset(conn.transport)
+        if conn.src is not None:
+            conn.src.closed("")
+        return False
+
     def detected(conn: Conn, kind: str, prefix: bytes, client_eof: bool, elapsed: float) -> None:
         result = kind if kind in (core_detect.HTTP1, core_detect.HTTP2, detect.READ_TIMEOUT) else ("error" if kind == detect.CLOSED else "not_http")
         results.labels(result).value += 1
@@ -83,9 +102,13 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
         tls, server_id, client_id, reason, _sni = tls_labels(conn, "no_tls_from_remote")
         labels = ("inbound", None, str(o), o.host, str(o.port), tls, server_id, client_id, reason,
                   DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(o.port), "", "default", "default", "", "default", policy)
+        server = (str(o), o.host, str(o.port), DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(o.port))
+        tls_label = "true" if conn.tls else "no_identity"
+        authz_labels = ((*server, "", "default", "default", "", "default", policy, tls_label, client_id or ""),
+                        (*server, "", "default", "default", tls_label, client_id or ""))
         route_ = HttpRoute("inbound", conn.target.addr, labels, config.inbound_connect_timeout, config.http_response_timeout,
-                           conn.tls, (str(o), o.host, str(o.port), DEFAULT_SERVER[0], DEFAULT_SERVER[1], policy, str(o.port)),
-                           client_id=conn.client_id if conn.tls else "", dst_labels=client_labels(conn.accepted, conn.target))
+                           conn.tls, server, client_id=conn.client_id if conn.tls else "",
+                           dst_labels=client_labels(conn.accepted, conn.target), authorized=authorized(conn), authz_labels=authz_labels)
         if kind == core_detect.HTTP1 and not client_eof:
             http.serve_http1(conn.transport, route_, prefix, conn.src)
         elif kind == core_detect.HTTP2 and not client_eof and http.h2_available:
@@ -93,7 +116,7 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
         elif kind == detect.CLOSED:
             conn.transport.close()
             conn.src.closed("")
-        else:
+        elif tcp_authz(conn):
             forward_opaque(conn, prefix, client_eof)
 
     async def serve(conn: Conn) -> None:
@@ -128,7 +151,8 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
         else:
             conn.open_series(server_labels(conn, "no_tls_from_remote"))
         if kind in ("tls", "opaque-port") and not ours:
-            forward_opaque(conn, b"".join(hold.chunks), hold.eof)
+            if tcp_authz(conn):
+                forward_opaque(conn, b"".join(hold.chunks), hold.eof)
             return
         proto = detect.DetectProtocol(conn, core_detect.detect_http, detected, timeout, core_detect.HTTP_DETECT_LIMIT, http.live)
         tls_server.hand_over(transport, hold, proto)

@@ -239,6 +239,9 @@ class H1Exchange:
                     f"endpoint identity {route.identity or 'none'!r} is not the required {required.decode('latin-1')!r}"))
                 return
         else:
+            if not route.authorized:
+                self.fail(errors.FORBIDDEN.because(f"unauthorized request on server {route.labels[11]}"))
+                return
             # ref 3.4: set from the authenticated peer, and never trusted from the client (anti-spoofing).
             self.take_header(b"l5d-client-id")
             if route.client_id:

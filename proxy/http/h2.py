@@ -80,6 +80,7 @@ from proxy.http.errors import (
     CONNECT_TIMEOUT,
     IDENTITY_REQUIRED,
     IO_ERROR,
+    FORBIDDEN,
     RESPONSE_TIMEOUT,
     ProxyError,
     is_grpc,
@@ -1118,6 +1119,9 @@ class H2ServerConnection(_Side):
         self.streams[sid] = stream
         if event.stream_ended is not None:
             stream.request.ended = True
+        if not route.authorized:
+            stream.fail(FORBIDDEN)  # the inbound default policy refuses this client (403, ref 3.5)
+            return
         if route.response_timeout is not None:
             stream.timer = self.loop.call_later(route.response_timeout, stream.timed_out)
         pool = self.pool

@@ -34,6 +34,8 @@ class HttpRoute:
     identity: str = ""  # the endpoint's TLS identity: requests go over mTLS when set
     client_id: str = ""  # inbound: the authenticated peer identity ("" = none), for l5d-client-id
     dst_labels: tuple[Any, ...] | None = None  # TCP labels of connections to the endpoint (tcp_* peer="dst")
+    authorized: bool = True  # inbound: does the default policy let this client in? (else 403 per request)
+    authz_labels: tuple[Any, ...] | None = None  # inbound: labels of inbound_http_authz_{allow,deny}_total
 
 
 class RouteSeries:
@@ -91,6 +93,12 @@ class Exchange:
         self.grpc = grpc
         self.ended = False
         self.series.requests.value += 1
+        authz = route.authz_labels
+        if authz is not None:
+            if route.authorized:
+                metrics.inbound_http_authz_allow_total.labels(*authz[0]).value += 1
+            else:
+                metrics.inbound_http_authz_deny_total.labels(*authz[1]).value += 1
 
     def response_head(self, status: int) -> None:
         self.status = status
