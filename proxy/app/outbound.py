@@ -11,7 +11,6 @@ Built from the connection upward, one line per layer:
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from proxy.config import Addr, Config
@@ -19,6 +18,7 @@ from proxy.core import detect as core_detect
 from proxy.http.server import HttpStage
 from proxy.http.stack import HttpRoute
 from proxy.transport import detect
+from proxy.balance.backend import Backends
 from proxy.discovery.static import StaticDiscovery
 from proxy.tls.local import LocalIdentity
 from proxy.transport.forward import Accepted, Acceptor, Conn, Target, forward_opaque
@@ -28,7 +28,7 @@ from proxy.transport.relay import RelayTracker
 def route(config: Config, discovery: StaticDiscovery | None, local: LocalIdentity | None) -> Any:
     fallback: Addr | None = config.outbound_fallback
     listeners = set(config.outbound_listen)
-    pick = random.Random().choices
+    backends = Backends(config.zone, config.outbound_http_queue_capacity, config.outbound_http_failfast_timeout)
 
     def choose(conn: Accepted) -> Target | str:
         if not conn.redirected:
@@ -42,12 +42,15 @@ def route(config: Config, discovery: StaticDiscovery | None, local: LocalIdentit
         found = discovery.resolve(dst) if discovery is not None else None
         if found is None:
             return Target(dst)
-        if not found.endpoints:
-            return f"no endpoints for {found.service.name if found.service else dst}"
-        # Weighted choice among the endpoints (peak-EWMA balancing replaces this with issue 5).
-        ep = found.endpoints[0] if len(found.endpoints) == 1 else pick(found.endpoints, [e.weight for e in found.endpoints])[0]
+        if found.service is not None:
+            # A logical service: its endpoints are balanced per request / connection (P2C, peak-EWMA),
+            # and with none ready, requests wait in its queue until failfast (ref 3.9, 4).
+            backend = backends.get(found.service.name, found.endpoints, discovery.version)
+            hint = found.endpoints[0].protocol if found.endpoints else ""
+            return Target(dst, "", hint, found.service.name, backend)
+        ep = found.endpoints[0]  # one endpoint's own address (a pod IP): that endpoint, meshed
         meshed = ep.identity if (local is not None and local.creds is not None) else ""
-        return Target(ep.addr, meshed, ep.protocol, found.service.name if found.service else None)
+        return Target(ep.addr, meshed, ep.protocol, None)
 
     return choose
 
@@ -77,6 +80,15 @@ def http_labels(target: Target) -> tuple[Any, ...]:
             None, None, None, None, None, None, None, None, None, None)
 
 
+def endpoint_labels(ep: Any, authority: str | None, meshed: bool) -> tuple[tuple[Any, ...], tuple[Any, ...], str]:
+    """(HTTP labels, TCP dst labels, identity) of one balanced endpoint."""
+    identity = ep.endpoint.identity if meshed else ""
+    t = Target(ep.addr, identity, ep.endpoint.protocol, authority)
+    a = t.addr
+    dst = ("outbound", "dst", authority, str(a), a.host, str(a.port), *tls_labels(t), None, None, None, None, None)
+    return http_labels(t), dst, identity
+
+
 def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
           discovery: StaticDiscovery | None = None, local: LocalIdentity | None = None) -> Acceptor:
     informational = not config.ingress_mode  # ref 1.5: OUTBOUND_DISABLE_INFORMATIONAL_HEADERS defaults to ingress mode
@@ -89,7 +101,8 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
         target = conn.target
         route_ = HttpRoute("outbound", target.addr, http_labels(target), config.outbound_connect_timeout,
                            config.http_response_timeout, informational, identity=target.identity,
-                           dst_labels=client_labels(conn.accepted, target))
+                           dst_labels=client_labels(conn.accepted, target), backend=target.backend,
+                           endpoint_labels=endpoint_labels if target.backend is not None else None)
         if kind == core_detect.HTTP1 and not client_eof:
             http.serve_http1(conn.transport, route_, prefix, conn.src)
         elif kind == core_detect.HTTP2 and not client_eof and http.h2_available:

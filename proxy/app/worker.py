@@ -46,6 +46,7 @@ class Worker:
         self.metrics = ProxyMetrics(config.metrics_retain_idle)
         self.tracker = RelayTracker(config.tcp_idle_timeout, config.tcp_half_closed_timeout)
         self.metrics.registry.before_snapshot.append(self.tracker.flush_counts)
+        self.metrics.registry.before_snapshot.append(self._count_tasks)
         self.http: HttpStage | None = None
         self.local = LocalIdentity()
         self.identity_ready: asyncio.Event | None = None
@@ -76,6 +77,9 @@ class Worker:
 
     def shutdown(self) -> None:
         self.begin_shutdown("admin /shutdown")
+
+    def _count_tasks(self) -> None:
+        self.metrics.process_asyncio_tasks.labels().value = len(asyncio.all_tasks())
 
     # -- identity
     def install_identity(self, creds: Any) -> None:

@@ -127,7 +127,8 @@ def parse_table(text: str) -> Table:
 class StaticDiscovery:
     """The discovery file, re-read when its mtime or size changes (checked at most every ``interval`` s)."""
 
-    def __init__(self, path: str, interval: float = 1.0) -> None:
+    # A stat() every 200 ms is cheap, and a new endpoint is used well within a second of the edit.
+    def __init__(self, path: str, interval: float = 0.2) -> None:
         self.path = path
         self.interval = interval
         self.table = Table()

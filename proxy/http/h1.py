@@ -25,6 +25,7 @@ from typing import Any
 
 from proxy.config import Addr
 from proxy.native import load
+from proxy.balance.queue import FailFast, LoadShed
 from proxy.http import errors
 from proxy.http.stack import Clients, Exchange, HttpRoute
 from proxy.log import get_logger
@@ -206,6 +207,7 @@ class H1Exchange:
     __slots__ = (
         "server", "head", "metrics", "upstream", "held", "held_size", "request_done", "response_head", "response_done",
         "client_keep_alive", "response_chunked", "connect_task", "timer", "early", "retried", "close_after",
+        "required_id", "endpoint", "load_handle",
     )
 
     def __init__(self, server: Http1Server, head: h1.RequestHead) -> None:
@@ -225,35 +227,95 @@ class H1Exchange:
         self.early = b""  # client bytes after an Upgrade/CONNECT head
         self.retried = False
         self.close_after = False
+        self.required_id: bytes | None = None
+        self.endpoint: Any = None  # the balanced endpoint serving this request, until its load is completed
+        self.load_handle = 0.0
 
     # -- request side
     def start(self) -> None:
         server = self.server
         route = server.route
-        self.metrics = Exchange(server.metrics, route, grpc=False)
         if route.direction == "outbound":
-            required = self.take_header(b"l5d-require-id")
-            if required is not None and required.decode("latin-1") != route.identity:
-                # ref 3.4: the request fails unless the endpoint's TLS identity is the one required.
-                self.fail(errors.IDENTITY_REQUIRED.because(
-                    f"endpoint identity {route.identity or 'none'!r} is not the required {required.decode('latin-1')!r}"))
+            self.required_id = self.take_header(b"l5d-require-id")
+            if route.backend is not None:
+                # A logical service: pick an endpoint for this request (P2C over peak-EWMA, ref 4).
+                ep = route.backend.pick_now()
+                if ep is None:
+                    # None ready: wait in the backend's queue until one is, or failfast (ref 3.9).
+                    self.metrics = Exchange(server.metrics, route, grpc=False)
+                    self.connect_task = server.loop.create_task(self.wait_for_endpoint(route.backend))
+                    return
+                self.dispatch_to(ep)
                 return
-        else:
-            if not route.authorized:
-                self.fail(errors.FORBIDDEN.because(f"unauthorized request on server {route.labels[11]}"))
-                return
-            # ref 3.4: set from the authenticated peer, and never trusted from the client (anti-spoofing).
-            self.take_header(b"l5d-client-id")
-            if route.client_id:
-                self.head.headers.append((b"l5d-client-id", route.client_id.encode()))
-        if route.response_timeout:
-            self.timer = server.loop.call_later(route.response_timeout, self.timed_out)
-        pool = server.pool()
+            self.metrics = Exchange(server.metrics, route, grpc=False)
+            self.dispatch(server.pool(), route.identity)
+            return
+        self.metrics = Exchange(server.metrics, route, grpc=False)
+        if not route.authorized:
+            self.fail(errors.FORBIDDEN.because(f"unauthorized request on server {route.labels[11]}"))
+            return
+        # ref 3.4: set from the authenticated peer, and never trusted from the client (anti-spoofing).
+        self.take_header(b"l5d-client-id")
+        if route.client_id:
+            self.head.headers.append((b"l5d-client-id", route.client_id.encode()))
+        self.dispatch(server.pool(), "")
+
+    def dispatch_to(self, ep: Any) -> None:
+        """Send this request to one balanced endpoint (counted with that endpoint's labels)."""
+        server = self.server
+        route = server.route
+        local = server.local
+        meshed = local is not None and local.creds is not None
+        cache = route.backend.labels
+        labels = cache.get(ep.addr)
+        if labels is None:
+            labels = cache[ep.addr] = route.endpoint_labels(ep, route.backend.name, meshed)
+        http_labels, dst_labels, identity = labels
+        if self.metrics is None:
+            self.metrics = Exchange(server.metrics, route, grpc=False, labels=http_labels)
+        self.endpoint = ep
+        self.load_handle = ep.load.start(server.loop.time())
+        self.dispatch(server.pool_for(ep.addr, identity, dst_labels), identity)
+
+    async def wait_for_endpoint(self, backend: Any) -> None:
+        try:
+            ep = await backend.acquire()
+        except FailFast:
+            self.connect_task = None
+            self.fail(errors.FAILFAST.because(f"no ready endpoints for {backend.name} for {backend.queue.failfast.timeout:g}s"))
+            return
+        except LoadShed:
+            self.connect_task = None
+            self.fail(errors.LOADSHED.because(f"queue of {backend.name} is full"))
+            return
+        self.connect_task = None
+        if self.response_done or self.server.lost:
+            return
+        self.dispatch_to(ep)
+
+    def dispatch(self, pool: H1Pool, identity: str) -> None:
+        server = self.server
+        required = self.required_id
+        if required is not None and required.decode("latin-1") != identity:
+            # ref 3.4: the request fails unless the endpoint's TLS identity is the one required.
+            self.fail(errors.IDENTITY_REQUIRED.because(
+                f"endpoint identity {identity or 'none'!r} is not the required {required.decode('latin-1')!r}"))
+            return
+        if server.route.response_timeout and self.timer is None:
+            self.timer = server.loop.call_later(server.route.response_timeout, self.timed_out)
         conn = pool.acquire()
         if conn is not None:
             self.attach(conn)
         else:
             self.connect_task = server.loop.create_task(self.connect(pool))
+
+    def load_done(self, rtt: bool) -> None:
+        """Complete this request's load on its endpoint; the RTT sample is taken at the first response byte."""
+        ep = self.endpoint
+        if ep is not None:
+            self.endpoint = None
+            now = self.server.loop.time()
+            ep.load.complete(self.load_handle, now, rtt=(now - self.load_handle) if rtt else None)
 
     def take_header(self, name: bytes) -> bytes | None:
         """Remove every ``name`` header (lower-case); return the first value."""
@@ -273,12 +335,15 @@ class H1Exchange:
         try:
             conn = await pool.connect()
         except asyncio.TimeoutError:
+            self.endpoint_failed()
             self.fail(errors.CONNECT_TIMEOUT.because(f"connect to {pool.target} timed out after {pool.connect_timeout:g}s"))
             return
         except IdentityMismatch as exc:
+            self.endpoint_failed()
             self.fail(errors.IDENTITY_REQUIRED.because(str(exc)))
             return
         except OSError as exc:
+            self.endpoint_failed()
             self.fail(errors.IO_ERROR.because(f"connect to {pool.target}: {exc.strerror or exc}"))
             return
         self.connect_task = None
@@ -306,6 +371,11 @@ class H1Exchange:
         conn.transport.write(b"".join(out))
         if self.held_size >= HOLD_LIMIT:
             self.server.resume_reading()
+
+    def endpoint_failed(self) -> None:
+        ep = self.endpoint
+        if ep is not None and self.server.route.backend is not None:
+            self.server.route.backend.failed(ep)  # back off from it (ref 1.5)
 
     def request_body(self, chunk: bytes) -> None:
         data = h1.encode_chunk(chunk) if self.head.chunked else chunk
@@ -338,6 +408,7 @@ class H1Exchange:
             self.timer.cancel()
             self.timer = None
         self.response_head = head
+        self.load_done(rtt=True)
         assert self.metrics is not None
         self.metrics.response_head(head.status)
         switching = head.status == 101 or (self.head.method == b"CONNECT" and 200 <= head.status < 300)
@@ -425,6 +496,7 @@ class H1Exchange:
         if self.response_done:
             return
         self.response_done = True
+        self.load_done(rtt=False)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -446,6 +518,7 @@ class H1Exchange:
 
     def abandon(self) -> None:
         """The client went away."""
+        self.load_done(rtt=False)
         if self.timer is not None:
             self.timer.cancel()
         if self.connect_task is not None:
@@ -489,6 +562,12 @@ class Http1Server:
         self.pending_error: errors.ProxyError | None = None
         self.corked: list[bytes] | None = None
         live.add(self)
+
+    def pool_for(self, addr: Addr, identity: str, dst_labels: Any) -> H1Pool:
+        route = self.route
+        return self.clients.get("h1:" + identity, addr, lambda: H1Pool(
+            addr, route.connect_timeout, self.pool_idle, self.max_idle, self.pure, self.max_head, identity, self.local,
+            self.metrics, dst_labels))
 
     def pool(self) -> H1Pool:
         route = self.route

@@ -36,6 +36,8 @@ class HttpRoute:
     dst_labels: tuple[Any, ...] | None = None  # TCP labels of connections to the endpoint (tcp_* peer="dst")
     authorized: bool = True  # inbound: does the default policy let this client in? (else 403 per request)
     authz_labels: tuple[Any, ...] | None = None  # inbound: labels of inbound_http_authz_{allow,deny}_total
+    backend: Any = None  # outbound logical service: an endpoint is picked per request (balance.backend)
+    endpoint_labels: Any = None  # (endpoint state, authority, meshed) -> (HTTP labels, TCP dst labels, identity)
 
 
 class RouteSeries:
@@ -84,10 +86,10 @@ class Exchange:
 
     __slots__ = ("metrics", "route", "series", "started", "status", "grpc", "ended")
 
-    def __init__(self, metrics: Any, route: HttpRoute, grpc: bool) -> None:
+    def __init__(self, metrics: Any, route: HttpRoute, grpc: bool, labels: tuple[Any, ...] | None = None) -> None:
         self.metrics = metrics
         self.route = route
-        self.series = route_series(metrics, route.labels)
+        self.series = route_series(metrics, labels or route.labels)
         self.started = time.monotonic()
         self.status: int | None = None
         self.grpc = grpc

@@ -54,4 +54,6 @@ class ProxyMetrics:
         self.inbound_http_authz_deny_total = r.add(Counter("inbound_http_authz_deny_total", "The total number of inbound HTTP requests that could not be processed due to a proxy error", authz + ("route_group", "route_kind", "route_name", "tls", "client_id")))
         self.inbound_tcp_authz_allow_total = r.add(Counter("inbound_tcp_authz_allow_total", "The total number of inbound TCP connections that were authorized", authz + ("authz_group", "authz_kind", "authz_name", "tls", "client_id")))
         self.inbound_tcp_authz_deny_total = r.add(Counter("inbound_tcp_authz_deny_total", "The total number of inbound TCP connections that were denied", authz + ("tls", "client_id")))
+        # meshproxy extension: the event loop's task count, to see that abandoned requests leave nothing behind.
+        self.process_asyncio_tasks = r.add(Gauge("meshproxy_asyncio_tasks", "Number of asyncio tasks alive in the workers", ()))
         self.outbound_tcp_errors_total = r.add(Counter("outbound_tcp_errors_total", "The total number of outbound TCP connections that could not be processed due to a proxy error", ("error", "target_addr", "target_ip", "target_port")))

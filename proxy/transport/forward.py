@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.balance.queue import FailFast, LoadShed
 from proxy.config import Addr
 from proxy.log import LEVELS, enabled, get_logger
 from proxy.tls.local import IdentityMismatch, LocalIdentity
@@ -46,6 +47,7 @@ class Target:
     identity: str = ""  # the peer's TLS identity when it is meshed; "" = plaintext
     protocol: str = ""  # discovery's protocol hint: "", "http1", "http2", "opaque"
     authority: str | None = None  # the logical service name:port, when there is one
+    backend: Any = None  # a balance.backend.Backend: the endpoint is picked per connection / request
 
 
 Route = Callable[[Accepted], "Target | str"]  # where to go, or the reason to refuse
@@ -158,16 +160,32 @@ def forward_opaque(conn: Conn, prefix: bytes, client_eof: bool = False) -> None:
 
 
 async def _connect(fwd: Acceptor, relay: Relay, accepted: Accepted, target: Target) -> None:
+    backend = target.backend
+    if backend is not None:
+        # Opaque TCP is balanced per connection (ref 4): pending = open connections.
+        try:
+            ep = backend.pick_now() or await backend.acquire()
+        except (FailFast, LoadShed) as exc:
+            _failed(fwd, relay, target.addr, exc.error)
+            return
+        except asyncio.CancelledError:
+            relay.upstream = None
+            relay.finish()
+            return
+        meshed = ep.endpoint.identity if (fwd.local is not None and fwd.local.creds is not None) else ""
+        target = Target(ep.addr, meshed, ep.endpoint.protocol, target.authority)
+        started = fwd.loop.time()
+        relay.balance = (ep, ep.load.start(started), 0.0)
     try:
         await connect(relay.new_upstream, target.addr, fwd.connect_timeout, target.identity, fwd.local)
     except asyncio.TimeoutError:
-        _failed(fwd, relay, target.addr, "connect timeout")
+        _failed(fwd, relay, target.addr, "connect timeout", backend)
         return
     except IdentityMismatch as exc:
-        _failed(fwd, relay, target.addr, f"identity required: {exc}")
+        _failed(fwd, relay, target.addr, f"identity required: {exc}", backend)
         return
     except OSError as exc:
-        _failed(fwd, relay, target.addr, f"i/o: {exc.strerror or exc}")
+        _failed(fwd, relay, target.addr, f"i/o: {exc.strerror or exc}", backend)
         return
     except asyncio.CancelledError:
         # The client left while we were connecting.
@@ -177,13 +195,22 @@ async def _connect(fwd: Acceptor, relay: Relay, accepted: Accepted, target: Targ
         relay.finish()
         return
     relay.connect_task = None
+    if relay.balance is not None:
+        ep, handle, _rtt = relay.balance
+        relay.balance = (ep, handle, fwd.loop.time() - handle)  # RTT sample: the connect (and TLS) handshake
     if relay.client.lost:  # the client left just as the upstream answered
         relay.upstream.transport.close()
         return
     relay.connected(TcpSeries(fwd.metrics, fwd.client_labels(accepted, target)))
 
 
-def _failed(fwd: Acceptor, relay: Relay, target: Addr, reason: str) -> None:
+def _failed(fwd: Acceptor, relay: Relay, target: Addr, reason: str, backend: Any = None) -> None:
+    if relay.balance is not None:
+        ep, handle, _rtt = relay.balance
+        relay.balance = None
+        ep.load.complete(handle, fwd.loop.time())
+        if backend is not None:
+            backend.failed(ep)  # back off from an endpoint that cannot be reached
     fwd.errors.labels(reason.split(":")[0], str(target), target.host, str(target.port)).value += 1
     log.info("connect failed", direction=fwd.direction, target=str(target), reason=reason)
     relay.upstream = None

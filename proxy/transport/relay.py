@@ -95,7 +95,7 @@ class TcpSeries:
 
 
 class Relay:
-    __slots__ = ("client", "upstream", "tracker", "src", "dst", "errno", "done", "connect_task", "last_total", "last_change")
+    __slots__ = ("client", "upstream", "tracker", "src", "dst", "errno", "done", "connect_task", "last_total", "last_change", "balance")
 
     def __init__(self, tracker: RelayTracker, src: TcpSeries) -> None:
         self.client = RelayEnd(self)
@@ -108,6 +108,7 @@ class Relay:
         self.connect_task: asyncio.Task[Any] | None = None
         self.last_total = 0
         self.last_change = time.monotonic()
+        self.balance: tuple[Any, float, float] | None = None  # (endpoint, load handle, RTT sample) when balanced
         tracker.live.add(self)
 
     def new_upstream(self) -> Any:
@@ -175,6 +176,10 @@ class Relay:
         if self.done:
             return
         self.done = True
+        if self.balance is not None:
+            ep, handle, rtt = self.balance
+            self.balance = None
+            ep.load.complete(handle, time.monotonic(), rtt=rtt if rtt > 0 else None)  # loop.time() is monotonic too
         self.flush_counts()
         self.src.closed(self.errno)
         if self.dst is not None:
