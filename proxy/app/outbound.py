@@ -45,7 +45,7 @@ def route(config: Config, discovery: StaticDiscovery | None, local: LocalIdentit
         if found.service is not None:
             # A logical service: its endpoints are balanced per request / connection (P2C, peak-EWMA),
             # and with none ready, requests wait in its queue until failfast (ref 3.9, 4).
-            backend = backends.get(found.service.name, found.endpoints, discovery.version)
+            backend = backends.get(found.service.name, found.endpoints, discovery.version, found.service, discovery)
             hint = found.endpoints[0].protocol if found.endpoints else ""
             return Target(dst, "", hint, found.service.name, backend)
         ep = found.endpoints[0]  # one endpoint's own address (a pod IP): that endpoint, meshed

@@ -21,11 +21,12 @@ the previous contents stay in use: a typo never empties the mesh.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.config import Addr, parse_addr
+from proxy.config import Addr, parse_addr, parse_duration
 from proxy.log import get_logger
 
 log = get_logger("proxy.discovery.static")
@@ -44,11 +45,45 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """A service-profile route (ref 10.2): the first route whose conditions match a request applies."""
+
+    name: str
+    path_regex: Any = None  # compiled, anchored; None matches any path
+    method: str = ""  # "" matches any method
+    timeout: float | None = None
+    is_retryable: bool = False
+
+    def matches(self, method: bytes, path: bytes) -> bool:
+        if self.method and method.decode("latin-1") != self.method:
+            return False
+        if self.path_regex is not None:
+            return self.path_regex.fullmatch(path.split(b"?", 1)[0].decode("latin-1")) is not None
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudgetSpec:
+    retry_ratio: float = 0.2  # the controller's defaults (ref 10.2)
+    min_retries_per_second: int = 10
+    ttl: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     authority: str
     port: int
     vip: Addr | None
     endpoints: tuple[Endpoint, ...]
+    routes: tuple[Route, ...] = ()
+    retry_budget: RetryBudgetSpec = RetryBudgetSpec()
+    dst_overrides: tuple[tuple[str, int], ...] = ()  # (authority name:port, weight)
+
+    def route_for(self, method: bytes, path: bytes) -> Route | None:
+        for route in self.routes:
+            if route.matches(method, path):
+                return route
+        return None  # the implicit default route: no timeout, no retries
 
     @property
     def name(self) -> str:
@@ -112,7 +147,38 @@ def parse_table(text: str) -> Table:
                 protocol = ""
             labels = tuple(sorted((str(k), str(v)) for k, v in ep.get("labels", {}).items()))
             endpoints.append(Endpoint(addr, weight, str(ep.get("identity", "")), str(ep.get("zone", "")), protocol, labels))
-        service = Service(authority, port, vip, tuple(endpoints))
+        routes = []
+        for k, r in enumerate(svc.get("routes", [])):
+            rw = f"{where}.routes[{k}]"
+            regex = None
+            if r.get("path_regex"):
+                try:
+                    regex = re.compile(str(r["path_regex"]))
+                except re.error as exc:
+                    problems.append(f"{rw}.path_regex: {exc}")
+            timeout = None
+            if "timeout" in r:
+                try:
+                    timeout = parse_duration(str(r["timeout"]))
+                except ValueError as exc:
+                    problems.append(f"{rw}.timeout: {exc}")
+            routes.append(Route(str(r.get("name", f"route-{k}")), regex, str(r.get("method", "")).upper(), timeout, bool(r.get("is_retryable", False))))
+        budget = RetryBudgetSpec()
+        if "retry_budget" in svc:
+            b = svc["retry_budget"]
+            try:
+                budget = RetryBudgetSpec(float(b.get("retry_ratio", 0.2)), int(b.get("min_retries_per_second", 10)),
+                                         parse_duration(str(b.get("ttl", "10s"))))
+            except (ValueError, TypeError) as exc:
+                problems.append(f"{where}.retry_budget: {exc}")
+        overrides = []
+        for k, o in enumerate(svc.get("dst_overrides", [])):
+            w = o.get("weight", 0)
+            if not isinstance(w, int) or w < 0 or not o.get("authority"):
+                problems.append(f"{where}.dst_overrides[{k}]: needs an authority (name:port) and a weight >= 0")
+            elif w > 0:  # zero-weight overrides are dropped (ref 10.2)
+                overrides.append((str(o["authority"]), w))
+        service = Service(authority, port, vip, tuple(endpoints), tuple(routes), budget, tuple(overrides))
         table.services.append(service)
         if vip is not None:
             table.by_vip[vip] = service

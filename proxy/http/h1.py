@@ -37,6 +37,8 @@ log = get_logger("proxy.http.h1")
 h1 = load("h1parse", "proxy.core.h1")[0]  # the parser module: compiled twin unless MESHPROXY_NO_EXTENSIONS=1
 
 HOLD_LIMIT = 256 * 1024  # request body bytes held while the upstream connects
+MAX_RETRY_BODY = 64 * 1024  # bodies up to 64 KiB are kept for a retry (ref 10.2)
+MAX_RETRIES = 10  # a bound on one request's attempts; the retry budget is the real limit
 STATUS_REASONS = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 431: b"Request Header Fields Too Large",
                   500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
 
@@ -207,7 +209,7 @@ class H1Exchange:
     __slots__ = (
         "server", "head", "metrics", "upstream", "held", "held_size", "request_done", "response_head", "response_done",
         "client_keep_alive", "response_chunked", "connect_task", "timer", "early", "retried", "close_after",
-        "required_id", "endpoint", "load_handle",
+        "required_id", "endpoint", "load_handle", "backend", "retry_body", "retry_size", "retries", "discarding",
     )
 
     def __init__(self, server: Http1Server, head: h1.RequestHead) -> None:
@@ -230,6 +232,11 @@ class H1Exchange:
         self.required_id: bytes | None = None
         self.endpoint: Any = None  # the balanced endpoint serving this request, until its load is completed
         self.load_handle = 0.0
+        self.backend: Any = None  # the concrete backend (after a traffic split) of a balanced request
+        self.retry_body: list[bytes] | None = None  # retryable route: the (framed) body sent so far
+        self.retry_size = 0
+        self.retries = 0
+        self.discarding = False  # the response being read is a failure that will be retried
 
     # -- request side
     def start(self) -> None:
@@ -238,14 +245,17 @@ class H1Exchange:
         if route.direction == "outbound":
             self.required_id = self.take_header(b"l5d-require-id")
             if route.backend is not None:
-                # A logical service: pick an endpoint for this request (P2C over peak-EWMA, ref 4).
-                ep = route.backend.pick_now()
-                if ep is None:
-                    # None ready: wait in the backend's queue until one is, or failfast (ref 3.9).
-                    self.metrics = Exchange(server.metrics, route, grpc=False)
-                    self.connect_task = server.loop.create_task(self.wait_for_endpoint(route.backend))
-                    return
-                self.dispatch_to(ep)
+                logical = route.backend
+                service = logical.service
+                profile = service.route_for(self.head.method, self.head.target) if service is not None else None
+                if profile is not None:
+                    if profile.timeout is not None and self.timer is None:
+                        self.timer = server.loop.call_later(profile.timeout, self.timed_out)
+                    if profile.is_retryable and not self.head.upgrade:
+                        self.retry_body = []  # a copy of the body while it stays small enough to replay
+                # A logical service: a traffic split picks the backend, P2C over peak-EWMA the endpoint (ref 4, 10.2).
+                self.backend = logical.concrete(logical.queue.rng)
+                self.dispatch_balanced()
                 return
             self.metrics = Exchange(server.metrics, route, grpc=False)
             self.dispatch(server.pool(), route.identity)
@@ -260,16 +270,27 @@ class H1Exchange:
             self.head.headers.append((b"l5d-client-id", route.client_id.encode()))
         self.dispatch(server.pool(), "")
 
+    def dispatch_balanced(self) -> None:
+        backend = self.backend
+        ep = backend.pick_now()
+        if ep is None:
+            # None ready: wait in the backend's queue until one is, or failfast (ref 3.9).
+            if self.metrics is None:
+                self.metrics = Exchange(self.server.metrics, self.server.route, grpc=False)
+            self.connect_task = self.server.loop.create_task(self.wait_for_endpoint(backend))
+            return
+        self.dispatch_to(ep)
+
     def dispatch_to(self, ep: Any) -> None:
         """Send this request to one balanced endpoint (counted with that endpoint's labels)."""
         server = self.server
         route = server.route
         local = server.local
         meshed = local is not None and local.creds is not None
-        cache = route.backend.labels
+        cache = self.backend.labels
         labels = cache.get(ep.addr)
         if labels is None:
-            labels = cache[ep.addr] = route.endpoint_labels(ep, route.backend.name, meshed)
+            labels = cache[ep.addr] = route.endpoint_labels(ep, self.backend.name, meshed)
         http_labels, dst_labels, identity = labels
         if self.metrics is None:
             self.metrics = Exchange(server.metrics, route, grpc=False, labels=http_labels)
@@ -353,6 +374,7 @@ class H1Exchange:
         self.attach(conn)
 
     def attach(self, conn: UpstreamConnection) -> None:
+        self.discarding = False
         self.upstream = conn
         conn.exchange = self
         conn.got_bytes = False
@@ -374,11 +396,17 @@ class H1Exchange:
 
     def endpoint_failed(self) -> None:
         ep = self.endpoint
-        if ep is not None and self.server.route.backend is not None:
-            self.server.route.backend.failed(ep)  # back off from it (ref 1.5)
+        if ep is not None and self.backend is not None:
+            self.backend.failed(ep)  # back off from it (ref 1.5)
 
     def request_body(self, chunk: bytes) -> None:
         data = h1.encode_chunk(chunk) if self.head.chunked else chunk
+        if self.retry_body is not None:
+            self.retry_size += len(data)
+            if self.retry_size > MAX_RETRY_BODY:
+                self.retry_body = None  # too large to replay: this request will not be retried (ref 10.2)
+            else:
+                self.retry_body.append(data)
         if self.held is not None:
             self.held.append(data)
             self.held_size += len(data)
@@ -404,11 +432,15 @@ class H1Exchange:
         if 100 <= head.status < 200 and head.status != 101:
             server.write(b"HTTP/1.1 %d %s\r\n\r\n" % (head.status, head.reason or b"Continue"))
             return
+        if self.retry_body is not None and head.status >= 500 and self.should_retry():
+            return
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.response_head = head
         self.load_done(rtt=True)
+        if self.backend is not None and self.backend.budget is not None:
+            self.backend.budget.deposit(self.server.loop.time())
         assert self.metrics is not None
         self.metrics.response_head(head.status)
         switching = head.status == 101 or (self.head.method == b"CONNECT" and 200 <= head.status < 300)
@@ -426,10 +458,38 @@ class H1Exchange:
         reason = head.reason or STATUS_REASONS.get(head.status, b"")
         server.write(h1.encode_head(b"HTTP/1.1 %d %s" % (head.status, reason), headers))
 
+    def should_retry(self) -> bool:
+        """A failure on a retryable route: send the request again if the budget allows (ref 10.2)."""
+        budget = self.backend.budget if self.backend is not None else None
+        now = self.server.loop.time()
+        if not self.request_done or self.retries >= MAX_RETRIES or budget is None or not budget.try_withdraw(now):
+            return False
+        conn = self.upstream
+        if conn is not None:
+            conn.exchange = None
+            conn.close()  # the failed response's body is not wanted: this connection cannot be reused
+            self.upstream = None
+        self.discarding = True
+        self.load_done(rtt=True)
+        self.retries += 1
+        self.held = list(self.retry_body or ())
+        self.held_size = self.retry_size
+        # Next loop iteration: the failed response's parser is still delivering this read.
+        self.server.loop.call_soon(self.redispatch)
+        return True
+
+    def redispatch(self) -> None:
+        if not self.response_done and not self.server.lost:
+            self.dispatch_balanced()
+
     def on_body(self, chunk: bytes) -> None:
+        if self.discarding:
+            return
         self.server.write(h1.encode_chunk(chunk) if self.response_chunked else chunk)
 
     def on_end(self) -> None:
+        if self.discarding:
+            return
         if self.response_head is None:
             return  # the end of an informational response
         if self.response_chunked:
