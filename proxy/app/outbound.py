@@ -45,7 +45,10 @@ def route(config: Config, discovery: StaticDiscovery | None, local: LocalIdentit
         if found.service is not None:
             # A logical service: its endpoints are balanced per request / connection (P2C, peak-EWMA),
             # and with none ready, requests wait in its queue until failfast (ref 3.9, 4).
-            backend = backends.get(found.service.name, found.endpoints, discovery.version, found.service, discovery)
+            if hasattr(discovery, "backend_for"):  # the Destination API streams endpoints into the backend
+                backend = discovery.backend_for(dst)
+            else:
+                backend = backends.get(found.service.name, found.endpoints, discovery.version, found.service, discovery)
             hint = found.endpoints[0].protocol if found.endpoints else ""
             return Target(dst, "", hint, found.service.name, backend)
         ep = found.endpoints[0]  # one endpoint's own address (a pod IP): that endpoint, meshed
@@ -105,7 +108,13 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
                            endpoint_labels=endpoint_labels if target.backend is not None else None)
         if kind == core_detect.HTTP1 and not client_eof:
             http.serve_http1(conn.transport, route_, prefix, conn.src)
-        elif kind == core_detect.HTTP2 and not client_eof and http.h2_available:
+        elif kind == core_detect.HTTP2 and not client_eof and http.h2_available and target.backend is None:
+            http.serve_http2(conn.transport, route_, prefix, conn.src)
+        elif kind == core_detect.HTTP2 and not client_eof and http.h2_available and (ep := target.backend.pick_now()) is not None:
+            # A balanced service over HTTP/2: the endpoint is picked per connection here (not yet per stream).
+            labels, dst, identity = endpoint_labels(ep, target.backend.name, local is not None and local.creds is not None)
+            route_ = HttpRoute("outbound", ep.addr, labels, config.outbound_connect_timeout, config.http_response_timeout,
+                               informational, identity=identity, dst_labels=dst)
             http.serve_http2(conn.transport, route_, prefix, conn.src)
         elif kind == detect.CLOSED:
             conn.transport.close()

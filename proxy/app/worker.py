@@ -153,7 +153,12 @@ class Worker:
                 sock.close()
             return await self.drain()
         self.http = HttpStage(self.config, self.metrics, self.tracker, pure=NO_EXTENSIONS, local=self.local)
-        if self.config.discovery_file:
+        if self.config.destination_svc_addr:
+            # A control plane: the Destination API, instead of the standalone file (SPEC 6).
+            from proxy.discovery.control import ControlPlaneDiscovery
+
+            self.discovery = ControlPlaneDiscovery(self.config, self.local)  # type: ignore[assignment]
+        elif self.config.discovery_file:
             self.discovery = StaticDiscovery(self.config.discovery_file)
             loop.create_task(self.discovery.watch())
         inbound_acceptor = inbound.build(self.config, self.metrics, self.tracker, self.http, self.local)

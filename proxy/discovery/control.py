@@ -1,0 +1,93 @@
+"""Outbound discovery through the Linkerd control plane (the Destination API).
+
+``ControlPlaneDiscovery.resolve(dst)`` answers at once, as the static file does: the
+first time a destination is seen it opens a ``GetProfile`` for it; a profile naming a
+service (``fully_qualified_name``) makes ``name:port`` the logical target, otherwise the
+address itself is watched with ``Get``. The endpoint set streams into the destination's
+balancer; until the first endpoints arrive, requests wait in its queue (failfast after the
+timeout). The last known endpoints stay in use while the controller is unreachable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.balance.backend import Backend
+from proxy.config import Addr, Config
+from proxy.discovery.destination import DestinationClient
+from proxy.discovery.static import Resolution, Service
+from proxy.log import get_logger
+
+log = get_logger("proxy.discovery.control")
+
+
+class _Entry:
+    __slots__ = ("backend", "service", "profile_watch", "endpoint_watch", "logical")
+
+    def __init__(self, backend: Backend, service: Service) -> None:
+        self.backend = backend
+        self.service = service
+        self.profile_watch: Any = None
+        self.endpoint_watch: Any = None
+        self.logical = ""
+
+
+class ControlPlaneDiscovery:
+    version = 0  # the static file's change counter; Backends use their own update path here
+
+    def __init__(self, config: Config, local: Any = None) -> None:
+        factory = (lambda: local.client_ctx) if local is not None else None
+        self.client = DestinationClient(config, ssl_context_factory=factory)
+        self.config = config
+        self.entries: dict[Addr, _Entry] = {}
+
+    def resolve(self, dst: Addr) -> Resolution | None:
+        entry = self.entries.get(dst)
+        if entry is None:
+            entry = self._open(dst)
+        return Resolution(tuple(e.endpoint for e in entry.backend.balancer.endpoints()), entry.service)
+
+    def resolve_name(self, authority: str) -> Resolution | None:
+        return None
+
+    def backend_for(self, dst: Addr) -> Backend:
+        entry = self.entries.get(dst) or self._open(dst)
+        return entry.backend
+
+    def _open(self, dst: Addr) -> _Entry:
+        config = self.config
+        service = Service(str(dst), dst.port, dst, ())
+        backend = Backend(str(dst), config.zone, config.outbound_http_queue_capacity, config.outbound_http_failfast_timeout)
+        entry = self.entries[dst] = _Entry(backend, service)
+
+        def on_endpoints(endpoints: tuple[Any, ...]) -> None:
+            import asyncio
+
+            backend.balancer.update(endpoints, now=asyncio.get_running_loop().time())
+            backend.labels.clear()
+
+        def watch(target: str) -> None:
+            if entry.logical == target:
+                return
+            if entry.endpoint_watch is not None:
+                entry.endpoint_watch.close()
+            entry.logical = target
+            entry.endpoint_watch = self.client.watch(target, on_endpoints)
+            log.debug("watching endpoints", dst=str(dst), target=target)
+
+        def on_profile(profile: Any) -> None:
+            name = getattr(profile, "fully_qualified_name", "") if profile is not None else ""
+            watch(f"{name}:{dst.port}" if name else str(dst))
+
+        entry.profile_watch = self.client.get_profile(str(dst), on_profile)
+        if entry.profile_watch is None:  # profiles are not looked up for this address: watch it directly
+            watch(str(dst))
+        return entry
+
+    async def close(self) -> None:
+        for entry in self.entries.values():
+            if entry.profile_watch is not None:
+                entry.profile_watch.close()
+            if entry.endpoint_watch is not None:
+                entry.endpoint_watch.close()
+        await self.client.close()
