@@ -11,6 +11,7 @@ Built from the connection upward, one line per layer:
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from proxy.config import Addr, Config
@@ -25,10 +26,9 @@ from proxy.transport.forward import Accepted, Acceptor, Conn, Target, forward_op
 from proxy.transport.relay import RelayTracker
 
 
-def route(config: Config, discovery: StaticDiscovery | None, local: LocalIdentity | None) -> Any:
+def route(config: Config, discovery: StaticDiscovery | None, local: LocalIdentity | None, backends: Backends) -> Any:
     fallback: Addr | None = config.outbound_fallback
     listeners = set(config.outbound_listen)
-    backends = Backends(config.zone, config.outbound_http_queue_capacity, config.outbound_http_failfast_timeout)
 
     def choose(conn: Accepted) -> Target | str:
         if not conn.redirected:
@@ -37,6 +37,9 @@ def route(config: Config, discovery: StaticDiscovery | None, local: LocalIdentit
             dst = fallback
         elif conn.orig_dst in listeners:
             return "loop to own outbound listener"
+        elif ipaddress.ip_address(conn.orig_dst.host).is_loopback:
+            # ref 1.3, 3.8: iptables never redirects loopback traffic, so a redirected one is a loop.
+            return "loopback destination"
         else:
             dst = conn.orig_dst
         found = discovery.resolve(dst) if discovery is not None else None
@@ -95,6 +98,18 @@ def endpoint_labels(ep: Any, authority: str | None, meshed: bool) -> tuple[tuple
 def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
           discovery: StaticDiscovery | None = None, local: LocalIdentity | None = None) -> Acceptor:
     informational = not config.ingress_mode  # ref 1.5: OUTBOUND_DISABLE_INFORMATIONAL_HEADERS defaults to ingress mode
+    backends = Backends(config.zone, config.outbound_http_queue_capacity, config.outbound_http_failfast_timeout)
+
+    def by_name(authority: str) -> Any:
+        """Ingress mode (ref 3.10): the backend of a service named name:port, or None."""
+        if discovery is None:
+            return None
+        if hasattr(discovery, "backend_for_name"):
+            return discovery.backend_for_name(authority)
+        found = discovery.resolve_name(authority)
+        if found is None or found.service is None:
+            return None
+        return backends.get(found.service.name, found.endpoints, discovery.version, found.service, discovery)
     results, durations = metrics.outbound_tcp_detect_http_results_total, metrics.outbound_tcp_detect_http_duration_seconds
 
     def detected(conn: Conn, kind: str, prefix: bytes, client_eof: bool, elapsed: float) -> None:
@@ -105,7 +120,7 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
         route_ = HttpRoute("outbound", target.addr, http_labels(target), config.outbound_connect_timeout,
                            config.http_response_timeout, informational, identity=target.identity,
                            dst_labels=client_labels(conn.accepted, target), backend=target.backend,
-                           endpoint_labels=endpoint_labels if target.backend is not None else None)
+                           endpoint_labels=endpoint_labels, ingress=by_name if config.ingress_mode else None)
         if kind == core_detect.HTTP1 and not client_eof:
             http.serve_http1(conn.transport, route_, prefix, conn.src)
         elif kind == core_detect.HTTP2 and not client_eof and http.h2_available and target.backend is None:
@@ -124,10 +139,14 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
 
     def dispatch(conn: Conn) -> None:
         conn.open_series()
+        if config.ingress_mode:
+            # Ingress mode always detects HTTP: requests are routed by name, not by orig dst (ref 3.10).
+            detect.start(conn, core_detect.detect_http, detected, config.outbound_detect_timeout, core_detect.HTTP_DETECT_LIMIT, http.live)
+            return
         if conn.target.protocol == "opaque" or conn.target.addr.port in config.outbound_opaque_ports:
             forward_opaque(conn, b"")
             return
         detect.start(conn, core_detect.detect_http, detected, config.outbound_detect_timeout, core_detect.HTTP_DETECT_LIMIT, http.live)
 
-    return Acceptor("outbound", route(config, discovery, local), config.outbound_connect_timeout, metrics, tracker,
+    return Acceptor("outbound", route(config, discovery, local, backends), config.outbound_connect_timeout, metrics, tracker,
                     server_labels, client_labels, metrics.outbound_tcp_errors_total, dispatch, local)

@@ -40,6 +40,7 @@ class ControlPlaneDiscovery:
         self.client = DestinationClient(config, ssl_context_factory=factory)
         self.config = config
         self.entries: dict[Addr, _Entry] = {}
+        self.by_name: dict[str, _Entry] = {}
 
     def resolve(self, dst: Addr) -> Resolution | None:
         entry = self.entries.get(dst)
@@ -48,7 +49,24 @@ class ControlPlaneDiscovery:
         return Resolution(tuple(e.endpoint for e in entry.backend.balancer.endpoints()), entry.service)
 
     def resolve_name(self, authority: str) -> Resolution | None:
-        return None
+        return None  # names are watched through backend_for_name (ingress mode)
+
+    def backend_for_name(self, authority: str) -> Backend:
+        """Ingress mode: the backend of ``name:port``, its endpoints watched with Get."""
+        entry = self.by_name.get(authority)
+        if entry is None:
+            config = self.config
+            backend = Backend(authority, config.zone, config.outbound_http_queue_capacity, config.outbound_http_failfast_timeout)
+            entry = self.by_name[authority] = _Entry(backend, Service(authority, 0, None, ()))
+
+            def on_endpoints(endpoints: tuple[Any, ...]) -> None:
+                import asyncio
+
+                backend.balancer.update(endpoints, now=asyncio.get_running_loop().time())
+                backend.labels.clear()
+
+            entry.endpoint_watch = self.client.watch(authority, on_endpoints)
+        return entry.backend
 
     def backend_for(self, dst: Addr) -> Backend:
         entry = self.entries.get(dst) or self._open(dst)
@@ -85,7 +103,7 @@ class ControlPlaneDiscovery:
         return entry
 
     async def close(self) -> None:
-        for entry in self.entries.values():
+        for entry in [*self.entries.values(), *self.by_name.values()]:
             if entry.profile_watch is not None:
                 entry.profile_watch.close()
             if entry.endpoint_watch is not None:

@@ -244,8 +244,10 @@ class H1Exchange:
         route = server.route
         if route.direction == "outbound":
             self.required_id = self.take_header(b"l5d-require-id")
-            if route.backend is not None:
-                logical = route.backend
+            logical = route.backend
+            if route.ingress is not None:
+                logical = self.ingress_backend(route) or logical
+            if logical is not None:
                 service = logical.service
                 profile = service.route_for(self.head.method, self.head.target) if service is not None else None
                 if profile is not None:
@@ -269,6 +271,23 @@ class H1Exchange:
         if route.client_id:
             self.head.headers.append((b"l5d-client-id", route.client_id.encode()))
         self.dispatch(server.pool(), "")
+
+    def ingress_backend(self, route: HttpRoute) -> Any:
+        """Ingress mode (ref 3.10): the service named by l5d-dst-override (always stripped: an
+        ingress must not become an open relay), else by the Host header; default port 80."""
+        override = self.take_header(b"l5d-dst-override")
+        name = override
+        if name is None:
+            for n, v in self.head.headers:
+                if n.lower() == b"host":
+                    name = v
+                    break
+        if not name:
+            return None
+        authority = name.decode("latin-1").strip().lower()
+        if ":" not in authority.rsplit("]", 1)[-1]:
+            authority += ":80"
+        return route.ingress(authority)
 
     def dispatch_balanced(self) -> None:
         backend = self.backend

@@ -39,6 +39,14 @@ upstream connection lost before the response head; no response head within
 error code; a stream above an upstream GOAWAY's last id is refused
 (REFUSED_STREAM). Every request is one ``Exchange`` (metrics, ref 7.1).
 
+HTTP/1 behind HTTP/2 (ref 3.3). Inbound, a stream marked ``l5d-orig-proto``
+(a peer proxy carrying its app's HTTP/1 request) is not forwarded as HTTP/2:
+``_Http1Stream`` sends it to the app as HTTP/1.1 over a keep-alive connection
+(proxy/http/orig_proto.py) and answers on the stream with the mark set. Client
+DATA is acknowledged as the app connection takes it; the app's socket is not
+read while the response waits for HTTP/2 window. Errors are synthesized as
+for HTTP/1 (502 and ``l5d-proxy-error``, never gRPC-style).
+
 GOAWAY. h2 4 treats any GOAWAY, sent or received, as the end of the
 connection: its state machine then refuses every frame. RFC 9113 6.8 lets the
 streams up to ``last_stream_id`` finish, which both a drain and an upstream
@@ -76,20 +84,24 @@ from hpack import Encoder
 from hyperframe.frame import GoAwayFrame
 
 from proxy.config import Addr
+from proxy.http import orig_proto
 from proxy.http.errors import (
     CONNECT_TIMEOUT,
+    FORBIDDEN,
     IDENTITY_REQUIRED,
     IO_ERROR,
-    FORBIDDEN,
     RESPONSE_TIMEOUT,
     ProxyError,
     is_grpc,
     response_headers,
 )
 from proxy.http.stack import Clients, Exchange, HttpRoute
+from proxy.log import get_logger
 from proxy.tls.local import IdentityMismatch
 from proxy.transport.connect import connect
 from proxy.transport.relay import TcpSeries
+
+log = get_logger("proxy.http.h2")
 
 # RFC 9113 6.9.2: every window starts at 65,535 bytes, and SETTINGS cannot
 # change the connection window (only WINDOW_UPDATE can).
@@ -121,10 +133,13 @@ _TRAILERS = b"trailers"
 _CONTENT_TYPE = b"content-type"
 _STATUS = b":status"
 _GRPC_STATUS = b"grpc-status"
+# Tells a peer proxy to close its app's HTTP/1 connection after a fatal error (ref 3.4).
+_PROXY_CONNECTION = b"l5d-proxy-connection"
 
 _NO_ERROR = ErrorCodes.NO_ERROR
 _CANCEL = ErrorCodes.CANCEL
 _REFUSED_STREAM = ErrorCodes.REFUSED_STREAM
+_PROTOCOL_ERROR = ErrorCodes.PROTOCOL_ERROR
 _INTERNAL_ERROR = ErrorCodes.INTERNAL_ERROR
 
 # Headers stay bytes (no decoding). What a client sends is validated on the way
@@ -658,6 +673,306 @@ class _Stream:
         self.server.stream_closed(self)
 
 
+# ---------------------------------------------------------------- HTTP/1 upstream (orig-proto)
+
+# What a downgraded response may hold, read from the app but not yet sent to
+# the client for want of HTTP/2 window: past it, the app's socket is not read
+# (one default stream window; uvloop reads up to 256 KiB at a time past it).
+HTTP1_BUFFER_HIGH = 65536
+HTTP1_BUFFER_LOW = HTTP1_BUFFER_HIGH // 2
+
+
+class _Http1Body:
+    """The request body of a downgraded stream: client DATA written to the HTTP/1
+    connection (chunk-framed unless the length is known), acknowledged to the
+    client once the connection has taken it, so the stream's receive window
+    bounds what is held here and in the socket's buffer."""
+
+    __slots__ = ("stream", "chunked", "held", "unacked", "ended")
+
+    def __init__(self, stream: _Http1Stream, chunked: bool, ended: bool) -> None:
+        self.stream = stream
+        self.chunked = chunked
+        self.held: list[bytes] | None = []  # bytes for the connection, until it exists
+        self.unacked = 0  # flow-controlled bytes received and not acknowledged
+        self.ended = ended  # END_STREAM received
+
+    def received(self, data: bytes, flow_len: int, ended: bool) -> None:
+        if self.ended or self.stream.done:
+            return  # dropped: the connection window is reopened anyway
+        if data:
+            self._write(orig_proto.h1.encode_chunk(data) if self.chunked else data)
+        self.unacked += flow_len
+        if ended:
+            self.end()
+        else:
+            self.ack()
+
+    def end(self, trailers: list[Any] | None = None) -> None:
+        if self.ended or self.stream.done:
+            return
+        self.ended = True
+        if self.chunked:
+            self._write(orig_proto.last_chunk(trailers))  # trailers of a sized body have no HTTP/1 form: dropped
+
+    def _write(self, data: bytes) -> None:
+        held = self.held
+        if held is not None:
+            held.append(data)
+        else:
+            conn = self.stream.conn
+            if conn is not None:
+                conn.write(data)
+
+    def ack(self) -> None:
+        """Let the client send what the connection has taken (not while its write buffer is full)."""
+        stream = self.stream
+        conn = stream.conn
+        if self.unacked and not self.ended and self.held is None and conn is not None and not conn.write_paused:
+            size, self.unacked = self.unacked, 0
+            stream.server.ack(stream.sid, size)
+
+
+class _Http1Stream:
+    """A client stream marked ``l5d-orig-proto`` (ref 3.3): one HTTP/1.1 exchange
+    with the app on a keep-alive connection (orig_proto.Http1Pool), answered on
+    the stream as HTTP/2. It is the response parser's handler (orig_proto.Http1Exchange).
+
+    The response body goes out through a ``_Flow`` whose source is this stream:
+    what the client's windows do not take yet waits there, and past
+    ``HTTP1_BUFFER_HIGH`` the app's socket is not read until the flow's
+    acknowledgements bring it under ``HTTP1_BUFFER_LOW``."""
+
+    __slots__ = (
+        "server", "sid", "method", "head", "exchange", "request", "response", "pool", "conn", "connect_task",
+        "timer", "bodiless", "responded", "reusable", "parsed", "buffered", "retried", "client_open", "done",
+    )
+
+    def __init__(self, server: H2ServerConnection, sid: int, req: orig_proto.DowngradedRequest, ended: bool,
+                 exchange: Exchange) -> None:
+        self.server = server
+        self.sid = sid
+        self.method = req.method
+        self.head = req.head
+        self.exchange = exchange
+        self.request = _Http1Body(self, req.chunked, ended)
+        self.response = _Flow(self, self, sid)  # type: ignore[arg-type]  # acknowledgements come back to ``ack``
+        self.response.dst = server
+        self.response.dst_sid = sid
+        self.pool: orig_proto.Http1Pool | None = None
+        self.conn: orig_proto.Http1Connection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.bodiless = ended  # no request body: safe to send again (users.md A4)
+        self.responded = False  # response headers sent to the client
+        self.reusable = False  # the response leaves the connection fit for another exchange
+        self.parsed = False  # the whole response was read from the app
+        self.buffered = 0  # response bytes read from the app and not yet sent to the client
+        self.retried = False
+        self.client_open = True  # the client stream has not been reset
+        self.done = False
+
+    # -- the connection
+    def start(self, pool: orig_proto.Http1Pool) -> None:
+        self.pool = pool
+        conn = pool.acquire()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self.connect_task = self.server.loop.create_task(self._connect(pool))
+
+    async def _connect(self, pool: orig_proto.Http1Pool) -> None:
+        err: ProxyError | None = None
+        try:
+            conn = await pool.connect()
+        except TimeoutError:
+            err = CONNECT_TIMEOUT.because(f"connect to {pool.target} timed out after {pool.connect_timeout:g}s")
+        except IdentityMismatch as exc:
+            err = IDENTITY_REQUIRED.because(str(exc))
+        except OSError as exc:
+            err = IO_ERROR.because(f"connect to {pool.target}: {exc.strerror or exc}")
+        finally:
+            self.connect_task = None
+        if err is not None:
+            self.fail(err)
+            return
+        if self.done:
+            pool.release(conn)
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: orig_proto.Http1Connection) -> None:
+        self.conn = conn
+        body = self.request
+        held, body.held = body.held or [], None
+        conn.begin(self, self.method, b"".join((self.head, *held)) if held else self.head)
+        body.ack()
+
+    def upstream_writable(self) -> None:
+        self.request.ack()
+
+    def upstream_failed(self, err: ProxyError) -> None:
+        """The connection failed (and is closed) before the response was read."""
+        conn = self.conn
+        if conn is None or self.done:
+            return
+        self.conn = None
+        if self.responded:
+            self.abort(_INTERNAL_ERROR, err.metric)  # too late for an error response: the body is cut
+            return
+        pool = self.pool
+        if conn.reused and not conn.got_bytes and self.bodiless and not self.retried and pool is not None:
+            # A reused keep-alive connection closed before answering a request
+            # without a body: send it once more, on a fresh connection (users.md A4).
+            self.retried = True
+            self.request.held = []
+            self.connect_task = self.server.loop.create_task(self._connect(pool))
+            return
+        self.fail(err)
+
+    # -- the response (parser handler)
+    def on_head(self, head: Any) -> None:
+        if self.done or self.responded:
+            return
+        server = self.server
+        status = head.status
+        if status < 200:
+            if status != 101:  # a 101 is refused by the connection (Switch)
+                try:
+                    server.h2.send_headers(self.sid, orig_proto.response_fields(head))
+                except ProtocolError:
+                    return
+                server.want_flush()
+            return
+        self.responded = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        no_body = self.method == b"HEAD" or status in (204, 304) or head.content_length == 0
+        self.reusable = head.keep_alive and (no_body or head.chunked or head.content_length is not None)
+        self.exchange.response_head(status)
+        try:
+            server.h2.send_headers(self.sid, orig_proto.response_fields(head), end_stream=no_body)
+        except ProtocolError:
+            self.abort(_INTERNAL_ERROR, "unclassified")
+            return
+        server.want_flush()
+        if no_body:
+            # END_STREAM went with the head; ``on_end`` (in this same read) finishes the exchange.
+            response = self.response
+            response.ended = response.finished = True
+
+    def on_body(self, chunk: bytes) -> None:
+        if self.done or self.parsed:
+            return
+        self.buffered += len(chunk)
+        self.response.received(chunk, len(chunk), False)
+        if self.buffered >= HTTP1_BUFFER_HIGH:
+            conn = self.conn
+            if conn is not None:
+                conn.pause_reading()
+
+    def ack(self, _sid: int, size: int) -> None:
+        """The response flow sent ``size`` bytes to the client (``_Flow`` source)."""
+        self.buffered -= size
+        conn = self.conn
+        if conn is not None and conn.read_paused and self.buffered < HTTP1_BUFFER_LOW:
+            conn.resume_reading()
+
+    def on_end(self) -> None:
+        if self.done or self.parsed or not self.responded:
+            return
+        self.parsed = True
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            # Another exchange may use the connection only if this request was sent in full.
+            conn.finish(self.reusable and self.request.ended)
+        response = self.response
+        if response.finished:
+            self.flow_finished(response)
+        else:
+            response.end()
+
+    # -- the client side
+    def client_reset(self, code: int) -> None:
+        self.client_open = False
+        self.abort(None, h2_error_label(code))
+
+    def client_lost(self) -> None:
+        self.client_open = False
+        self.abort(None, h2_error_label(_CANCEL))
+
+    def timed_out(self) -> None:
+        self.timer = None
+        if not self.responded and not self.done:
+            self.fail(RESPONSE_TIMEOUT)
+
+    # -- endings
+    def fail(self, err: ProxyError) -> None:
+        """Answer the client by itself (ref 3.5), as the app would have over HTTP/1.1."""
+        if self.done:
+            return
+        server = self.server
+        exchange = self.exchange
+        informational = server.route.informational_headers
+        status, fields = response_headers(err, False, informational)
+        exchange.proxy_error(err)
+        exchange.response_head(status)
+        exchange.end()
+        self.responded = True
+        if self.client_open and not server.closed:
+            block = [(b":status", str(status).encode())]
+            block += [(name.encode(), value.encode()) for name, value in fields]
+            if err.fatal and informational:
+                block.append((_PROXY_CONNECTION, b"close"))  # the peer proxy closes its app's connection
+            block.append((orig_proto.ORIG_PROTO, orig_proto.HTTP_11))
+            try:
+                server.h2.send_headers(self.sid, block, end_stream=True)
+            except ProtocolError:
+                pass
+            server.want_flush()
+        self.response.finished = True
+        self._close()
+
+    def abort(self, client_code: int | None, error: str) -> None:
+        """End the stream with a reset (``client_code``) and drop the app connection."""
+        if self.done:
+            return
+        self.exchange.end(error=error)
+        self.response.drop()
+        if client_code is not None and self.client_open:
+            self.client_open = False
+            self.server.reset(self.sid, client_code)
+        self._close()
+
+    def flow_finished(self, flow: _Flow) -> None:
+        """The response ended on the stream (``_Flow``). The exchange with the app
+        is over: a client still sending is asked to stop (in ``_close``)."""
+        if self.done:
+            return
+        self.exchange.end()
+        self._close()
+
+    def _close(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()  # mid-exchange: its state is unknown
+        if not self.request.ended and self.client_open:
+            # Answered while the client is still sending: ask it to stop (RFC 9113 8.1).
+            self.client_open = False
+            self.server.reset(self.sid, _NO_ERROR)
+        self.server.stream_closed(self)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------- upstream
 
 
@@ -982,7 +1297,11 @@ class H2ServerConnection(_Side):
         inbound = route.direction == "inbound"
         self.dropped = _INBOUND_DROPPED if inbound else _CONNECTION_HEADERS  # request fields not forwarded
         self.added = [(_CLIENT_ID, route.client_id.encode())] if inbound and route.client_id else []
+        # Inbound honours ``l5d-orig-proto`` (ref 3.3); outbound forwards it as any
+        # other field, as Linkerd does (its outbound server has downgrades off).
+        self.downgrades = inbound
         self.pool: H2Pool | None = None
+        self.http1_pool: orig_proto.Http1Pool | None = None
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.draining = False
         self.last_stream_id: int | None = None  # set by the final GOAWAY of a drain
@@ -1096,6 +1415,43 @@ class H2ServerConnection(_Side):
         if pool is not None and pool.pending:
             pool.cancel(stream)
 
+    def _new_http1_pool(self) -> orig_proto.Http1Pool:
+        route = self.route
+        config = self.clients.config  # None in tests that build Clients by hand: the defaults apply
+        return orig_proto.Http1Pool(
+            route.target, route.connect_timeout,
+            getattr(config, "inbound_http1_pool_idle_timeout", orig_proto.POOL_IDLE_TIMEOUT),
+            getattr(config, "max_idle_conns_per_endpoint", orig_proto.MAX_IDLE),
+            getattr(config, "http_max_head_size", None) or orig_proto.h1.MAX_HEAD_SIZE,
+            identity=route.identity, local=self.local, metrics=self.metrics, dst_labels=route.dst_labels,
+        )
+
+    def _downgrade(self, sid: int, headers: list[Any], mark: bytes, ended: bool) -> bool:
+        """Serve a stream marked ``l5d-orig-proto`` as HTTP/1 (ref 3.3); False when
+        the mark names no HTTP/1 version (then it is ignored, as Linkerd does)."""
+        parsed = orig_proto.parse_orig_proto(mark)
+        if parsed is None:
+            log.info("unknown l5d-orig-proto value: ignored", value=mark.decode("latin-1"))
+            return False
+        req = orig_proto.request_head(headers, parsed[1], not ended)
+        if isinstance(req, str):
+            log.info("malformed downgraded request", reason=req)
+            self.reset(sid, _PROTOCOL_ERROR)  # RFC 9113 8.1.1: a malformed request is a stream error
+            return True
+        route = self.route
+        stream = _Http1Stream(self, sid, req, ended, Exchange(self.metrics, route, False))
+        self.streams[sid] = stream  # type: ignore[assignment]
+        if not route.authorized:
+            stream.fail(FORBIDDEN)  # the inbound default policy refuses this client (403, ref 3.5)
+            return True
+        if route.response_timeout is not None:
+            stream.timer = self.loop.call_later(route.response_timeout, stream.timed_out)
+        pool = self.http1_pool
+        if pool is None or pool.closed:
+            pool = self.http1_pool = self.clients.get("h1-orig:" + route.identity, route.target, self._new_http1_pool)
+        stream.start(pool)
+        return True
+
     # -- events
     def _on_request(self, event: RequestReceived) -> None:
         sid = event.stream_id
@@ -1104,16 +1460,23 @@ class H2ServerConnection(_Side):
             return
         headers = []
         content_type = None
+        mark = None
         dropped = self.dropped
+        downgrades = self.downgrades
         for h in event.headers:
             name = h[0]
             if name in dropped or (name == _TE and h[1] != _TRAILERS):
                 continue
             if name == _CONTENT_TYPE:
                 content_type = h[1]
+            elif downgrades and name == orig_proto.ORIG_PROTO:
+                mark = h[1]
+                continue
             headers.append(h)
         if self.added:
             headers += self.added
+        if mark is not None and self._downgrade(sid, headers, mark, event.stream_ended is not None):
+            return
         route = self.route
         stream = _Stream(self, sid, headers, Exchange(self.metrics, route, is_grpc(content_type)))
         self.streams[sid] = stream

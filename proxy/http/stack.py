@@ -38,6 +38,7 @@ class HttpRoute:
     authz_labels: tuple[Any, ...] | None = None  # inbound: labels of inbound_http_authz_{allow,deny}_total
     backend: Any = None  # outbound logical service: an endpoint is picked per request (balance.backend)
     endpoint_labels: Any = None  # (endpoint state, authority, meshed) -> (HTTP labels, TCP dst labels, identity)
+    ingress: Any = None  # ingress mode: name:port -> backend (or None), from l5d-dst-override or the Host header
 
 
 class RouteSeries:

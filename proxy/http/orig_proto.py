@@ -1,0 +1,394 @@
+"""HTTP/1 carried over HTTP/2 between proxies: the HTTP/1 half of the inbound
+orig-proto downgrade (ref 3.3, server side).
+
+Theory of operation
+-------------------
+A Linkerd outbound proxy sends its app's HTTP/1 requests to a meshed peer as
+HTTP/2 streams marked ``l5d-orig-proto: HTTP/1.1`` (or ``HTTP/1.0``, with
+``; absolute-form`` when the original request target was absolute-form), with
+``transfer-encoding`` removed. The inbound proxy takes the mark off, sends the
+request to its app as HTTP/1.1, and answers on the stream with the mark set,
+so that the peer answers its own client in HTTP/1.
+
+This module is the HTTP/1 side and knows nothing of HTTP/2 streams:
+
+* ``parse_orig_proto``, ``request_head``, ``response_fields``: translating
+  heads, sans-IO (bytes in, bytes out).
+* ``Http1Pool`` and ``Http1Connection``: keep-alive connections to one
+  endpoint, one exchange at a time. The response is parsed with proxy.core.h1
+  and handed to the exchange, which implements ``Http1Exchange``.
+
+The HTTP/2 side (flow control, resets, synthesized errors, metrics) is
+``_Http1Stream`` in proxy/http/h2.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any, Protocol
+
+from proxy.config import Addr
+from proxy.http import errors
+from proxy.native import NO_EXTENSIONS, load
+from proxy.transport.connect import connect
+from proxy.transport.relay import TcpSeries
+
+h1 = load("h1parse", "proxy.core.h1")[0]  # the parser module: compiled twin unless MESHPROXY_NO_EXTENSIONS=1
+
+Headers = list[tuple[bytes, bytes]]
+
+ORIG_PROTO = b"l5d-orig-proto"
+HTTP_11 = b"HTTP/1.1"
+HTTP_10 = b"HTTP/1.0"
+# Linkerd appends "; absolute-form" to the version and tests bytes 10..23 of the
+# value (linkerd/proxy/http/src/server/h2_to_h1.rs, ``was_absolute_form``).
+_ABSOLUTE_FORM = b"absolute-form"
+
+# Linkerd's default LINKERD2_PROXY_INBOUND_HTTP1_CONNECTION_POOL_IDLE_TIMEOUT:
+# shorter than the idle timeout of typical app servers, so the proxy closes an
+# idle connection before the app does (users.md A4).
+POOL_IDLE_TIMEOUT = 3.0
+# Linkerd's default LINKERD2_PROXY_MAX_IDLE_CONNS_PER_ENDPOINT (ref 1.5).
+MAX_IDLE = 10000
+
+# RFC 9110 5.6.2: a method is a token.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# RFC 9112 3.2: a request target is URI characters, visible ASCII; anything else
+# (a space above all) would change the meaning of the request line.
+_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
+# Methods whose empty body is still stated (as hyper does): some servers answer
+# 411 to a POST with neither Content-Length nor Transfer-Encoding.
+_EMPTY_BODY_STATED = frozenset((b"POST", b"PUT", b"PATCH"))
+_CHUNKED = (b"transfer-encoding", b"chunked")
+# Request fields that are not written as they came: pseudo-fields become the
+# request line and Host, cookies are joined (RFC 9113 8.2.3), ``te`` is
+# hop-by-hop in HTTP/1, and the content length is checked to be one value.
+_HOST = b"host"
+_COOKIE = b"cookie"
+_CONTENT_LENGTH = b"content-length"
+_TE = b"te"
+# Response fields HTTP/2 has no use for (RFC 9113 8.2.2) beyond those
+# h1.forwardable already drops: the body is re-framed as DATA frames.
+_TRANSFER_ENCODING = b"transfer-encoding"
+
+
+def parse_orig_proto(value: bytes) -> tuple[bytes, bool] | None:
+    """(version, was absolute-form) from an ``l5d-orig-proto`` value, or None
+    when it names no HTTP/1 version (Linkerd logs it and ignores it)."""
+    if value.startswith(HTTP_11):
+        version = HTTP_11
+    elif value.startswith(HTTP_10):
+        version = HTTP_10
+    else:
+        return None
+    return version, value[10:23] == _ABSOLUTE_FORM
+
+
+class DowngradedRequest:
+    """The HTTP/1.1 form of one HTTP/2 request head."""
+
+    __slots__ = ("method", "head", "chunked")
+
+    def __init__(self, method: bytes, head: bytes, chunked: bool) -> None:
+        self.method = method
+        self.head = head  # request line and fields, up to and including the blank line
+        self.chunked = chunked  # the body is sent with chunked encoding
+
+
+def request_head(headers: Headers, absolute: bool, has_body: bool) -> DowngradedRequest | str:
+    """The HTTP/1.1 request for an HTTP/2 request head (lower-case names, already
+    validated by h2, ``l5d-orig-proto`` removed), or why it has none.
+
+    The target is ``:path``, or ``{scheme}://{authority}{path}`` when the original
+    was absolute-form; ``Host`` comes from ``:authority`` unless a ``host`` field
+    exists. The body is chunked unless ``content-length`` gives its size, and is
+    absent when the HTTP/2 request ended with its headers."""
+    method = path = authority = None
+    scheme = b"http"
+    has_host = False
+    length: bytes | None = None
+    cookies: list[bytes] = []
+    fields: Headers = []
+    for name, value in headers:
+        if name[:1] == b":":
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+            elif name == b":scheme":
+                scheme = value
+            else:
+                return f"pseudo-header {name.decode('latin-1')} has no HTTP/1 form"
+            continue
+        if name == _COOKIE:
+            cookies.append(value)
+            continue
+        if name == _CONTENT_LENGTH:
+            if length is not None and value != length:
+                return "conflicting content-length fields"
+            if length is not None:
+                continue
+            length = value
+        elif name == _TE or name == ORIG_PROTO:
+            continue
+        elif name == _HOST:
+            has_host = True
+        fields.append((name, value))
+    if method is None or path is None:
+        return "no :method or :path"
+    if method == b"CONNECT" or not _TOKEN.match(method):
+        return "method cannot be proxied as HTTP/1"
+    if absolute and authority is not None and path != b"*":
+        target = scheme + b"://" + authority + path
+    else:
+        target = path
+    if not _TARGET.match(target) or (authority is not None and not _TARGET.match(authority)):
+        return "request target is not visible ASCII"
+    if cookies:
+        fields.append((_COOKIE, b"; ".join(cookies)))
+    if not has_host and authority is not None:
+        fields.insert(0, (_HOST, authority))
+    chunked = False
+    if length is None:
+        if has_body:
+            fields.append(_CHUNKED)
+            chunked = True
+        elif method in _EMPTY_BODY_STATED:
+            fields.append((_CONTENT_LENGTH, b"0"))
+    head = h1.encode_head(method + b" " + target + b" HTTP/1.1", fields)
+    return DowngradedRequest(method, head, chunked)
+
+
+def last_chunk(trailers: Headers | None) -> bytes:
+    """The end of a chunked body, with the HTTP/2 trailers as its trailer section."""
+    if not trailers:
+        return h1.LAST_CHUNK
+    return b"0\r\n" + b"".join(name + b": " + value + b"\r\n" for name, value in trailers if name[:1] != b":") + b"\r\n"
+
+
+def response_fields(head: Any) -> Headers:
+    """The HTTP/2 header block of an HTTP/1 response head: ``:status``, the fields
+    minus hop-by-hop ones and ``transfer-encoding`` (and a ``content-length`` a
+    chunked response must not have), names in lower case, and ``l5d-orig-proto``."""
+    out = [(b":status", b"%d" % head.status)]
+    chunked = head.chunked
+    for name, value in h1.forwardable(head.headers):
+        name = name.lower()
+        if name == _TRANSFER_ENCODING or name == ORIG_PROTO or (chunked and name == _CONTENT_LENGTH):
+            continue
+        out.append((name, value))
+    if head.status >= 200:
+        out.append((ORIG_PROTO, HTTP_10 if head.version == b"1.0" else HTTP_11))
+    return out
+
+
+# ---------------------------------------------------------------- connections
+
+
+class Http1Exchange(Protocol):
+    """What a connection reports to the exchange using it. ``on_head``, ``on_body``
+    and ``on_end`` come from the response parser (proxy.core.h1)."""
+
+    def on_head(self, head: Any) -> None: ...
+
+    def on_body(self, chunk: bytes) -> None: ...
+
+    def on_end(self) -> None: ...
+
+    def upstream_failed(self, err: errors.ProxyError) -> None:
+        """The connection failed before the response ended (it is closed already)."""
+
+    def upstream_writable(self) -> None:
+        """The connection's write buffer drained below its low-water mark."""
+
+
+class Http1Pool:
+    """Idle keep-alive HTTP/1.1 connections to one endpoint, in one worker."""
+
+    def __init__(self, target: Addr, connect_timeout: float, idle_timeout: float = POOL_IDLE_TIMEOUT,
+                 max_idle: int = MAX_IDLE, max_head: int = h1.MAX_HEAD_SIZE, pure: bool = NO_EXTENSIONS,
+                 identity: str = "", local: Any = None, metrics: Any = None,
+                 dst_labels: tuple[Any, ...] | None = None) -> None:
+        self.target = target
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self.max_head = max_head
+        self.pure = pure  # parse responses with h11 instead of httptools
+        self.identity = identity  # meshed endpoint: connect with mTLS and check this name
+        self.local = local
+        self.metrics = metrics
+        self.dst_labels = dst_labels  # tcp_* labels (peer="dst") of its connections; None: not counted
+        self.idle: list[Http1Connection] = []
+        self.closed = False
+        self.loop = asyncio.get_running_loop()
+        self._sweep: asyncio.TimerHandle | None = None
+        self.connections_opened = 0  # how many times it dialled (tests, debugging)
+
+    def acquire(self) -> Http1Connection | None:
+        """The most recently used idle connection (the least likely to be closing), if any."""
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.lost and not conn.transport.is_closing():
+                conn.reused = True
+                return conn
+        return None
+
+    async def connect(self) -> Http1Connection:
+        """A new connection; raises TimeoutError, OSError or IdentityMismatch."""
+        _, conn = await connect(lambda: Http1Connection(self), self.target, self.connect_timeout, self.identity, self.local)
+        self.connections_opened += 1
+        return conn
+
+    def release(self, conn: Http1Connection) -> None:
+        if self.closed or conn.lost or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(self.idle_timeout, self._close_stale)
+
+    def forget(self, conn: Http1Connection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def _close_stale(self) -> None:
+        # One timer per pool, not one per connection.
+        self._sweep = None
+        cutoff = time.monotonic() - self.idle_timeout
+        for conn in [c for c in self.idle if c.idle_since <= cutoff]:
+            self.idle.remove(conn)
+            conn.close()
+        if self.idle:
+            oldest = min(c.idle_since for c in self.idle)
+            self._sweep = self.loop.call_later(max(0.05, oldest + self.idle_timeout - time.monotonic()), self._close_stale)
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+
+class Http1Connection(asyncio.Protocol):
+    """One connection to the endpoint, serving one exchange at a time."""
+
+    __slots__ = ("pool", "transport", "exchange", "parser", "reused", "got_bytes", "lost", "write_paused",
+                 "read_paused", "idle_since", "series")
+
+    def __init__(self, pool: Http1Pool) -> None:
+        self.pool = pool
+        self.transport: Any = None
+        self.exchange: Http1Exchange | None = None
+        self.parser: Any = None
+        self.reused = False  # taken from the idle list (it may have been closed under us)
+        self.got_bytes = False  # a response byte arrived for the current exchange
+        self.lost = False
+        self.write_paused = False
+        self.read_paused = False
+        self.idle_since = 0.0
+        self.series: Any = None  # tcp_* metrics of this connection (peer="dst")
+
+    # -- used by the exchange
+    def begin(self, exchange: Http1Exchange, method: bytes, data: bytes) -> None:
+        """Start an exchange: ``data`` is the request head (and any body already there)."""
+        self.exchange = exchange
+        self.got_bytes = False
+        self.parser = h1.response_parser(exchange, method, self.pool.pure, self.pool.max_head)
+        self.write(data)
+
+    def write(self, data: bytes) -> None:
+        if not self.lost:
+            self.transport.write(data)
+            if self.series is not None:
+                self.series.write.value += len(data)
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and not self.lost:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and not self.lost:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def finish(self, reusable: bool) -> None:
+        """The exchange is over: back to the pool if ``reusable``, else closed."""
+        self.exchange = None
+        self.parser = None
+        if reusable and not self.lost:
+            self.resume_reading()  # an idle connection must see the server close it
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.exchange = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        pool = self.pool
+        if pool.metrics is not None and pool.dst_labels is not None:
+            self.series = TcpSeries(pool.metrics, pool.dst_labels)
+
+    def data_received(self, data: bytes) -> None:
+        if self.series is not None:
+            self.series.read.value += len(data)
+        exchange = self.exchange
+        if exchange is None:
+            self.close()  # bytes on an idle connection: it is no longer in a known state
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed(data)
+        except h1.Switch:
+            self._failed(errors.IO_ERROR.because("the server switched protocols"))
+        except h1.ParseError as exc:
+            self._failed(errors.IO_ERROR.because(exc.reason))
+
+    def eof_received(self) -> bool:
+        if self.exchange is not None:
+            eof = getattr(self.parser, "eof", None)
+            if eof is not None:  # the end of a close-delimited body
+                try:
+                    eof()
+                except h1.ParseError:
+                    pass
+            self._failed(errors.IO_ERROR.because("connection closed by the server"))
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+        self.pool.forget(self)
+        if self.series is not None:
+            self.series.closed("")
+            self.series = None
+        self._failed(errors.IO_ERROR.because(f"connection lost: {exc}" if exc else "connection closed by the server"))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.upstream_writable()
+
+    def _failed(self, err: errors.ProxyError) -> None:
+        exchange = self.exchange
+        self.close()
+        if exchange is not None:
+            exchange.upstream_failed(err)
