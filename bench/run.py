@@ -38,7 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
-        "--quick", action="store_true", help="short loads for a smoke test (< 60 s in all)"
+        "--quick", action="store_true", help="short loads for a smoke test (about 2 min in all)"
     )
     ap.add_argument(
         "--duration", type=float, help="seconds of every measured load (overrides the defaults)"
@@ -151,12 +151,14 @@ def main(argv: list[str]) -> int:
                 log(f"{scn.name}: backend failed: {e}")
                 rows[scn.name] = [Row(scn.name, "backend", "direct", "error", str(e))]
             report.add_ratios(rows[scn.name])
+            scn.derive(rows[scn.name])
     except KeyboardInterrupt:
         interrupted = True
         for scn in scenarios:  # the scenario that was running keeps its measured rows
             if scn.name not in rows and getattr(scn, "rows", None):
                 rows[scn.name] = scn.rows
                 report.add_ratios(scn.rows)
+                scn.derive(scn.rows)
         log("interrupted: servers stopped; writing what was measured")
     finally:
         failed = any(r.failures for rs in rows.values() for r in rs)
@@ -189,6 +191,7 @@ def main(argv: list[str]) -> int:
                 "unit": s.unit,
                 "cost_unit": s.cost_unit,
                 "rows": [r.to_json() for r in rows[s.name]],
+                "checks": s.checks,
             }
             for s in done
         },
@@ -201,6 +204,10 @@ def main(argv: list[str]) -> int:
         + (f", {out / 'results.png'}" if why_no_png is None else f" (no PNG: {why_no_png})")
     )
     summary(done, rows, log)
+    for scn in done:
+        for c in scn.checks:
+            verdict = {True: "PASS", False: "FAIL", None: "----"}[c["pass"]]
+            log(f"{scn.name:15} {verdict} {c['requirement']}: {c['figure']}")
     return 130 if interrupted else 0
 
 

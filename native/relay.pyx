@@ -85,5 +85,13 @@ cdef class RelayEnd:
 
     def shutdown_write(self):
         transport = self.transport
-        if transport is not None and not self.lost and not transport.is_closing() and transport.can_write_eof():
+        if transport is None or self.lost or transport.is_closing():
+            return
+        if transport.can_write_eof():
             transport.write_eof()
+        else:
+            # A TLS transport cannot shut one direction: close it (after what it still has to
+            # send) rather than leave the peer waiting for an end that never comes. Marked as
+            # ended, so its loss reads as a clean close, not as a peer that vanished.
+            self.eof = True
+            transport.close()

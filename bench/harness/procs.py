@@ -267,6 +267,7 @@ class TreeMeter:
         self._interval = interval
         # (pid, start) -> [cpu ticks at first sight, cpu ticks at last sight]
         self._cpu: dict[tuple[int, int], list[int]] = {}
+        self._root_of: dict[tuple[int, int], int] = {}  # (pid, start) -> the root it is under
         self._peak_rss = 0
         self._max_procs = 0
         self._first = True
@@ -276,17 +277,27 @@ class TreeMeter:
         self._lock = threading.Lock()
 
     def _sample(self) -> None:
-        procs = tree(self._roots) if self._roots else []
+        stats = all_stats() if self._roots else []
+        procs: list[ProcStat] = []
         with self._lock:
-            for st in procs:
-                key = (st.pid, st.start)
-                seen = self._cpu.get(key)
-                if seen is None:
-                    # Present at the first sample: count from now. Born later: its whole
-                    # life is inside the window.
-                    self._cpu[key] = [st.cpu_ticks if self._first else 0, st.cpu_ticks]
-                else:
-                    seen[1] = st.cpu_ticks
+            # One /proc scan; each root's tree from it, so CPU can be told per root too
+            # (the two proxies of a pair).
+            for root in self._roots:
+                for st in tree([root], stats):
+                    key = (st.pid, st.start)
+                    if key in self._root_of:
+                        if self._root_of[key] != root:
+                            continue  # already counted under another root
+                    else:
+                        self._root_of[key] = root
+                    procs.append(st)
+                    seen = self._cpu.get(key)
+                    if seen is None:
+                        # Present at the first sample: count from now. Born later: its whole
+                        # life is inside the window.
+                        self._cpu[key] = [st.cpu_ticks if self._first else 0, st.cpu_ticks]
+                    else:
+                        seen[1] = st.cpu_ticks
             self._first = False
             self._peak_rss = max(self._peak_rss, sum(st.rss_bytes for st in procs))
             self._max_procs = max(self._max_procs, len(procs))
@@ -306,6 +317,13 @@ class TreeMeter:
         self._thread.join()
         self._sample()
         self._wall = time.monotonic() - self._t0
+
+    def cpu_by_root(self) -> dict[int, float]:
+        """CPU seconds of each root's tree over the window."""
+        out = dict.fromkeys(self._roots, 0.0)
+        for key, (first, last) in self._cpu.items():
+            out[self._root_of[key]] += (last - first) / CLK_TCK
+        return out
 
     def usage(self) -> TreeUsage:
         ticks = sum(last - first for first, last in self._cpu.values())

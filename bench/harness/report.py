@@ -19,6 +19,7 @@ from typing import Any
 from .scenarios import Row, Scenario
 
 PEERS = ("haproxy", "nginx")
+PNG_PER_LINE = 4  # scenarios per line of charts
 
 
 def add_ratios(rows: list[Row]) -> None:
@@ -157,17 +158,52 @@ def _rate(v: float | None, unit: str) -> str:
     return f"{v:.2f} {unit}" if unit == "Gbit/s" else f"{v:,.0f} {unit}"
 
 
-MD_HEAD = (
-    "| scenario | row | throughput | p50 ms | p99 ms | p99.9 ms | proxy CPU cost | proxy CPU util | peak RSS MB "
-    "| vs direct | vs haproxy | vs nginx | CPU vs haproxy | CPU vs nginx | status |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+MD_COLUMNS = (
+    "scenario",
+    "row",
+    "throughput",
+    "p50 ms",
+    "p99 ms",
+    "p99.9 ms",
+    "proxy CPU cost",
+    "proxy CPU util",
+    "peak RSS MB",
+    "vs direct",
+    "vs haproxy",
+    "vs nginx",
+    "CPU vs haproxy",
+    "CPU vs nginx",
 )
+PEER_COLUMNS = ("vs haproxy", "vs nginx", "CPU vs haproxy", "CPU vs nginx")
 
 
-def _md_row(scn: Scenario, r: Row) -> str:
+def _extra_cell(kind: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    if kind == "x":
+        return _x(v)
+    if kind == "us":
+        return f"{v:+.2f} us"
+    if kind == "split":  # {proc name: cost}
+        return " + ".join(_num(c) for c in v.values()) if v else "-"
+    return str(v)
+
+
+def _columns(scns: list[Scenario], rows: dict[str, list[Row]]) -> list[str]:
+    """The family table's columns: the base ones, each scenario's extra ones; the peer
+    columns only where a family has peer rows."""
+    has_peers = any(r.kind in PEERS for s in scns for r in rows.get(s.name, []))
+    cols = [c for c in MD_COLUMNS if has_peers or c not in PEER_COLUMNS]
+    for scn in scns:
+        cols += [h for h, _, _ in scn.extra_columns if h not in cols]
+    return [*cols, "status"]
+
+
+def _md_row(scn: Scenario, r: Row, columns: list[str]) -> str:
     if r.status != "ok":
         reason = r.reason.splitlines()[0] if r.reason else ""
-        return f"| {scn.name} | {r.label} | " + "- | " * 12 + f"{r.status}: {reason[:160]} |\n"
+        cells = {"scenario": scn.name, "row": r.label, "status": f"{r.status}: {reason[:160]}"}
+        return "| " + " | ".join(cells.get(c, "-") for c in columns) + " |\n"
     m = r.metrics
     cost = "-" if m.get("cpu_cost") is None else f"{_num(m['cpu_cost'])} {m['cost_unit']}"
     status = "ok"
@@ -178,24 +214,31 @@ def _md_row(scn: Scenario, r: Row) -> str:
     if r.failures:
         status += f", {len(r.failures)} of {len(r.failures) + len(r.runs)} rounds failed: "
         status += r.failures[0]["reason"].splitlines()[0][:120]
-    cells = [
-        scn.name,
-        r.label,
-        _rate(m.get("throughput"), scn.unit),
-        _num(m.get("p50_ms")),
-        _num(m.get("p99_ms")),
-        _num(m.get("p999_ms")),
-        cost,
-        _num(m.get("proxy_cpu_util")),
-        _num(m.get("peak_rss_mb"), 1),
-        _x(m.get("x_direct")),
-        _x(m.get("x_haproxy")),
-        _x(m.get("x_nginx")),
-        _x(m.get("cost_x_haproxy")),
-        _x(m.get("cost_x_nginx")),
-        status,
-    ]
-    return "| " + " | ".join(cells) + " |\n"
+    cells = dict(
+        zip(
+            MD_COLUMNS,
+            [
+                scn.name,
+                r.label,
+                _rate(m.get("throughput"), scn.unit),
+                _num(m.get("p50_ms")),
+                _num(m.get("p99_ms")),
+                _num(m.get("p999_ms")),
+                cost,
+                _num(m.get("proxy_cpu_util")),
+                _num(m.get("peak_rss_mb"), 1),
+                _x(m.get("x_direct")),
+                _x(m.get("x_haproxy")),
+                _x(m.get("x_nginx")),
+                _x(m.get("cost_x_haproxy")),
+                _x(m.get("cost_x_nginx")),
+            ],
+            strict=True,
+        )
+    )
+    cells.update({h: _extra_cell(kind, m.get(key)) for h, key, kind in scn.extra_columns})
+    cells["status"] = status
+    return "| " + " | ".join(cells.get(c, "-") for c in columns) + " |\n"
 
 
 def write_markdown(
@@ -225,9 +268,19 @@ def write_markdown(
             f"- **{s.name}**: {s.title}; throughput in {s.unit}, proxy CPU cost in {s.cost_unit}.\n"
             for s in scns
         )
-        out.append("\n" + MD_HEAD)
+        columns = _columns(scns, rows)
+        out.append("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
         for scn in scns:
-            out.extend(_md_row(scn, r) for r in rows.get(scn.name, []))
+            out.extend(_md_row(scn, r, columns) for r in rows.get(scn.name, []))
+        checks = [(scn.name, c) for scn in scns for c in scn.checks]
+        if checks:
+            out.append("\nRequirement checks:\n\n| scenario | requirement | measured | result |\n")
+            out.append("|---|---|---|---|\n")
+            out.extend(
+                f"| {name} | {c['requirement']} | {c['figure']} | "
+                f"{ {True: '**pass**', False: '**FAIL**', None: '-'}[c['pass']] } |\n"
+                for name, c in checks
+            )
         notes = [
             (f"{scn.name} / {r.label}", n)
             for scn in scns
@@ -261,23 +314,33 @@ def write_png(path: Path, scenarios: list[Scenario], rows: dict[str, list[Row]])
         return "no measured rows"
     colors = {"direct": "#7f7f7f", "meshproxy": "#1f77b4", "haproxy": "#ff7f0e", "nginx": "#2ca02c"}
     nrows_max = max(len(rows[s.name]) for s in shown)
+    per_line = min(len(shown), PNG_PER_LINE)  # scenarios side by side; more wrap below
+    lines = -(-len(shown) // per_line)
     fig, axes = plt.subplots(
-        2, len(shown), figsize=(5.2 * len(shown), 1.2 + 0.55 * nrows_max * 2), squeeze=False
+        2 * lines,
+        per_line,
+        figsize=(5.2 * per_line, lines * (1.2 + 0.55 * nrows_max * 2)),
+        squeeze=False,
     )
-    for col, scn in enumerate(shown):
+    for j in range(len(shown), lines * per_line):  # empty slots of the last line
+        axes[2 * (lines - 1)][j % per_line].set_visible(False)
+        axes[2 * (lines - 1) + 1][j % per_line].set_visible(False)
+    for i, scn in enumerate(shown):
+        line, col = divmod(i, per_line)
         rs = list(reversed(rows[scn.name]))  # first row on top
         labels = [r.label for r in rs]
+        cost_key, cost_ref = scn.cost_ref
         for axrow, (key, ref, title) in enumerate(
             (
                 ("x_direct", "direct", f"{scn.name}\nthroughput / direct ({scn.unit})"),
                 (
-                    "cost_x_haproxy",
-                    "haproxy",
-                    f"{scn.name}\nproxy CPU cost / haproxy ({scn.cost_unit}, lower is better)",
+                    cost_key,
+                    cost_ref,
+                    f"{scn.name}\nproxy CPU cost / {cost_ref} ({scn.cost_unit}, lower is better)",
                 ),
             )
         ):
-            ax = axes[axrow][col]
+            ax = axes[2 * line + axrow][col]
             vals = [r.metrics.get(key) if r.status == "ok" else None for r in rs]
             ys = range(len(rs))
             ax.barh(

@@ -6,7 +6,7 @@ port. ``Scenario.run`` does the rest for every scenario alike: skip a path with 
 (peer not installed, feature not built yet), start the proxy, warm up, meter the proxy's
 process tree, the backend and the machine while the load runs, stop the proxy.
 
-To add one (gRPC unary, streaming, mTLS between two proxies): subclass ``Scenario``, set
+To add one (gRPC unary, streaming): subclass ``Scenario``, set
 its names and units, write ``backend``/``paths``/``load``, and add it to ``SCENARIOS``.
 """
 
@@ -99,6 +99,11 @@ class Path:
     def start(self, ctx: Ctx, upstream_port: int) -> ContextManager[Server | None]:
         return contextlib.nullcontext(None)
 
+    def start_with(self, ctx: Ctx, backend: Server) -> ContextManager[Server | None]:
+        """Start this path's proxy in front of ``backend``; a path that needs more than
+        the one port named ``upstream`` (many endpoints) overrides this."""
+        return self.start(ctx, backend.ports[self.upstream])
+
 
 def Direct(upstream: str) -> Path:  # noqa: N802 - reads like the other path classes
     """No proxy: the base Path starts nothing and loads the backend port itself."""
@@ -147,6 +152,48 @@ class NginxProxy(Path):
         return servers.nginx_proxy(ctx.env, upstream_port, self.front_proto)
 
 
+@dataclass
+class MeshproxyPair(Path):
+    """Two meshproxies in a row (client outbound -> server inbound), plaintext or mTLS."""
+
+    mtls: bool = False
+    http: bool = True  # False: the client marks the port opaque (TCP scenarios)
+
+    def skip_reason(self, ctx: Ctx) -> str | None:
+        if self.http and not ctx.http_enabled:
+            return f"turned off with {HTTP_ENV}=0"
+        return None
+
+    def start(self, ctx: Ctx, upstream_port: int) -> ContextManager[Server | None]:
+        return servers.meshproxy_pair(ctx.env, upstream_port, self.mtls, opaque=not self.http)
+
+
+@dataclass
+class MeshproxyBalanced(Path):
+    """One meshproxy whose fallback address is a service VIP of the discovery file, with
+    ``endpoints`` endpoints: the backend's ports ep0..ep{n-1}, balanced per request."""
+
+    endpoints: int = 1
+
+    def skip_reason(self, ctx: Ctx) -> str | None:
+        return None if ctx.http_enabled else f"turned off with {HTTP_ENV}=0"
+
+    def start_with(self, ctx: Ctx, backend: Server) -> ContextManager[Server | None]:
+        vip = ctx.env.ports.take()  # never listened on: the proxy connects to endpoints
+        disco = ctx.env.tmp / f"discovery-{self.endpoints}ep-{vip}.toml"
+        eps = "".join(
+            f'[[services.endpoints]]\naddr = "127.0.0.1:{backend.ports[f"ep{i}"]}"\n'
+            for i in range(self.endpoints)
+        )
+        disco.write_text(
+            '[[services]]\nauthority = "web.bench.svc.cluster.local"\nport = 80\n'
+            f'vip = "127.0.0.1:{vip}"\n{eps}'
+        )
+        return servers.meshproxy(
+            ctx.env, vip, 1, extra_env={"MESHPROXY_DISCOVERY_FILE": str(disco)}
+        )
+
+
 def meshproxy_rows(ctx: Ctx, upstream: str, http: bool) -> list[Path]:
     n = ctx.workers
     return [
@@ -167,7 +214,18 @@ class Scenario:
     cost_unit = ""  # of the CPU cost column
     tools: tuple[str, ...] = ()
     concurrency = 1  # connections the load keeps open at once
+    # At least this many rounds when not --quick (a noisy figure needs a true median).
+    min_repeat = 1
+    # Which run of a row is reported: the one with the median of this figure.
+    median_by = "throughput"
+    # More columns of this scenario's Markdown table: (header, metrics key, "x" | "us" | "split").
+    extra_columns: tuple[tuple[str, str, str], ...] = ()
+    # The PNG's lower chart: proxy CPU cost relative to this (metrics key, its label).
+    cost_ref: tuple[str, str] = ("cost_x_haproxy", "haproxy")
     rows: list[Row]  # set by run(), filled in as rows are measured
+    # Requirement checks, filled in by derive(): {"requirement", "figure", "pass"}
+    # (pass None: not measured, or informational).
+    checks: list[dict[str, Any]] = []  # derive() assigns a new list
 
     def backend(self, ctx: Ctx) -> ContextManager[Server]:
         raise NotImplementedError
@@ -197,6 +255,13 @@ class Scenario:
             return f"{c['closed_with_errno']:.0f} connection(s) closed with an errno ({errs})"
         return None
 
+    def derive(self, rows: list[Row]) -> None:
+        """Figures across rows (after report.add_ratios) and requirement checks."""
+        self.checks = []
+
+    def rounds(self, ctx: Ctx) -> int:
+        return ctx.repeat if ctx.quick else max(ctx.repeat, self.min_repeat)
+
     def missing_tool(self) -> str | None:
         for tool in self.tools:
             if not servers.installed(tool):
@@ -224,7 +289,7 @@ class Scenario:
             with self.backend(ctx) as backend:
                 # Rounds: every path once per round, so a burst of background load on this
                 # shared machine hits one round of all rows rather than all rounds of one row.
-                for rnd in range(ctx.repeat):
+                for rnd in range(self.rounds(ctx)):
                     for path, row in zip(paths, rows, strict=True):
                         if row.status == "ok":
                             self._run_path(ctx, backend, path, row, rnd)
@@ -237,10 +302,11 @@ class Scenario:
                 elif not row.runs:
                     row.status, row.reason = "skipped", "not measured (run interrupted)"
                 else:
-                    row.metrics = median_run(row.runs)
+                    row.metrics = median_run(row.runs, self.median_by)
                     row.metrics["failed_rounds"] = len(row.failures)
                     if len(row.runs) > 1:
                         row.metrics["throughput_runs"] = [r["throughput"] for r in row.runs]
+                        row.metrics["cpu_cost_runs"] = [r["cpu_cost"] for r in row.runs]
         return rows
 
     def _run_path(self, ctx: Ctx, backend: Server, path: Path, row: Row, rnd: int) -> None:
@@ -248,20 +314,26 @@ class Scenario:
         with the proxy's log tail; the path is tried again in the next round."""
         started: Server | None = None
         try:
-            with path.start(ctx, backend.ports[path.upstream]) as proxy:
+            with path.start_with(ctx, backend) as proxy:
                 started = proxy
                 port = proxy.ports["front"] if proxy else backend.ports[path.upstream]
                 self.warmup(ctx, port)
                 run = self._measure(ctx, backend, proxy, port)
+                run["round"] = rnd + 1
                 if proxy is not None and "admin" in proxy.ports:
+                    run["proxy_name"] = proxy.name
                     run["proxy_counters"] = servers.meshproxy_counters(proxy.ports["admin"])
+                    if "server_admin" in proxy.ports:  # a pair: the server proxy's too
+                        run["server_proxy_counters"] = servers.meshproxy_counters(
+                            proxy.ports["server_admin"]
+                        )
                     note = self.check_counters(run)
                     if note and note not in row.notes:
                         row.notes.append(note)
                         ctx.log(f"{self.name}: {path.label}: note: {note}")
                 row.runs.append(run)
                 ctx.log(
-                    f"{self.name}: {path.label}{f' #{rnd + 1}' if ctx.repeat > 1 else ''}: {self.describe(run)}"
+                    f"{self.name}: {path.label}{f' #{rnd + 1}' if self.rounds(ctx) > 1 else ''}: {self.describe(run)}"
                 )
         except (LoadError, RuntimeError, OSError) as e:
             reason = str(e).strip() or repr(e)
@@ -283,7 +355,15 @@ class Scenario:
             MachineMeter() as mm,
         ):
             res = self.load(ctx, port)
-        return self.figures(res, pm.usage() if proxy else None, bm.usage(), mm.busy_cores(), proxy)
+        f = self.figures(res, pm.usage() if proxy else None, bm.usage(), mm.busy_cores(), proxy)
+        if proxy is not None and len(proxy.procs) > 1:
+            # Several proxies on one path (a pair): the CPU of each, and its cost.
+            by_root = pm.cpu_by_root()
+            f["proxy_cpu_s_by_proc"] = {p.name: by_root.get(p.pid, 0.0) for p in proxy.procs}
+            f["cpu_cost_by_proc"] = {
+                p.name: self.cost(by_root.get(p.pid, 0.0), res) for p in proxy.procs
+            }
+        return f
 
     def figures(
         self,
@@ -335,6 +415,9 @@ class Scenario:
             parts.append(
                 f"proxy CPU {run['proxy_cpu_s']:.2f} s ({run['cpu_cost']:.2f} {self.cost_unit})"
             )
+            if run.get("cpu_cost_by_proc"):
+                split = " + ".join(f"{c:.2f}" for c in run["cpu_cost_by_proc"].values())
+                parts.append(f"= {split} (client + server)")
             parts.append(f"RSS {run['peak_rss_mb']:.1f} MB")
         if run["errors"]:
             parts.append(f"{run['errors']} errors")
@@ -343,11 +426,14 @@ class Scenario:
         return ", ".join(parts)
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median throughput (the lower middle one for an even count)."""
+def median_run(runs: list[dict[str, Any]], by: str = "throughput") -> dict[str, Any]:
+    """The run with the median ``by`` figure (the lower middle one for an even count);
+    throughput when some run lacks that figure (a direct row has no proxy CPU)."""
     if not runs:
         return {}
-    ordered = sorted(runs, key=lambda r: r["throughput"])
+    if any(r.get(by) is None for r in runs):
+        by = "throughput"
+    ordered = sorted(runs, key=lambda r: r[by])
     med = dict(ordered[(len(ordered) - 1) // 2])
     if len(runs) > 1:
         med["throughput_stdev"] = statistics.pstdev(r["throughput"] for r in runs)
@@ -361,10 +447,12 @@ def proxy_notes(server: Server, limit: int = 3) -> list[str]:
         return []
     out = []
     for proc in server.procs:
+        # Several proxies on one path (a pair): say which one.
+        who = f"{proc.name}: " if len(server.procs) > 1 else ""
         if proc.exit_code not in (0, None):
-            out.append(f"exit code {proc.exit_code} (expected 0 after SIGTERM)")
+            out.append(f"{who}exit code {proc.exit_code} (expected 0 after SIGTERM)")
         if proc.stop_s > SLOW_STOP_S:
-            out.append(f"took {proc.stop_s:.1f} s to exit after SIGTERM")
+            out.append(f"{who}took {proc.stop_s:.1f} s to exit after SIGTERM")
         try:
             lines = proc.log_path.read_text(errors="replace").splitlines()
         except OSError:
@@ -378,7 +466,7 @@ def proxy_notes(server: Server, limit: int = 3) -> list[str]:
         if bad:
             # Times and PIDs vary per run; without them equal notes collapse to one.
             sample = " | ".join(re.sub(r"^\[\s*[\d.]+s\]\s*", "", ln) for ln in bad[:limit])
-            out.append(f"{len(bad)} warning/error log line(s), e.g.: {sample[:500]}")
+            out.append(f"{who}{len(bad)} warning/error log line(s), e.g.: {sample[:500]}")
     return out
 
 
@@ -543,8 +631,238 @@ class H2c(Scenario):
         return self._h2load(ctx, port, ctx.seconds("http"))
 
 
+# --------------------------------------------------------------------------- pairs, balancing
+
+
+def _ok_row(rows: list[Row], label: str) -> Row | None:
+    return next((r for r in rows if r.label == label and r.status == "ok"), None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _check(requirement: str, figure: str, passed: bool | None) -> dict[str, Any]:
+    return {"requirement": requirement, "figure": figure, "pass": passed}
+
+
+def _per_round(a: Row | None, b: Row | None, key: str) -> list[float]:
+    """a's ``key`` / b's, round by round (rows run one after another within a round, so
+    the ratio of one round is less exposed to the machine's drifting load)."""
+    if a is None or b is None:
+        return []
+    bs = {r["round"]: r.get(key) for r in b.runs}
+    return [r[key] / bs[r["round"]] for r in a.runs if r.get(key) and bs.get(r["round"])]
+
+
+def _rounds_text(ratios: list[float], fmt: str) -> str:
+    return "; per round: " + ", ".join(format(x, fmt) for x in ratios) if len(ratios) > 1 else ""
+
+
+PAIR_PLAIN, PAIR_MTLS = "pair plaintext", "pair mTLS"
+
+
+class PairScenario(Scenario):
+    """Rows through two proxies: the ratios of every row to the plaintext pair."""
+
+    extra_columns = (
+        ("vs plaintext", "x_plaintext", "x"),
+        ("CPU vs plaintext", "cost_x_plaintext", "x"),
+        ("CPU client + server", "cpu_cost_by_proc", "split"),
+    )
+    cost_ref = ("cost_x_plaintext", "pair plaintext")
+
+    def pair_paths(self, upstream: str, http: bool) -> list[Path]:
+        return [
+            MeshproxyPair(PAIR_PLAIN, "meshproxy", upstream, mtls=False, http=http),
+            MeshproxyPair(PAIR_MTLS, "meshproxy", upstream, mtls=True, http=http),
+        ]
+
+    def derive(self, rows: list[Row]) -> None:
+        self.checks = []
+        plain = _ok_row(rows, PAIR_PLAIN)
+        pm = plain.metrics if plain else {}
+        for r in rows:
+            if r.status == "ok":
+                r.metrics["x_plaintext"] = _ratio(r.metrics.get("throughput"), pm.get("throughput"))
+                r.metrics["cost_x_plaintext"] = _ratio(
+                    r.metrics.get("cpu_cost"), pm.get("cpu_cost")
+                )
+                r.metrics["x_plaintext_rounds"] = _per_round(r, plain, "throughput")
+                r.metrics["cost_x_plaintext_rounds"] = _per_round(r, plain, "cpu_cost")
+
+    def check_counters(self, run: dict[str, Any]) -> str | None:
+        note = super().check_counters(run)
+        if note is None and "mTLS" in run.get("proxy_name", ""):
+            c, s = run.get("proxy_counters") or {}, run.get("server_proxy_counters") or {}
+            if not c.get("connected_tls") or not s.get("accepted_tls"):
+                note = (
+                    f"mTLS not seen in the metrics: client opened {c.get('connected_tls', 0):.0f} "
+                    f"TLS connection(s), server accepted {s.get('accepted_tls', 0):.0f}"
+                )
+        return note
+
+
+class H1MtlsPair(PairScenario, H1KeepAlive):
+    name = "h1-mtls-pair"
+    family = "pair"
+    title = "HTTP/1.1 keep-alive through a proxy pair, plaintext vs mTLS (wrk -t1 -c50)"
+
+    def paths(self, ctx: Ctx) -> list[Path]:
+        return [Direct("h1"), *self.pair_paths("h1", http=True)]
+
+    def derive(self, rows: list[Row]) -> None:
+        super().derive(rows)
+        mtls = _ok_row(rows, PAIR_MTLS)
+        m = mtls.metrics if mtls else {}
+        x, cx = m.get("x_plaintext"), m.get("cost_x_plaintext")
+        self.checks = [
+            _check(
+                "mTLS pair RPS >= 70 % of the plaintext pair's",
+                "-"
+                if x is None
+                else f"{x:.1%} ({m['throughput']:,.0f} vs {m['throughput'] / x:,.0f} req/s, "
+                "median rows)" + _rounds_text(m.get("x_plaintext_rounds", []), ".1%"),
+                None if x is None else x >= 0.70,
+            ),
+            _check(
+                "mTLS pair CPU per request (both proxies) <= 1.5x the plaintext pair's",
+                "-"
+                if cx is None
+                else f"{cx:.2f}x ({m['cpu_cost']:.1f} vs {m['cpu_cost'] / cx:.1f} us/req, "
+                "median rows)" + _rounds_text(m.get("cost_x_plaintext_rounds", []), ".2f"),
+                None if cx is None else cx <= 1.5,
+            ),
+        ]
+
+
+class TcpMtlsPair(PairScenario, TcpThroughput):
+    name = "tcp-mtls-pair"
+    family = "pair"
+    title = "Opaque TCP through a proxy pair, plaintext vs mTLS (iperf3, 1 stream)"
+
+    def paths(self, ctx: Ctx) -> list[Path]:
+        return [Direct("iperf"), *self.pair_paths("iperf", http=False)]
+
+    def derive(self, rows: list[Row]) -> None:
+        super().derive(rows)
+        mtls = _ok_row(rows, PAIR_MTLS)
+        m = mtls.metrics if mtls else {}
+        gbps = m.get("throughput")
+        fig = "-"
+        if gbps is not None:
+            fig = f"{gbps:.2f} Gbit/s"
+            if m.get("x_direct") is not None:
+                fig += f"; {m['x_direct']:.2f}x direct"
+            if m.get("x_plaintext") is not None:
+                fig += f"; {m['x_plaintext']:.2f}x the plaintext pair"
+            if mtls is not None and len(mtls.runs) > 1:
+                fig += "; per round: " + ", ".join(f"{r['throughput']:.2f}" for r in mtls.runs)
+        self.checks = [
+            _check(
+                "one iperf3 stream over the mTLS pair >= 5 Gbit/s",
+                fig,
+                None if gbps is None else gbps >= 5.0,
+            )
+        ]
+
+
+BALANCE_ENDPOINTS = (1, 10, 100)
+BALANCE_ADDED_MAX_US = 3.0
+
+
+class BalanceEndpoints(H1KeepAlive):
+    """Per-request balancing (P2C, peak-EWMA) over 1, 10 and 100 endpoints: the CPU it
+    adds per request. One nginx worker listens on 100 ports, so every endpoint costs the
+    backend the same; the proxy's fallback is the service's VIP."""
+
+    name = "balance-endpoints"
+    family = "balance"
+    title = "HTTP/1.1 keep-alive to a service VIP with 1 / 10 / 100 endpoints (wrk -t1 -c50)"
+    min_repeat = 3  # a few-us difference in CPU per request: a true median of 3 rounds
+    median_by = "cpu_cost"
+    extra_columns = (
+        ("CPU vs 1 endpoint", "cost_x_1ep", "x"),
+        ("CPU added vs 1 endpoint (median of rounds)", "cost_added_vs_1ep", "us"),
+    )
+    cost_ref = ("cost_x_1ep", "1 endpoint")
+
+    @staticmethod
+    def label(n: int) -> str:
+        return f"{n} endpoint{'s' if n > 1 else ''}"
+
+    def backend(self, ctx: Ctx) -> ContextManager[Server]:
+        return servers.nginx_backend(ctx.env, h1_ports=max(BALANCE_ENDPOINTS))
+
+    def paths(self, ctx: Ctx) -> list[Path]:
+        return [
+            Direct("h1"),
+            *(
+                MeshproxyBalanced(self.label(n), "meshproxy", "h1", endpoints=n)
+                for n in BALANCE_ENDPOINTS
+            ),
+        ]
+
+    def derive(self, rows: list[Row]) -> None:
+        one = _ok_row(rows, self.label(1))
+        base = one.metrics.get("cpu_cost") if one else None
+        # Per round: this round's 1-endpoint run (rows run one after another in a round).
+        base_by_round = {r["round"]: r["cpu_cost"] for r in one.runs} if one else {}
+        self.checks = []
+        for r in rows:
+            if r.status != "ok" or r.kind == "direct":
+                continue
+            m = r.metrics
+            m["cost_x_1ep"] = _ratio(m.get("cpu_cost"), base)
+            # Per round, minus the same round's 1-endpoint run: the machine's load drifts
+            # between rounds (here the 1-endpoint cost alone has moved 110-190 us from one
+            # round to the next), much less within one. The figure is the median of those
+            # differences; the median row minus the median row is kept too, but those two
+            # rows may come from rounds far apart in load.
+            rounds = [
+                run["cpu_cost"] - base_by_round[run["round"]]
+                for run in r.runs
+                if run["round"] in base_by_round
+            ]
+            m["cost_added_vs_1ep_rounds"] = rounds
+            m["cost_added_vs_1ep"] = statistics.median(rounds) if rounds else None
+            m["cost_added_vs_1ep_rows"] = None if base is None else m["cpu_cost"] - base
+        for n in BALANCE_ENDPOINTS[1:]:
+            row = _ok_row(rows, self.label(n))
+            rm = row.metrics if row else {}
+            added = rm.get("cost_added_vs_1ep")
+            rounds = rm.get("cost_added_vs_1ep_rounds") or []
+            fig = "-" if added is None else f"{added:+.2f} us/req, median of rounds"
+            if len(rounds) > 1:
+                fig += " (" + ", ".join(f"{d:+.2f}" for d in rounds) + ")"
+            if rm.get("cost_added_vs_1ep_rows") is not None:
+                fig += (
+                    f"; median rows: {rm['cpu_cost']:.2f} vs {base:.2f} us/req "
+                    f"= {rm['cost_added_vs_1ep_rows']:+.2f}"
+                )
+            self.checks.append(
+                _check(
+                    f"CPU per request added by {n} endpoints over 1 <= {BALANCE_ADDED_MAX_US:g} us"
+                    + ("" if n == max(BALANCE_ENDPOINTS) else " (informational)"),
+                    fig,
+                    None
+                    if added is None or n != max(BALANCE_ENDPOINTS)
+                    else added <= BALANCE_ADDED_MAX_US,
+                )
+            )
+
+
 SCENARIOS: dict[str, type[Scenario]] = {
-    cls.name: cls for cls in (TcpThroughput, TcpChurn, H1KeepAlive, H2c)
+    cls.name: cls
+    for cls in (
+        TcpThroughput,
+        TcpChurn,
+        H1KeepAlive,
+        H2c,
+        H1MtlsPair,
+        TcpMtlsPair,
+        BalanceEndpoints,
+    )
 }
 
 

@@ -13,6 +13,7 @@ import http.client
 import os
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ http {{
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
     server {{
-        listen 127.0.0.1:{h1};
+        listen 127.0.0.1:{h1};{extra_listen}
         location / {{ return 200 "ok"; }}
     }}
     server {{
@@ -128,13 +129,25 @@ def _nginx_proc(env: Env, d: Path, conf: str, name: str, cpus: str | None) -> Pr
 
 
 @contextlib.contextmanager
-def nginx_backend(env: Env) -> Iterator[Server]:
+def nginx_backend(env: Env, h1_ports: int = 1) -> Iterator[Server]:
+    """``h1_ports`` > 1: the same h1 server also listens on that many ports in all, named
+    ``ep0`` (= ``h1``) .. ``ep{n-1}``: many endpoints, one worker, equal cost per request."""
     h1, h2c = env.ports.take(), env.ports.take()
+    extra = [env.ports.take() for _ in range(h1_ports - 1)]
     d = _dir(env, f"nginx-backend-{h1}")
-    conf = NGINX_BACKEND.format(dir=d, h1=h1, h2c=h2c, keepalive=KEEPALIVE_REQUESTS)
+    conf = NGINX_BACKEND.format(
+        dir=d,
+        h1=h1,
+        h2c=h2c,
+        keepalive=KEEPALIVE_REQUESTS,
+        extra_listen="".join(f"\n        listen 127.0.0.1:{p};" for p in extra),
+    )
     proc = _nginx_proc(env, d, conf, "nginx backend", env.load_cpus)
-    with _started(proc, [h1, h2c]):
-        yield Server("nginx backend", {"h1": h1, "h2c": h2c}, [proc])
+    ports = {"h1": h1, "h2c": h2c}
+    if h1_ports > 1:
+        ports.update({f"ep{i}": p for i, p in enumerate([h1, *extra])})
+    with _started(proc, [h1, h2c, *extra]):
+        yield Server("nginx backend", ports, [proc])
 
 
 # --------------------------------------------------------------------------- peers
@@ -265,8 +278,8 @@ def meshproxy_env(
         LINKERD2_PROXY_ADMIN_LISTEN_ADDR=f"127.0.0.1:{admin_port}",
         LINKERD2_PROXY_CORES=str(workers),
         LINKERD2_PROXY_LOG="warn",
-        # Plaintext between app and proxy and to the backend: no identity source here. (An
-        # mTLS scenario between two proxies will give each a certificate instead.)
+        # Plaintext between app and proxy and to the backend: no identity source here. (The
+        # mTLS pair, meshproxy_pair(), drops this and gives each proxy a certificate.)
         MESHPROXY_IDENTITY_DISABLED="true",
         PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p),
     )
@@ -315,14 +328,20 @@ def wait_ready(proc: Proc, admin_port: int, timeout: float = READY_TIMEOUT_S) ->
 
 @contextlib.contextmanager
 def meshproxy(
-    env: Env, upstream: int, workers: int = 1, pure: bool = False, opaque: bool = False
+    env: Env,
+    upstream: int,
+    workers: int = 1,
+    pure: bool = False,
+    opaque: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
     """``python -m proxy run`` with its outbound listener forwarding to ``upstream``
     (the fallback used when a connection was not redirected by iptables); ``opaque``
-    turns protocol detection off for that port."""
+    turns protocol detection off for that port; ``extra_env`` is added last."""
     out_port, in_port, admin = env.ports.take(), env.ports.take(), env.ports.take()
     d = _dir(env, f"meshproxy-{out_port}")
     penv = meshproxy_env(out_port, in_port, admin, upstream, workers, pure, env.repo, opaque)
+    penv.update(extra_env or {})
     cpus = env.proxy_cpus if workers == 1 else None
     proc = Proc(
         f"meshproxy {workers}w",
@@ -354,6 +373,8 @@ def meshproxy_counters(admin_port: int) -> dict[str, Any] | None:
         "connected": 0.0,
         "closed_with_errno": 0.0,
         "bytes_from_clients": 0.0,
+        "accepted_tls": 0.0,  # mTLS between proxies: connections terminated (inbound)
+        "connected_tls": 0.0,  # ... and originated (outbound)
     }
     errnos: dict[str, float] = {}
     for line in body.decode(errors="replace").splitlines():
@@ -367,6 +388,8 @@ def meshproxy_counters(admin_port: int) -> dict[str, Any] | None:
         src = 'peer="src"' in series
         if series.startswith("tcp_open_total{"):
             out["accepted" if src else "connected"] += v
+            if 'tls="true"' in series:
+                out["accepted_tls" if src else "connected_tls"] += v
         elif series.startswith("tcp_close_total{") and 'errno=""' not in series:
             out["closed_with_errno"] += v
             m = re.search(r'errno="([^"]*)"', series)
@@ -376,3 +399,112 @@ def meshproxy_counters(admin_port: int) -> dict[str, Any] | None:
             out["bytes_from_clients"] += v
     out["errnos"] = errnos  # "src|dst:ERRNO" -> count (src = the client side)
     return out
+
+
+# --------------------------------------------------------------------------- a pair
+
+
+PAIR_CLIENT_ID = "client.bench.serviceaccount.identity.linkerd.cluster.local"
+PAIR_SERVER_ID = "server.bench.serviceaccount.identity.linkerd.cluster.local"
+
+
+def pair_identities(env: Env) -> dict[str, dict[str, str]]:
+    """A CA for this run (``python -m proxy identity init``) and a leaf for each proxy of a
+    pair (``identity issue``), made once per run; the file-identity variables of each."""
+    base = env.tmp / "identity"
+    out: dict[str, dict[str, str]] = {}
+    penv = {k: v for k, v in os.environ.items() if not k.startswith(("LINKERD2_", "MESHPROXY_"))}
+    penv["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(env.repo), os.environ.get("PYTHONPATH", "")) if p
+    )
+    cmds = [] if (base / "ca").is_dir() else [["init", "--dir", str(base / "ca")]]
+    cmds += [
+        ["issue", "--dir", str(base / "ca"), "--name", name, "--out", str(base / role)]
+        for role, name in (("client", PAIR_CLIENT_ID), ("server", PAIR_SERVER_ID))
+        if not (base / role / "cert.pem").is_file()
+    ]
+    for cmd in cmds:
+        cp = subprocess.run(
+            [env.python, "-m", "proxy", "identity", *cmd],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=penv,
+            cwd=str(env.repo),
+        )
+        if cp.returncode != 0:
+            raise RuntimeError(
+                f"meshproxy identity {cmd[0]} failed: {(cp.stderr or cp.stdout)[-300:]}"
+            )
+    for role, name in (("client", PAIR_CLIENT_ID), ("server", PAIR_SERVER_ID)):
+        d = base / role
+        out[role] = {
+            "MESHPROXY_IDENTITY_CERT_FILE": str(d / "cert.pem"),
+            "MESHPROXY_IDENTITY_KEY_FILE": str(d / "key.pem"),
+            "LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS": (d / "roots.pem").read_text(),
+            "LINKERD2_PROXY_IDENTITY_LOCAL_NAME": name,
+        }
+    return out
+
+
+@contextlib.contextmanager
+def meshproxy_pair(
+    env: Env, upstream: int, mtls: bool, opaque: bool = False, pure: bool = False
+) -> Iterator[Server]:
+    """Two single-worker meshproxies in a row, as between two pods: load -> client proxy's
+    outbound -> server proxy's inbound -> ``upstream``.
+
+    Plaintext: both with ``MESHPROXY_IDENTITY_DISABLED=true``, the client's fallback is the
+    server's inbound port. mTLS: each proxy has a file identity from this run's CA, and the
+    client's discovery file names the server's inbound address as an endpoint with the
+    server's identity, so the client originates mTLS to it (SNI = that identity) and the
+    server terminates it. ``opaque``: the client skips protocol detection for that port
+    (the server still peeks the ClientHello and detects inside TLS: iperf3 speaks first).
+    The Server's procs are [client, server]; ``admin`` is the client's admin port."""
+    s_out, s_in, s_admin = env.ports.take(), env.ports.take(), env.ports.take()
+    c_out, c_in, c_admin = env.ports.take(), env.ports.take(), env.ports.take()
+    d = _dir(env, f"meshproxy-pair-{c_out}")
+    ids = pair_identities(env) if mtls else None
+    s_env = meshproxy_env(s_out, s_in, s_admin, upstream, 1, pure, env.repo)
+    s_env["MESHPROXY_INBOUND_FALLBACK_ADDR"] = f"127.0.0.1:{upstream}"
+    c_env = meshproxy_env(c_out, c_in, c_admin, s_in, 1, pure, env.repo, opaque)
+    if ids is not None:
+        del s_env["MESHPROXY_IDENTITY_DISABLED"], c_env["MESHPROXY_IDENTITY_DISABLED"]
+        s_env.update(ids["server"])
+        c_env.update(ids["client"])
+        disco = d / "discovery.toml"
+        disco.write_text(
+            '[[services]]\nauthority = "server.bench.svc.cluster.local"\nport = 80\n'
+            f'[[services.endpoints]]\naddr = "127.0.0.1:{s_in}"\nidentity = "{PAIR_SERVER_ID}"\n'
+        )
+        c_env["MESHPROXY_DISCOVERY_FILE"] = str(disco)
+    kind = "mTLS" if mtls else "plaintext"
+    server = Proc(
+        f"meshproxy pair server ({kind})",
+        [env.python, "-m", "proxy", "run"],
+        d / "server.log",
+        env=s_env,
+        cwd=str(env.repo),
+        cpus=env.proxy_cpus,
+    )
+    client = Proc(
+        f"meshproxy pair client ({kind})",
+        [env.python, "-m", "proxy", "run"],
+        d / "client.log",
+        env=c_env,
+        cwd=str(env.repo),
+        cpus=env.proxy_cpus,
+    )
+    try:
+        server.start()
+        client.start()
+        wait_ready(server, s_admin)
+        wait_ready(client, c_admin)
+        yield Server(
+            f"meshproxy pair {kind}",
+            {"front": c_out, "admin": c_admin, "server_admin": s_admin, "server_inbound": s_in},
+            [client, server],
+        )
+    finally:
+        client.stop()
+        server.stop()

@@ -210,6 +210,7 @@ class H1Exchange:
         "server", "head", "metrics", "upstream", "held", "held_size", "request_done", "response_head", "response_done",
         "client_keep_alive", "response_chunked", "connect_task", "timer", "early", "retried", "close_after",
         "required_id", "endpoint", "load_handle", "backend", "retry_body", "retry_size", "retries", "discarding",
+        "route_labels", "route_started", "in_flight",
     )
 
     def __init__(self, server: Http1Server, head: h1.RequestHead) -> None:
@@ -237,11 +238,23 @@ class H1Exchange:
         self.retry_size = 0
         self.retries = 0
         self.discarding = False  # the response being read is a failure that will be retried
+        self.route_labels: tuple[str, str, str] | None = None  # (direction, dst, rt_route) of a profile route
+        self.route_started = 0.0
+        self.in_flight = False
 
     # -- request side
     def start(self) -> None:
         server = self.server
         route = server.route
+        limit = server.in_flight_limit
+        if limit is not None:
+            if limit[0] >= limit[1]:
+                # Past max-in-flight: shed load at once (503, ref 3.5) rather than queue without bound.
+                self.metrics = Exchange(server.metrics, route, grpc=False)
+                self.fail(errors.LOADSHED.because(f"max in-flight requests ({limit[1]}) reached"))
+                return
+            limit[0] += 1
+            self.in_flight = True
         if route.direction == "outbound":
             self.required_id = self.take_header(b"l5d-require-id")
             logical = route.backend
@@ -251,6 +264,11 @@ class H1Exchange:
                 service = logical.service
                 profile = service.route_for(self.head.method, self.head.target) if service is not None else None
                 if profile is not None:
+                    self.route_labels = ("outbound", logical.name, profile.name)
+                    m = server.metrics
+                    m.route_request_total.labels(*self.route_labels).value += 1
+                    m.route_actual_request_total.labels(*self.route_labels).value += 1
+                    self.route_started = server.loop.time()
                     if profile.timeout is not None and self.timer is None:
                         self.timer = server.loop.call_later(profile.timeout, self.timed_out)
                     if profile.is_retryable and not self.head.upgrade:
@@ -460,6 +478,8 @@ class H1Exchange:
         self.load_done(rtt=True)
         if self.backend is not None and self.backend.budget is not None:
             self.backend.budget.deposit(self.server.loop.time())
+        if self.route_labels is not None:
+            self.route_done(head.status)
         assert self.metrics is not None
         self.metrics.response_head(head.status)
         switching = head.status == 101 or (self.head.method == b"CONNECT" and 200 <= head.status < 300)
@@ -477,12 +497,33 @@ class H1Exchange:
         reason = head.reason or STATUS_REASONS.get(head.status, b"")
         server.write(h1.encode_head(b"HTTP/1.1 %d %s" % (head.status, reason), headers))
 
+    def route_done(self, status: int) -> None:
+        m = self.server.metrics
+        labels, self.route_labels = self.route_labels, None
+        assert labels is not None
+        code = str(status)
+        m.route_response_total.labels(*labels, code, "failure" if status >= 500 else "success").value += 1
+        m.route_response_latency_ms.labels(*labels, code).observe((self.server.loop.time() - self.route_started) * 1000.0)
+
+    def release_in_flight(self) -> None:
+        if self.in_flight:
+            self.in_flight = False
+            self.server.in_flight_limit[0] -= 1
+
     def should_retry(self) -> bool:
         """A failure on a retryable route: send the request again if the budget allows (ref 10.2)."""
         budget = self.backend.budget if self.backend is not None else None
         now = self.server.loop.time()
-        if not self.request_done or self.retries >= MAX_RETRIES or budget is None or not budget.try_withdraw(now):
+        if not self.request_done or self.retries >= MAX_RETRIES or budget is None:
             return False
+        if not budget.try_withdraw(now):
+            if self.route_labels is not None:
+                self.server.metrics.route_retryable_total.labels(*self.route_labels, "no_budget").value += 1
+            return False
+        if self.route_labels is not None:
+            m = self.server.metrics
+            m.route_retryable_total.labels(*self.route_labels, "").value += 1
+            m.route_actual_request_total.labels(*self.route_labels).value += 1
         conn = self.upstream
         if conn is not None:
             conn.exchange = None
@@ -581,6 +622,8 @@ class H1Exchange:
             self.timer = None
         assert self.metrics is not None
         server = self.server
+        if self.route_labels is not None:
+            self.route_done(err.status)
         if self.response_head is None:
             self.metrics.response_head(err.status)
             self.metrics.proxy_error(err)
@@ -597,6 +640,7 @@ class H1Exchange:
 
     def abandon(self) -> None:
         """The client went away."""
+        self.release_in_flight()
         self.load_done(rtt=False)
         if self.timer is not None:
             self.timer.cancel()
@@ -618,8 +662,10 @@ class Http1Server:
     """One client connection speaking HTTP/1.x."""
 
     def __init__(self, route: HttpRoute, metrics: Any, clients: Clients, pure: bool, max_head: int, pool_idle: float,
-                 max_idle: int, live: set[Any], relay_factory: Any, src: Any = None, local: Any = None) -> None:
+                 max_idle: int, live: set[Any], relay_factory: Any, src: Any = None, local: Any = None,
+                 in_flight_limit: list[int] | None = None) -> None:
         self.local = local
+        self.in_flight_limit = in_flight_limit  # [requests in flight, max] shared by the direction's connections
         self.route = route
         self.src = src  # server-side TCP series of this connection (tcp_* metrics)
         self.metrics = metrics
@@ -745,6 +791,7 @@ class Http1Server:
                 self.transport.resume_reading()
 
     def exchange_done(self, ex: H1Exchange) -> None:
+        ex.release_in_flight()
         if self.queue and self.queue[0] is ex:
             self.queue.pop(0)
         if not ex.client_keep_alive or self.draining or self.switched:

@@ -32,6 +32,8 @@ class HttpStage:
         self.pure = pure
         self.clients = Clients(config)
         self.live: set[Any] = set()
+        # Requests in flight per direction, against LINKERD2_PROXY_*_MAX_IN_FLIGHT (then 503, load shed).
+        self.in_flight = {"inbound": [0, config.inbound_max_in_flight], "outbound": [0, config.outbound_max_in_flight]}
         self.h2_settings = {d: H2Settings.from_config(config, d) for d in ("inbound", "outbound")} if H2Settings else {}
 
     @property
@@ -44,7 +46,8 @@ class HttpStage:
     def serve_http1(self, transport: Any, route: HttpRoute, prefix: bytes, src: Any) -> None:
         pool_idle = self.config.inbound_http1_pool_idle_timeout if route.direction == "inbound" else self.config.outbound_http1_pool_idle_timeout
         server = Http1Server(route, self.metrics, self.clients, self.pure, self.config.http_max_head_size, pool_idle,
-                             self.config.max_idle_conns_per_endpoint, self.live, self._relay_factory, src, self.local)
+                             self.config.max_idle_conns_per_endpoint, self.live, self._relay_factory, src, self.local,
+                             self.in_flight[route.direction])
         transport.set_protocol(server)
         server.connection_made(transport)
         transport.resume_reading()

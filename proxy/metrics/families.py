@@ -54,6 +54,13 @@ class ProxyMetrics:
         self.inbound_http_authz_deny_total = r.add(Counter("inbound_http_authz_deny_total", "The total number of inbound HTTP requests that could not be processed due to a proxy error", authz + ("route_group", "route_kind", "route_name", "tls", "client_id")))
         self.inbound_tcp_authz_allow_total = r.add(Counter("inbound_tcp_authz_allow_total", "The total number of inbound TCP connections that were authorized", authz + ("authz_group", "authz_kind", "authz_name", "tls", "client_id")))
         self.inbound_tcp_authz_deny_total = r.add(Counter("inbound_tcp_authz_deny_total", "The total number of inbound TCP connections that were denied", authz + ("tls", "client_id")))
+        # Route metrics of service profiles (ref 7.1): the logical destination and the route's name.
+        route = ("direction", "dst", "rt_route")
+        self.route_request_total = r.add(Counter("route_request_total", "Total count of HTTP requests", route))
+        self.route_response_total = r.add(Counter("route_response_total", "Total count of HTTP responses", route + ("status_code", "classification")))
+        self.route_response_latency_ms = r.add(Histogram("route_response_latency_ms", "Elapsed times between a request's headers being received and its response stream completing", route + ("status_code",), LATENCY_MS_BUCKETS))
+        self.route_actual_request_total = r.add(Counter("route_actual_request_total", "Total count of HTTP requests sent, retries included", route))
+        self.route_retryable_total = r.add(Counter("route_retryable_total", "Total count of retryable HTTP responses", route + ("skipped",)))
         # meshproxy extension: the event loop's task count, to see that abandoned requests leave nothing behind.
         self.process_asyncio_tasks = r.add(Gauge("meshproxy_asyncio_tasks", "Number of asyncio tasks alive in the workers", ()))
         self.outbound_tcp_errors_total = r.add(Counter("outbound_tcp_errors_total", "The total number of outbound TCP connections that could not be processed due to a proxy error", ("error", "target_addr", "target_ip", "target_port")))

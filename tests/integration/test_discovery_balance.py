@@ -276,3 +276,29 @@ def test_an_80_20_traffic_split_lands_within_5_points(tmp_path):
         proxy.stop()
         v1.close()
         v2.close()
+
+
+@pytest.mark.timeout(60)
+def test_max_in_flight_sheds_load_and_route_metrics_count(tmp_path):
+    """Past LINKERD2_PROXY_OUTBOUND_MAX_IN_FLIGHT the proxy answers 503 at once; profile routes are counted."""
+    delay = [0.5]
+    slow = endpoint("slow", delay)
+    vip = vip_port()
+    disc = tmp_path / "d.toml"
+    disc.write_text(f'[[services]]\nauthority = "web.default.svc.cluster.local"\nport = 80\nvip = "127.0.0.1:{vip}"\n'
+                    f'[[services.routes]]\nname = "all-gets"\nmethod = "GET"\n'
+                    f'[[services.endpoints]]\naddr = "127.0.0.1:{slow.port}"\n')
+    proxy = make_proxy(MESHPROXY_DISCOVERY_FILE=str(disc), MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{vip}",
+                       LINKERD2_PROXY_OUTBOUND_MAX_IN_FLIGHT="2").start()
+    try:
+        results = get_many(f"http://127.0.0.1:{proxy.outbound}/", 6, 6)  # 6 at once, 2 may be in flight
+        statuses = sorted(status for status, _ in results)
+        assert statuses.count(200) >= 2 and statuses.count(503) >= 2, statuses
+        text = proxy.metrics()
+        assert metric_value(text, "outbound_http_errors_total", error="loadshed") == statuses.count(503)
+        # Shed requests are refused before routing (as Linkerd's server-level load shed): the route counts the rest.
+        assert metric_value(text, "route_request_total", dst="web.default.svc.cluster.local:80", rt_route="all-gets") == statuses.count(200)
+        assert metric_value(text, "route_response_total", rt_route="all-gets", status_code="200") == statuses.count(200)
+    finally:
+        proxy.stop()
+        slow.close()

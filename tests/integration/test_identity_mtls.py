@@ -12,7 +12,7 @@ import time
 import pytest
 
 from proxy.tls import ca
-from tests.support import ThreadedServer, http_get, make_proxy, metric_value, recv_all, wait_until
+from tests.support import ThreadedServer, http_get, make_proxy, metric_value, recv_all, wait_until  # noqa: F401
 
 TRUST_DOMAIN = "cluster.local"
 SERVER_ID = "web.default.serviceaccount.identity.linkerd.cluster.local"
@@ -222,3 +222,38 @@ def test_run_refuses_to_start_without_an_identity_source():
     proxy = make_proxy(MESHPROXY_IDENTITY_DISABLED="false")
     result = subprocess.run([os.sys.executable, "-m", "proxy", "run"], env=proxy.env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 64 and "no identity source" in result.stderr
+
+
+def test_an_opaque_stream_across_the_mtls_hop_ends_cleanly(tmp_path, issuer):
+    """Client sends 8 MiB and closes: the app gets every byte and the end; no connection stays open;
+    SIGTERM then exits at once (a half-close cannot cross TLS: it becomes a close)."""
+    import hashlib
+
+    payload = os.urandom(8 << 20)
+    got = {}
+
+    def sink(conn):
+        got["sha"] = hashlib.sha256(recv_all(conn)).hexdigest()
+
+    app = ThreadedServer(sink)
+    server = make_proxy(MESHPROXY_INBOUND_FALLBACK_ADDR=f"127.0.0.1:{app.port}", **write_identity(tmp_path / "s", issuer, SERVER_ID)).start()
+    discovery = tmp_path / "discovery.toml"
+    discovery.write_text(f'[[services]]\nauthority = "sink.default.svc.cluster.local"\nport = 80\n'
+                         f'[[services.endpoints]]\naddr = "127.0.0.1:{server.inbound}"\nidentity = "{SERVER_ID}"\nprotocol = "opaque"\n')
+    client = make_proxy(MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{server.inbound}", MESHPROXY_DISCOVERY_FILE=str(discovery),
+                        **write_identity(tmp_path / "c", issuer, CLIENT_ID)).start()
+    try:
+        with socket.create_connection(("127.0.0.1", client.outbound), timeout=20) as c:
+            c.sendall(payload)
+        wait_until(lambda: "sha" in got, 20, what="the app to read to the end")
+        assert got["sha"] == hashlib.sha256(payload).hexdigest()
+        for proxy, direction in ((client, "outbound"), (server, "inbound")):
+            wait_until(lambda p=proxy, d=direction: metric_value(p.metrics(), "tcp_open_connections", direction=d, peer="src") == 0, 10,
+                       what=f"{direction} connections closed")
+        started = time.monotonic()
+        assert client.stop() == 0 and server.stop() == 0
+        assert time.monotonic() - started < 5
+    finally:
+        client.stop()
+        server.stop()
+        app.close()
