@@ -308,6 +308,9 @@ VARIABLES: tuple[Variable, ...] = (
     V(L + "SHUTDOWN_ENDPOINT_ENABLED", "shutdown_endpoint_enabled", parse_bool, False),
     V(L + "METRICS_RETAIN_IDLE", "metrics_retain_idle", parse_duration, 600.0),  # 10 min (ref 7)
     V(L + "INGRESS_MODE", "ingress_mode", parse_bool, False),
+    # DNS: getaddrinfo shows no TTL, so names are re-resolved every 5 s (Kubernetes' DNS TTL), clamped by these.
+    V(L + "DNS_MIN_TTL", "dns_min_ttl", parse_duration, None),
+    V(L + "DNS_MAX_TTL", "dns_max_ttl", parse_duration, None),
     # Workers (ref 1.2): one unless asked; the cgroup quota caps it.
     V(L + "CORES", "cores", parse_int, None),
     V(L + "CORES_MIN", "cores_min", parse_int, None),

@@ -98,17 +98,18 @@ def endpoint_labels(ep: Any, authority: str | None, meshed: bool) -> tuple[tuple
 def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
           discovery: StaticDiscovery | None = None, local: LocalIdentity | None = None) -> Acceptor:
     informational = not config.ingress_mode  # ref 1.5: OUTBOUND_DISABLE_INFORMATIONAL_HEADERS defaults to ingress mode
-    backends = Backends(config.zone, config.outbound_http_queue_capacity, config.outbound_http_failfast_timeout)
+    dns_refresh = max(config.dns_min_ttl or 0.0, min(config.dns_max_ttl or 5.0, 5.0))
+    backends = Backends(config.zone, config.outbound_http_queue_capacity, config.outbound_http_failfast_timeout, dns_refresh)
 
     def by_name(authority: str) -> Any:
         """Ingress mode (ref 3.10): the backend of a service named name:port, or None."""
         if discovery is None:
-            return None
+            return backends.dns(authority)
         if hasattr(discovery, "backend_for_name"):
             return discovery.backend_for_name(authority)
         found = discovery.resolve_name(authority)
         if found is None or found.service is None:
-            return None
+            return backends.dns(authority)  # not in the file: resolved by DNS (SPEC 6)
         return backends.get(found.service.name, found.endpoints, discovery.version, found.service, discovery)
     results, durations = metrics.outbound_tcp_detect_http_results_total, metrics.outbound_tcp_detect_http_duration_seconds
 
@@ -148,5 +149,7 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
             return
         detect.start(conn, core_detect.detect_http, detected, config.outbound_detect_timeout, core_detect.HTTP_DETECT_LIMIT, http.live)
 
-    return Acceptor("outbound", route(config, discovery, local, backends), config.outbound_connect_timeout, metrics, tracker,
-                    server_labels, client_labels, metrics.outbound_tcp_errors_total, dispatch, local)
+    acceptor = Acceptor("outbound", route(config, discovery, local, backends), config.outbound_connect_timeout, metrics, tracker,
+                        server_labels, client_labels, metrics.outbound_tcp_errors_total, dispatch, local)
+    acceptor.backends = backends  # type: ignore[attr-defined]  # the worker sweeps idle ones
+    return acceptor

@@ -167,6 +167,16 @@ class Worker:
         outbound_forwarder = outbound.build(self.config, self.metrics, self.tracker, self.http, self.discovery, self.local)
         for sock in out_socks:
             self.servers.append(await loop.create_server(outbound_forwarder, sock=sock))
+        loop.create_task(self._evict_idle(outbound_forwarder.backends))
+        backends = outbound_forwarder.backends
+
+        def count_backends() -> None:
+            held = len(backends.by_name)
+            for table in ("entries", "by_name"):
+                held += len(getattr(self.discovery, table, ()) or ()) if not isinstance(self.discovery, StaticDiscovery) else 0
+            self.metrics.outbound_backends.labels().value = held
+
+        self.metrics.registry.before_snapshot.append(count_backends)
 
         self.ready = True  # until identity exists, ready = listening (ref 9)
         if self.channel is not None:
@@ -178,6 +188,18 @@ class Worker:
 
         await self.stopping.wait()
         return await self.drain()
+
+    async def _evict_idle(self, backends: Any) -> None:
+        """Per-destination state unused for the discovery idle timeout is dropped (ref 3.1)."""
+        idle = self.config.outbound_discovery_idle_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.5, min(5.0, idle / 2)))
+            now = loop.time()
+            backends.sweep(now, idle)
+            sweep = getattr(self.discovery, "sweep", None)
+            if sweep is not None:
+                sweep(now, idle)
 
     async def _log_waiting(self) -> None:
         while True:

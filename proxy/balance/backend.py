@@ -17,10 +17,13 @@ from proxy.balance.budget import RetryBudget
 from proxy.balance.queue import Queue
 from proxy.balance.split import WeightedSplit
 from proxy.discovery.static import Endpoint
+from proxy.log import get_logger
+
+log = get_logger("proxy.balance.backend")
 
 
 class Backend:
-    __slots__ = ("name", "balancer", "queue", "version", "labels", "service", "budget", "split")
+    __slots__ = ("name", "balancer", "queue", "version", "labels", "service", "budget", "split", "last_used", "dns_task")
 
     def __init__(self, name: str, zone: str, capacity: int, failfast_timeout: float) -> None:
         self.name = name
@@ -34,6 +37,8 @@ class Backend:
         self.balancer.on_ready = self.queue.notify_ready
         self.version = -1
         self.labels: dict[Any, Any] = {}  # per-endpoint metric labels, built once
+        self.last_used = asyncio.get_running_loop().time()
+        self.dns_task: asyncio.Task[None] | None = None
 
     def refresh(self, endpoints: Iterable[Endpoint], version: int, service: Any = None) -> bool:
         if version == self.version:
@@ -57,10 +62,22 @@ class Backend:
         return self.split.pick(rng, lambda b: b.queue.failfast.state(asyncio.get_running_loop().time()) != "failfast") or self
 
     def pick_now(self) -> EndpointState | None:
-        return self.balancer.pick(asyncio.get_running_loop().time(), self.queue.rng)
+        now = asyncio.get_running_loop().time()
+        self.last_used = now
+        return self.balancer.pick(now, self.queue.rng)
 
     async def acquire(self) -> EndpointState:
+        self.last_used = asyncio.get_running_loop().time()
         return await self.queue.acquire(self.balancer)
+
+    def idle(self, now: float, timeout: float) -> bool:
+        """Unused for ``timeout`` and nothing in flight or queued: its state can go (ref 3.1)."""
+        return (now - self.last_used > timeout and not len(self.queue)
+                and not any(ep.load.pending for ep in self.balancer.endpoints()))
+
+    def close(self) -> None:
+        if self.dns_task is not None:
+            self.dns_task.cancel()
 
     def failed(self, ep: EndpointState) -> None:
         """The endpoint could not be reached: back off from it (ref 1.5 defaults)."""
@@ -68,11 +85,46 @@ class Backend:
 
 
 class Backends:
-    def __init__(self, zone: str, capacity: int, failfast_timeout: float) -> None:
+    def __init__(self, zone: str, capacity: int, failfast_timeout: float, dns_refresh: float = 5.0) -> None:
         self.zone = zone
         self.capacity = capacity
         self.failfast_timeout = failfast_timeout
+        self.dns_refresh = dns_refresh
         self.by_name: dict[str, Backend] = {}
+
+    def sweep(self, now: float, idle_timeout: float) -> int:
+        """Drop the backends nobody used for ``idle_timeout``; returns how many went."""
+        gone = [name for name, b in self.by_name.items() if b.idle(now, idle_timeout)]
+        for name in gone:
+            self.by_name.pop(name).close()
+        return len(gone)
+
+    def dns(self, authority: str) -> Backend:
+        """A name the discovery file does not know: its endpoints are its DNS addresses,
+        re-resolved every ``dns_refresh`` seconds (getaddrinfo shows no TTL; see config)."""
+        backend = self.by_name.get(authority)
+        if backend is None:
+            backend = self.by_name[authority] = Backend(authority, self.zone, self.capacity, self.failfast_timeout)
+            backend.dns_task = asyncio.get_running_loop().create_task(self._resolve_forever(backend, authority))
+        return backend
+
+    async def _resolve_forever(self, backend: Backend, authority: str) -> None:
+        import socket
+
+        from proxy.config import Addr
+
+        host, _, port = authority.rpartition(":")
+        host = host.strip("[]")
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+                addrs = sorted({Addr(info[4][0], info[4][1]) for info in infos}, key=str)
+                backend.balancer.update([Endpoint(a) for a in addrs], now=loop.time())
+                backend.labels.clear()
+            except (OSError, ValueError, UnicodeError) as exc:
+                log.info("DNS resolution failed; keeping the last addresses", name=authority, error=str(exc))
+            await asyncio.sleep(self.dns_refresh)
 
     def get(self, name: str, endpoints: Iterable[Endpoint], version: int, service: Any = None, discovery: Any = None) -> Backend:
         backend = self.by_name.get(name)

@@ -102,6 +102,18 @@ class ControlPlaneDiscovery:
             watch(str(dst))
         return entry
 
+    def sweep(self, now: float, idle_timeout: float) -> int:
+        """Close the watches of destinations unused for ``idle_timeout`` (ref 3.1: 5 s outbound)."""
+        gone = 0
+        for table in (self.entries, self.by_name):
+            for key in [k for k, e in table.items() if e.backend.idle(now, idle_timeout)]:
+                entry = table.pop(key)
+                for w in (entry.profile_watch, entry.endpoint_watch):
+                    if w is not None:
+                        w.close()
+                gone += 1
+        return gone
+
     async def close(self) -> None:
         for entry in [*self.entries.values(), *self.by_name.values()]:
             if entry.profile_watch is not None:

@@ -62,5 +62,6 @@ class ProxyMetrics:
         self.route_actual_request_total = r.add(Counter("route_actual_request_total", "Total count of HTTP requests sent, retries included", route))
         self.route_retryable_total = r.add(Counter("route_retryable_total", "Total count of retryable HTTP responses", route + ("skipped",)))
         # meshproxy extension: the event loop's task count, to see that abandoned requests leave nothing behind.
+        self.outbound_backends = r.add(Gauge("meshproxy_outbound_backends", "Logical destinations whose discovery and balancer state is held", ()))
         self.process_asyncio_tasks = r.add(Gauge("meshproxy_asyncio_tasks", "Number of asyncio tasks alive in the workers", ()))
         self.outbound_tcp_errors_total = r.add(Counter("outbound_tcp_errors_total", "The total number of outbound TCP connections that could not be processed due to a proxy error", ("error", "target_addr", "target_ip", "target_port")))

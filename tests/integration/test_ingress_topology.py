@@ -78,3 +78,40 @@ def test_traffic_stays_in_zone_while_an_in_zone_endpoint_is_ready(tmp_path):
         proxy.stop()
         for e in (local, far1, far2):
             e.close()
+
+
+def test_ingress_names_not_in_the_file_resolve_by_dns_and_idle_state_is_evicted(tmp_path):
+    seen: list[bytes] = []
+    app = ThreadedServerDual(seen)
+    disc = tmp_path / "d.toml"
+    disc.write_text("")  # knows no service: names go to DNS
+    proxy = make_proxy(LINKERD2_PROXY_INGRESS_MODE="true", MESHPROXY_DISCOVERY_FILE=str(disc),
+                       MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{vip_port()}",
+                       LINKERD2_PROXY_OUTBOUND_DISCOVERY_IDLE_TIMEOUT="1s").start()
+    try:
+        reply = raw_get(proxy.outbound, f"localhost:{app.port}")  # resolved by DNS (getaddrinfo)
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"dns"), reply
+        from tests.support import metric_value, wait_until
+        assert metric_value(proxy.metrics(), "meshproxy_outbound_backends") == 1
+        # Unused for the discovery idle timeout: the destination's state is dropped (ref 3.1).
+        wait_until(lambda: metric_value(proxy.metrics(), "meshproxy_outbound_backends") == 0, 10, interval=0.3,
+                   what="the idle destination to be evicted")
+        reply = raw_get(proxy.outbound, f"localhost:{app.port}")  # and comes back on the next request
+        assert reply.endswith(b"dns")
+    finally:
+        proxy.stop()
+        app.close()
+
+
+def ThreadedServerDual(seen: list):  # noqa: N802 - a factory named like the class it builds
+    """An HTTP server on [::] (dual stack), so "localhost" answers on 127.0.0.1 and ::1."""
+    def handler(conn):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        seen.append(data)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\ndns")
+    return ThreadedServer(handler, host="::")
