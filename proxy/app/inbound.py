@@ -18,6 +18,7 @@ from typing import Any
 
 from proxy.config import Addr, Config
 from proxy.core import detect as core_detect
+from proxy.core import transport_header
 from proxy.core.policy import allows as policy_allows
 from proxy.http.server import HttpStage
 from proxy.http.stack import HttpRoute
@@ -43,6 +44,8 @@ def route(config: Config) -> Any:
         if not conn.redirected:
             if fallback is not None:
                 return Target(fallback)
+            if conn.orig_dst.port == inbound_port:
+                return Target(conn.orig_dst)  # a direct connection: it must carry a transport header (ref 3.7)
             return "not redirected and no MESHPROXY_INBOUND_FALLBACK_ADDR"
         if conn.orig_dst.port == inbound_port:
             return "loop to own inbound port"
@@ -139,9 +142,26 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
         if ours:
             from proxy.tls.credentials import peer_identity
 
+            ssl_object = transport.get_extra_info("ssl_object")
             conn.tls = True
-            conn.client_id = peer_identity(transport.get_extra_info("ssl_object")) or ""
+            conn.client_id = peer_identity(ssl_object) or ""
             conn.open_series(server_labels(conn, ""))
+            if ssl_object.selected_alpn_protocol() == transport_header.ALPN:
+                # A direct connection to the inbound port (ref 3.7): the header says where it goes.
+                proto = detect.DetectProtocol(conn, header_ready, direct, timeout, transport_header.MAX_HEADER, http.live)
+                tls_server.hand_over(transport, hold, proto)
+                return
+            if direct_only(conn):
+                log.info("direct connection without transport header negotiation refused", client=str(conn.accepted.client))
+                metrics.inbound_tcp_errors_total.labels("direct connections require transport header negotiation", *_target(conn)).value += 1
+                reset(transport)
+                conn.src.closed("")
+                return
+        elif direct_only(conn):
+            log.info("direct connection without mTLS and a transport header refused", client=str(conn.accepted.client))
+            metrics.inbound_tcp_errors_total.labels("direct connections require transport header negotiation", *_target(conn)).value += 1
+            reset(transport)
+            return
         elif kind == "opaque-port":
             conn.open_series(server_labels(conn, "port_skipped"))
         elif kind == "tls":
@@ -156,6 +176,44 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
             return
         proto = detect.DetectProtocol(conn, core_detect.detect_http, detected, timeout, core_detect.HTTP_DETECT_LIMIT, http.live)
         tls_server.hand_over(transport, hold, proto)
+
+    def direct_only(conn: Conn) -> bool:
+        """A connection to the inbound port itself, with no fallback configured."""
+        return config.inbound_fallback is None and not conn.accepted.redirected
+
+    def header_ready(buf: bytes) -> str:
+        try:
+            return core_detect.NEED_MORE if transport_header.decode(buf) == transport_header.NEED_MORE else "header"
+        except ValueError:
+            return "invalid"
+
+    def direct(conn: Conn, kind: str, buf: bytes, client_eof: bool, elapsed: float) -> None:
+        """The transport header is read: serve the local target it names."""
+        try:
+            found = transport_header.decode(buf) if kind == "header" else None
+        except ValueError:
+            found = None
+        if not isinstance(found, tuple):
+            log.info("direct connection without a valid transport header refused", client=str(conn.accepted.client), kind=kind)
+            metrics.inbound_tcp_errors_total.labels("invalid transport header", *_target(conn)).value += 1
+            reset(conn.transport)
+            conn.src.closed("")
+            return
+        header, rest = found
+        if header.name or header.port == config.inbound_listen.port:
+            # Gateway targets (a name) are not served; the inbound port itself would be a loop (ref 3.8).
+            reason = "gateway targets are not supported" if header.name else "loop to own inbound port"
+            metrics.inbound_tcp_errors_total.labels(reason, *_target(conn)).value += 1
+            reset(conn.transport)
+            conn.src.closed("")
+            return
+        conn.target = Target(Addr(conn.accepted.orig_dst.host, header.port))
+        if header.protocol == transport_header.HTTP1:
+            detected(conn, core_detect.HTTP1, rest, client_eof, elapsed)
+        elif header.protocol == transport_header.HTTP2:
+            detected(conn, core_detect.HTTP2, rest, client_eof, elapsed)
+        elif tcp_authz(conn):
+            forward_opaque(conn, rest, client_eof)
 
     def dispatch(conn: Conn) -> None:
         asyncio.get_running_loop().create_task(serve(conn))

@@ -33,7 +33,9 @@ class LocalIdentity:
         return self.creds.sni if self.creds is not None else ""
 
     def install(self, creds: Any) -> None:
-        self.server_ctx = creds.server_context()
+        # The inbound server offers ALPN transport.l5d.io/v1 (ref 3.7): a meshed client connecting to the
+        # inbound port directly negotiates it; ordinary mesh connections offer no ALPN and get none.
+        self.server_ctx = creds.server_context(alpn=["transport.l5d.io/v1"])
         self.client_ctx = creds.client_context()
         self.creds = creds
         self.generation += 1
