@@ -124,14 +124,8 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
                            endpoint_labels=endpoint_labels, ingress=by_name if config.ingress_mode else None)
         if kind == core_detect.HTTP1 and not client_eof:
             http.serve_http1(conn.transport, route_, prefix, conn.src)
-        elif kind == core_detect.HTTP2 and not client_eof and http.h2_available and target.backend is None:
-            http.serve_http2(conn.transport, route_, prefix, conn.src)
-        elif kind == core_detect.HTTP2 and not client_eof and http.h2_available and (ep := target.backend.pick_now()) is not None:
-            # A balanced service over HTTP/2: the endpoint is picked per connection here (not yet per stream).
-            labels, dst, identity = endpoint_labels(ep, target.backend.name, local is not None and local.creds is not None)
-            route_ = HttpRoute("outbound", ep.addr, labels, config.outbound_connect_timeout, config.http_response_timeout,
-                               informational, identity=identity, dst_labels=dst)
-            http.serve_http2(conn.transport, route_, prefix, conn.src)
+        elif kind == core_detect.HTTP2 and not client_eof and http.h2_available:
+            http.serve_http2(conn.transport, route_, prefix, conn.src)  # a balanced service: per stream (ref 4)
         elif kind == detect.CLOSED:
             conn.transport.close()
             conn.src.closed("")

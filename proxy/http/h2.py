@@ -85,8 +85,12 @@ from hyperframe.frame import GoAwayFrame
 
 from proxy.config import Addr
 from proxy.http import orig_proto
+from proxy.balance.queue import FailFast as FailFastError
+from proxy.balance.queue import LoadShed as LoadShedError
 from proxy.http.errors import (
     CONNECT_TIMEOUT,
+    FAILFAST,
+    LOADSHED,
     FORBIDDEN,
     IDENTITY_REQUIRED,
     IO_ERROR,
@@ -479,7 +483,7 @@ class _Stream:
 
     __slots__ = (
         "server", "sid", "up", "up_sid", "headers", "exchange", "request", "response",
-        "grpc_status", "timer", "responded", "client_open", "done",
+        "grpc_status", "timer", "responded", "client_open", "done", "balanced", "pool", "waiting",
     )
 
     def __init__(self, server: H2ServerConnection, sid: int, headers: list[Any], exchange: Exchange) -> None:
@@ -498,6 +502,9 @@ class _Stream:
         self.responded = False  # response headers sent to the client
         self.client_open = True  # the client stream has not been reset
         self.done = False
+        self.balanced: tuple[Any, float] | None = None  # (endpoint, load handle) when balanced per stream
+        self.pool: H2Pool | None = None  # the endpoint's pool when balanced per stream
+        self.waiting: asyncio.Task[None] | None = None  # waiting in the backend's queue for a ready endpoint
 
     # -- upstream side
     def opened(self, up: H2ClientConnection, up_sid: int, ended: bool) -> None:
@@ -515,9 +522,18 @@ class _Stream:
         else:
             request.pump()
 
+    def load_done(self, rtt: bool) -> None:
+        """Complete the stream's load on its endpoint; the RTT sample is the time to the response head (ref 4)."""
+        if self.balanced is not None:
+            ep, handle = self.balanced
+            self.balanced = None
+            now = self.server.loop.time()
+            ep.load.complete(handle, now, rtt=(now - handle) if rtt else None)
+
     def response_head(self, headers: list[Any], ended: bool) -> None:
         if self.responded or self.done:
             return
+        self.load_done(rtt=True)
         self.responded = True
         if self.timer is not None:
             self.timer.cancel()
@@ -661,6 +677,10 @@ class _Stream:
         if self.done:
             return
         self.done = True
+        self.load_done(rtt=False)
+        if self.waiting is not None:
+            self.waiting.cancel()
+            self.waiting = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -1411,7 +1431,7 @@ class H2ServerConnection(_Side):
         return H2Pool(route.target, route.connect_timeout, self.settings, route.identity, self.local, self.metrics, route.dst_labels)
 
     def pool_cancel(self, stream: _Stream) -> None:
-        pool = self.pool
+        pool = stream.pool or self.pool
         if pool is not None and pool.pending:
             pool.cancel(stream)
 
@@ -1478,7 +1498,10 @@ class H2ServerConnection(_Side):
         if mark is not None and self._downgrade(sid, headers, mark, event.stream_ended is not None):
             return
         route = self.route
-        stream = _Stream(self, sid, headers, Exchange(self.metrics, route, is_grpc(content_type)))
+        backend = route.backend if route.authorized else None
+        ep = backend.pick_now() if backend is not None else None
+        labels = self._endpoint_labels(backend, ep) if ep is not None else None
+        stream = _Stream(self, sid, headers, Exchange(self.metrics, route, is_grpc(content_type), labels[0] if labels else None))
         self.streams[sid] = stream
         if event.stream_ended is not None:
             stream.request.ended = True
@@ -1487,10 +1510,49 @@ class H2ServerConnection(_Side):
             return
         if route.response_timeout is not None:
             stream.timer = self.loop.call_later(route.response_timeout, stream.timed_out)
+        if backend is not None:
+            # A logical service: HTTP/2 is balanced per request (ref 4), each stream to its own pick.
+            if ep is not None:
+                self._submit_balanced(stream, backend, ep, labels)
+            else:
+                stream.waiting = self.loop.create_task(self._await_endpoint(stream, backend))
+            return
         pool = self.pool
         if pool is None or pool.closed:
             pool = self.pool = self.clients.get(self.pool_kind, route.target, self._new_pool)
         pool.submit(stream)
+
+    def _endpoint_labels(self, backend: Any, ep: Any) -> Any:
+        cache = backend.labels
+        found = cache.get(ep.addr)
+        if found is None:
+            meshed = self.local is not None and self.local.creds is not None
+            found = cache[ep.addr] = self.route.endpoint_labels(ep, backend.name, meshed)
+        return found
+
+    def _submit_balanced(self, stream: _Stream, backend: Any, ep: Any, labels: Any) -> None:
+        _http, dst, identity = labels
+        route = self.route
+        pool = self.clients.get("h2:" + identity, ep.addr, lambda: H2Pool(
+            ep.addr, route.connect_timeout, self.settings, identity, self.local, self.metrics, dst))
+        stream.pool = pool
+        stream.balanced = (ep, ep.load.start(self.loop.time()))
+        pool.submit(stream)
+
+    async def _await_endpoint(self, stream: _Stream, backend: Any) -> None:
+        try:
+            ep = await backend.acquire()
+        except FailFastError:
+            stream.waiting = None
+            stream.fail(FAILFAST)
+            return
+        except LoadShedError:
+            stream.waiting = None
+            stream.fail(LOADSHED)
+            return
+        stream.waiting = None
+        if not stream.done:
+            self._submit_balanced(stream, backend, ep, self._endpoint_labels(backend, ep))
 
     def _on_data(self, event: DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
