@@ -194,7 +194,7 @@ async def http_client(port: int, stats: Stats, stop: asyncio.Event) -> None:
                 stats.record("http/1", started, len(head) + len(body))
                 await asyncio.sleep(0.005)
             writer.close()
-        except (OSError, asyncio.TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
+        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError) as exc:
             if stop.is_set():
                 return
             stats.failed += 1
@@ -218,7 +218,7 @@ async def tcp_client(port: int, stats: Stats, stop: asyncio.Event) -> None:
             if echoed != b"TCP!" + payload:
                 raise ValueError(f"echo mismatch ({len(echoed)} bytes)")
             stats.record("tcp", started, 2 * len(echoed))
-        except (OSError, asyncio.TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
+        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError) as exc:
             if stop.is_set():
                 return
             stats.failed += 1
@@ -270,7 +270,7 @@ async def run_demo(duration: float | None) -> int:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             elapsed = time.monotonic() - started
             total = stats.ok + stats.failed

@@ -145,7 +145,7 @@ class Supervisor:
         deadline = self.config.shutdown_grace_period + 5.0  # workers enforce the grace period; this is a backstop
         try:
             await asyncio.wait_for(asyncio.gather(*(p.wait() for p in self.processes.values())), deadline)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             for proc in self.processes.values():
                 if proc.returncode is None:
                     proc.kill()

@@ -73,7 +73,7 @@ class Proxy:
                 wait_until(lambda: http_get(self.admin_url + "/ready", timeout=1)[0] == 200, 20, what="proxy /ready")
             except TimeoutError:
                 self.stop()
-                raise AssertionError("proxy never became ready:\n" + self.read_output())
+                raise AssertionError("proxy never became ready:\n" + self.read_output()) from None
         return self
 
     def read_output(self) -> str:

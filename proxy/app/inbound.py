@@ -94,7 +94,7 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
         log.info("connection denied by the default inbound policy", policy=policy, client=str(conn.accepted.client), client_id=client_id)
         reset(conn.transport)
         if conn.src is not None:
-            conn.src.closed("")
+            conn.close_series()
         return False
 
     def detected(conn: Conn, kind: str, prefix: bytes, client_eof: bool, elapsed: float) -> None:
@@ -118,7 +118,7 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
             http.serve_http2(conn.transport, route_, prefix, conn.src)
         elif kind == detect.CLOSED:
             conn.transport.close()
-            conn.src.closed("")
+            conn.close_series()
         elif tcp_authz(conn):
             forward_opaque(conn, prefix, client_eof)
 
@@ -133,7 +133,7 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
         ours = kind == "tls" and local is not None and local.creds is not None and sni == local.server_name
         try:
             transport, hold = await tls_server.adopt(sock, local.server_ctx if ours else None, timeout)  # type: ignore[union-attr]
-        except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, ssl.SSLError, OSError, ConnectionError) as exc:
             log.info("TLS handshake failed" if ours else "connection failed", client=str(conn.accepted.client), error=str(exc))
             metrics.inbound_tcp_errors_total.labels("tls handshake" if ours else "i/o", *_target(conn)).value += 1
             sock.close()
@@ -155,7 +155,7 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
                 log.info("direct connection without transport header negotiation refused", client=str(conn.accepted.client))
                 metrics.inbound_tcp_errors_total.labels("direct connections require transport header negotiation", *_target(conn)).value += 1
                 reset(transport)
-                conn.src.closed("")
+                conn.close_series()
                 return
         elif direct_only(conn):
             log.info("direct connection without mTLS and a transport header refused", client=str(conn.accepted.client))
@@ -197,7 +197,7 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
             log.info("direct connection without a valid transport header refused", client=str(conn.accepted.client), kind=kind)
             metrics.inbound_tcp_errors_total.labels("invalid transport header", *_target(conn)).value += 1
             reset(conn.transport)
-            conn.src.closed("")
+            conn.close_series()
             return
         header, rest = found
         if header.name or header.port == config.inbound_listen.port:
@@ -205,7 +205,7 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage, 
             reason = "gateway targets are not supported" if header.name else "loop to own inbound port"
             metrics.inbound_tcp_errors_total.labels(reason, *_target(conn)).value += 1
             reset(conn.transport)
-            conn.src.closed("")
+            conn.close_series()
             return
         conn.target = Target(Addr(conn.accepted.orig_dst.host, header.port))
         if header.protocol == transport_header.HTTP1:

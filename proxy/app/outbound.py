@@ -14,14 +14,14 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from proxy.balance.backend import Backends
 from proxy.config import Addr, Config
 from proxy.core import detect as core_detect
+from proxy.discovery.static import StaticDiscovery
 from proxy.http.server import HttpStage
 from proxy.http.stack import HttpRoute
-from proxy.transport import detect
-from proxy.balance.backend import Backends
-from proxy.discovery.static import StaticDiscovery
 from proxy.tls.local import LocalIdentity
+from proxy.transport import detect
 from proxy.transport.forward import Accepted, Acceptor, Conn, Target, forward_opaque
 from proxy.transport.relay import RelayTracker
 
@@ -48,6 +48,7 @@ def route(config: Config, discovery: StaticDiscovery | None, local: LocalIdentit
         if found.service is not None:
             # A logical service: its endpoints are balanced per request / connection (P2C, peak-EWMA),
             # and with none ready, requests wait in its queue until failfast (ref 3.9, 4).
+            assert discovery is not None
             if hasattr(discovery, "backend_for"):  # the Destination API streams endpoints into the backend
                 backend = discovery.backend_for(dst)
             else:
@@ -128,7 +129,7 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
             http.serve_http2(conn.transport, route_, prefix, conn.src)  # a balanced service: per stream (ref 4)
         elif kind == detect.CLOSED:
             conn.transport.close()
-            conn.src.closed("")
+            conn.close_series()
         else:
             forward_opaque(conn, prefix, client_eof)  # not HTTP, or no bytes in time: bytes pass unchanged
 
@@ -145,5 +146,5 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
 
     acceptor = Acceptor("outbound", route(config, discovery, local, backends), config.outbound_connect_timeout, metrics, tracker,
                         server_labels, client_labels, metrics.outbound_tcp_errors_total, dispatch, local)
-    acceptor.backends = backends  # type: ignore[attr-defined]  # the worker sweeps idle ones
+    acceptor.backends = backends  # the worker sweeps idle ones
     return acceptor

@@ -20,17 +20,17 @@ import uvloop
 from proxy import log as logging_
 from proxy.app import inbound, outbound
 from proxy.config import Config
-from proxy.http.admin import AdminProtocol
 from proxy.discovery.static import StaticDiscovery
+from proxy.http.admin import AdminProtocol
 from proxy.http.server import HttpStage
-from proxy.tls.credentials import Credentials
-from proxy.tls.identity import IdentityMetrics, source_from_config
-from proxy.tls.local import LocalIdentity
 from proxy.metrics import process
 from proxy.metrics.families import ProxyMetrics
 from proxy.metrics.registry import render
-from proxy.transport import ipc, listen
 from proxy.native import NO_EXTENSIONS
+from proxy.tls.credentials import Credentials
+from proxy.tls.identity import IdentityMetrics, source_from_config
+from proxy.tls.local import LocalIdentity
+from proxy.transport import ipc, listen
 from proxy.transport.relay import IMPLEMENTATION, RelayTracker
 
 log = logging_.get_logger("proxy.worker")
@@ -51,7 +51,7 @@ class Worker:
         self.local = LocalIdentity()
         self.identity_ready: asyncio.Event | None = None
         self.discovery: StaticDiscovery | None = None
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[Any] = []  # asyncio servers and SocketAcceptors: both have close()
         self.ready = False
         self.stopping: asyncio.Event | None = None
         self.channel: ipc.Channel | None = None
@@ -166,7 +166,7 @@ class Worker:
         self.servers.append(listen.SocketAcceptor(in_sock, inbound_acceptor.accepted_socket))
         outbound_forwarder = outbound.build(self.config, self.metrics, self.tracker, self.http, self.discovery, self.local)
         for sock in out_socks:
-            self.servers.append(await loop.create_server(outbound_forwarder, sock=sock))
+            self.servers.append(await loop.create_server(outbound_forwarder, sock=sock))  # type: ignore[arg-type]
         loop.create_task(self._evict_idle(outbound_forwarder.backends))
         backends = outbound_forwarder.backends
 
@@ -216,7 +216,7 @@ class Worker:
         waits = [self.tracker.wait_empty()] + ([self.http.wait_empty()] if self.http is not None else [])
         try:
             await asyncio.wait_for(asyncio.gather(*waits), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("graceful shutdown did not complete in the grace period; terminating now", open=len(self.tracker.live))
         for server in admin_servers:
             server.close()

@@ -12,8 +12,8 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-from proxy.balance.p2c import Balancer, EndpointState
 from proxy.balance.budget import RetryBudget
+from proxy.balance.p2c import Balancer, EndpointState
 from proxy.balance.queue import Queue
 from proxy.balance.split import WeightedSplit
 from proxy.discovery.static import Endpoint
@@ -119,7 +119,7 @@ class Backends:
         while True:
             try:
                 infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-                addrs = sorted({Addr(info[4][0], info[4][1]) for info in infos}, key=str)
+                addrs = sorted({Addr(str(info[4][0]), int(info[4][1])) for info in infos}, key=str)
                 backend.balancer.update([Endpoint(a) for a in addrs], now=loop.time())
                 backend.labels.clear()
             except (OSError, ValueError, UnicodeError) as exc:

@@ -1678,7 +1678,7 @@ struct __pyx_defaults {
 };
 
 
-/* "proxy/core/h1.py":319
+/* "proxy/core/h1.py":321
  *             if isinstance(event, h11.Request):
  *                 raw = list(event.headers.raw_items())
  *                 if len(event.target) + sum(len(n) + len(v) + 4 for n, v in raw) > self.max_head:             # <<<<<<<<<<<<<<
@@ -1695,7 +1695,7 @@ struct __pyx_obj_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr {
 };
 
 
-/* "proxy/core/h1.py":428
+/* "proxy/core/h1.py":430
  *         if n in HOP_BY_HOP:
  *             if n == b"connection":
  *                 named += tuple(t.strip() for t in value.lower().split(b","))             # <<<<<<<<<<<<<<
@@ -2407,12 +2407,6 @@ static CYTHON_INLINE PyObject* __Pyx_PyBaseException_get_context(PyObject *excep
         PyObject_Format(s, f))
 #endif
 
-/* PyObjectCompare.proto */
-static CYTHON_INLINE int __Pyx_PyObject_CompareBoolLe_int_object(PyObject *op1, PyObject *op2, int pyop);
-
-/* PyObjectCompare.proto */
-static CYTHON_INLINE int __Pyx_PyObject_CompareBoolLt_object_int(PyObject *op1, PyObject *op2, int pyop);
-
 /* AssertionsEnabled.proto */
 #if CYTHON_COMPILING_IN_LIMITED_API  ||  PY_VERSION_HEX >= 0x030C0000
   static int __pyx_assertions_enabled_flag;
@@ -2446,6 +2440,12 @@ static CYTHON_INLINE int __Pyx_PyObject_CompareBoolLt_object_int(PyObject *op1, 
 
 /* PyAssertionError_Check.proto */
 #define __Pyx_PyExc_AssertionError_Check(obj)  __Pyx_TypeCheck(obj, PyExc_AssertionError)
+
+/* PyObjectCompare.proto */
+static CYTHON_INLINE int __Pyx_PyObject_CompareBoolLe_int_object(PyObject *op1, PyObject *op2, int pyop);
+
+/* PyObjectCompare.proto */
+static CYTHON_INLINE int __Pyx_PyObject_CompareBoolLt_object_int(PyObject *op1, PyObject *op2, int pyop);
 
 /* PyObjectCompare.proto */
 static CYTHON_INLINE int __Pyx_PyObject_CompareBoolGt_int_object(PyObject *op1, PyObject *op2, int pyop);
@@ -3574,7 +3574,7 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_kp_b_iso88591__11 __pyx_string_tab[264]
 #define __pyx_kp_b_iso88591_G1_M __pyx_string_tab[265]
 #define __pyx_kp_b_iso88591_1_z_y_a_QgU_a_y_4A_Cq_z_k_y_A_t __pyx_string_tab[266]
-#define __pyx_kp_b_iso88591_1_4xwa_Qa_z_y_a_QgU_a_y_4A_z_1 __pyx_string_tab[267]
+#define __pyx_kp_b_iso88591_1_4xwa_Qa_t87_z_y_a_QgU_a_y_4A __pyx_string_tab[267]
 #define __pyx_kp_b_iso88591_1_E_aq_E_A_3_a_j_A_vS_1_vS_1_fA __pyx_string_tab[268]
 #define __pyx_kp_b_iso88591_1_E_aq_F __pyx_string_tab[269]
 #define __pyx_kp_b_iso88591_A_HA_N_Qa_4_D_AU __pyx_string_tab[270]
@@ -3594,7 +3594,7 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_kp_b_iso88591_A_Ry_M __pyx_string_tab[284]
 #define __pyx_kp_b_iso88591_Q_4q_1_q __pyx_string_tab[285]
 #define __pyx_kp_b_iso88591_Q_D_aq_4t6_K2WTXX_AU_A_HA_HHAQ __pyx_string_tab[286]
-#define __pyx_kp_b_iso88591_Q_D_1A_T_Ya_PPRRYY_aab_Ja_Kq_M __pyx_string_tab[287]
+#define __pyx_kp_b_iso88591_Q_D_r_1A_T_Ya_PPRRYY_aab_Ja_Kq __pyx_string_tab[287]
 #define __pyx_kp_b_iso88591_Q_G1_HG1 __pyx_string_tab[288]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_2 __pyx_number_tab[1]
@@ -8792,7 +8792,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_4o
  * 
  *     def on_headers_complete(self) -> None:             # <<<<<<<<<<<<<<
  *         p = self.parser
- *         head = ResponseHead(p.get_status_code(), self.reason, p.get_http_version().encode(), self.headers)
+ *         assert p is not None
 */
 
 /* Python wrapper */
@@ -8886,16 +8886,16 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_6o
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
   PyObject *__pyx_t_1 = NULL;
-  PyObject *__pyx_t_2 = NULL;
+  int __pyx_t_2;
   PyObject *__pyx_t_3 = NULL;
   PyObject *__pyx_t_4 = NULL;
   PyObject *__pyx_t_5 = NULL;
-  size_t __pyx_t_6;
-  PyObject *__pyx_t_7 = NULL;
+  PyObject *__pyx_t_6 = NULL;
+  size_t __pyx_t_7;
   PyObject *__pyx_t_8 = NULL;
   PyObject *__pyx_t_9 = NULL;
   PyObject *__pyx_t_10 = NULL;
-  int __pyx_t_11;
+  PyObject *__pyx_t_11 = NULL;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -8905,8 +8905,8 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_6o
  * 
  *     def on_headers_complete(self) -> None:
  *         p = self.parser             # <<<<<<<<<<<<<<
+ *         assert p is not None
  *         head = ResponseHead(p.get_status_code(), self.reason, p.get_http_version().encode(), self.headers)
- *         self.reason = b""
 */
   __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_parser); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 199, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
@@ -8916,143 +8916,163 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_6o
   /* "proxy/core/h1.py":200
  *     def on_headers_complete(self) -> None:
  *         p = self.parser
+ *         assert p is not None             # <<<<<<<<<<<<<<
+ *         head = ResponseHead(p.get_status_code(), self.reason, p.get_http_version().encode(), self.headers)
+ *         self.reason = b""
+*/
+  #ifndef CYTHON_WITHOUT_ASSERTIONS
+  if (unlikely(__pyx_assertions_enabled())) {
+    __pyx_t_2 = (__pyx_v_p != Py_None);
+    if (unlikely(!__pyx_t_2)) {
+      __Pyx_Raise(((PyObject *)(((PyTypeObject*)PyExc_AssertionError))), 0, 0, 0);
+      __PYX_ERR(0, 200, __pyx_L1_error)
+    }
+
+  }
+  #else
+  if ((1)); else __PYX_ERR(0, 200, __pyx_L1_error)
+  #endif
+
+  /* "proxy/core/h1.py":201
+ *         p = self.parser
+ *         assert p is not None
  *         head = ResponseHead(p.get_status_code(), self.reason, p.get_http_version().encode(), self.headers)             # <<<<<<<<<<<<<<
  *         self.reason = b""
  *         self.headers = []
 */
-  __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ResponseHead); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 200, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_5 = __pyx_v_p;
-  __Pyx_INCREF(__pyx_t_5);
-  __pyx_t_6 = 0;
+  __pyx_t_3 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ResponseHead); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 201, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __pyx_t_6 = __pyx_v_p;
+  __Pyx_INCREF(__pyx_t_6);
+  __pyx_t_7 = 0;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_5, NULL};
-    __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_get_status_code, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 200, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
+    PyObject *__pyx_callargs[2] = {__pyx_t_6, NULL};
+    __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_get_status_code, __pyx_callargs+__pyx_t_7, (1-__pyx_t_7) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 201, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
   }
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_reason); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 200, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_10 = __pyx_v_p;
-  __Pyx_INCREF(__pyx_t_10);
-  __pyx_t_6 = 0;
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_reason); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 201, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_11 = __pyx_v_p;
+  __Pyx_INCREF(__pyx_t_11);
+  __pyx_t_7 = 0;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_10, NULL};
-    __pyx_t_9 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_get_http_version, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
-    if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 200, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_9);
+    PyObject *__pyx_callargs[2] = {__pyx_t_11, NULL};
+    __pyx_t_10 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_get_http_version, __pyx_callargs+__pyx_t_7, (1-__pyx_t_7) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_11); __pyx_t_11 = 0;
+    if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 201, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_10);
   }
-  __pyx_t_8 = __pyx_t_9;
-  __Pyx_INCREF(__pyx_t_8);
-  __pyx_t_6 = 0;
+  __pyx_t_9 = __pyx_t_10;
+  __Pyx_INCREF(__pyx_t_9);
+  __pyx_t_7 = 0;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_8, NULL};
-    __pyx_t_7 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_encode, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
-    __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-    if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 200, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_7);
+    PyObject *__pyx_callargs[2] = {__pyx_t_9, NULL};
+    __pyx_t_8 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_encode, __pyx_callargs+__pyx_t_7, (1-__pyx_t_7) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
+    __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+    if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 201, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_8);
   }
-  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_headers); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 200, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_9);
-  __pyx_t_6 = 1;
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_headers); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 201, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_10);
+  __pyx_t_7 = 1;
   #if CYTHON_UNPACK_METHODS
-  if (unlikely(PyMethod_Check(__pyx_t_3))) {
-    __pyx_t_2 = PyMethod_GET_SELF(__pyx_t_3);
-    assert(__pyx_t_2);
-    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_3);
-    __Pyx_INCREF(__pyx_t_2);
+  if (unlikely(PyMethod_Check(__pyx_t_4))) {
+    __pyx_t_3 = PyMethod_GET_SELF(__pyx_t_4);
+    assert(__pyx_t_3);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_4);
+    __Pyx_INCREF(__pyx_t_3);
     __Pyx_INCREF(__pyx__function);
-    __Pyx_DECREF_SET(__pyx_t_3, __pyx__function);
-    __pyx_t_6 = 0;
+    __Pyx_DECREF_SET(__pyx_t_4, __pyx__function);
+    __pyx_t_7 = 0;
   }
   #endif
   {
-    PyObject *__pyx_callargs[5] = {__pyx_t_2, __pyx_t_4, __pyx_t_5, __pyx_t_7, __pyx_t_9};
-    __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_3, __pyx_callargs+__pyx_t_6, (5-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    PyObject *__pyx_callargs[5] = {__pyx_t_3, __pyx_t_5, __pyx_t_6, __pyx_t_8, __pyx_t_10};
+    __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_7, (5-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-    __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 200, __pyx_L1_error)
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+    __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+    __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 201, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_head = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":201
- *         p = self.parser
+  /* "proxy/core/h1.py":202
+ *         assert p is not None
  *         head = ResponseHead(p.get_status_code(), self.reason, p.get_http_version().encode(), self.headers)
  *         self.reason = b""             # <<<<<<<<<<<<<<
  *         self.headers = []
  *         self.head_size = 0
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_reason, __pyx_mstate_global->__pyx_kp_b__2) < (0)) __PYX_ERR(0, 201, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_reason, __pyx_mstate_global->__pyx_kp_b__2) < (0)) __PYX_ERR(0, 202, __pyx_L1_error)
 
-  /* "proxy/core/h1.py":202
+  /* "proxy/core/h1.py":203
  *         head = ResponseHead(p.get_status_code(), self.reason, p.get_http_version().encode(), self.headers)
  *         self.reason = b""
  *         self.headers = []             # <<<<<<<<<<<<<<
  *         self.head_size = 0
  *         self.in_body = not (100 <= head.status < 200)
 */
-  __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 202, __pyx_L1_error)
+  __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 203, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_headers, __pyx_t_1) < (0)) __PYX_ERR(0, 202, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_headers, __pyx_t_1) < (0)) __PYX_ERR(0, 203, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":203
+  /* "proxy/core/h1.py":204
  *         self.reason = b""
  *         self.headers = []
  *         self.head_size = 0             # <<<<<<<<<<<<<<
  *         self.in_body = not (100 <= head.status < 200)
  *         self.handler.on_head(head)
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_head_size, __pyx_mstate_global->__pyx_int_0) < (0)) __PYX_ERR(0, 203, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_head_size, __pyx_mstate_global->__pyx_int_0) < (0)) __PYX_ERR(0, 204, __pyx_L1_error)
 
-  /* "proxy/core/h1.py":204
+  /* "proxy/core/h1.py":205
  *         self.headers = []
  *         self.head_size = 0
  *         self.in_body = not (100 <= head.status < 200)             # <<<<<<<<<<<<<<
  *         self.handler.on_head(head)
  * 
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_head, __pyx_mstate_global->__pyx_n_u_status); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 204, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_head, __pyx_mstate_global->__pyx_n_u_status); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 205, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_11 = __Pyx_PyObject_CompareBoolLe_int_object(__pyx_mstate_global->__pyx_int_100, __pyx_t_1, Py_LE); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 204, __pyx_L1_error)
-  if (__pyx_t_11) {
-    __pyx_t_11 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_t_1, __pyx_mstate_global->__pyx_int_200, Py_LT); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 204, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_CompareBoolLe_int_object(__pyx_mstate_global->__pyx_int_100, __pyx_t_1, Py_LE); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 205, __pyx_L1_error)
+  if (__pyx_t_2) {
+    __pyx_t_2 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_t_1, __pyx_mstate_global->__pyx_int_200, Py_LT); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 205, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = __Pyx_PyBool_FromLong((!__pyx_t_11)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 204, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyBool_FromLong((!__pyx_t_2)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 205, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
 
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_in_body, __pyx_t_1) < (0)) __PYX_ERR(0, 204, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_in_body, __pyx_t_1) < (0)) __PYX_ERR(0, 205, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":205
+  /* "proxy/core/h1.py":206
  *         self.head_size = 0
  *         self.in_body = not (100 <= head.status < 200)
  *         self.handler.on_head(head)             # <<<<<<<<<<<<<<
  * 
  *     def on_body(self, body: bytes) -> None:
 */
-  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 205, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_9);
-  __pyx_t_3 = __pyx_t_9;
-  __Pyx_INCREF(__pyx_t_3);
-  __pyx_t_6 = 0;
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 206, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_10);
+  __pyx_t_4 = __pyx_t_10;
+  __Pyx_INCREF(__pyx_t_4);
+  __pyx_t_7 = 0;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_v_head};
-    __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_head, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 205, __pyx_L1_error)
+    PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_v_head};
+    __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_head, __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+    __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 206, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
@@ -9062,7 +9082,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_6o
  * 
  *     def on_headers_complete(self) -> None:             # <<<<<<<<<<<<<<
  *         p = self.parser
- *         head = ResponseHead(p.get_status_code(), self.reason, p.get_http_version().encode(), self.headers)
+ *         assert p is not None
 */
 
   /* function exit code */
@@ -9070,14 +9090,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_6o
   goto __pyx_L0;
   __pyx_L1_error:;
   __Pyx_XDECREF(__pyx_t_1);
-  __Pyx_XDECREF(__pyx_t_2);
   __Pyx_XDECREF(__pyx_t_3);
   __Pyx_XDECREF(__pyx_t_4);
   __Pyx_XDECREF(__pyx_t_5);
-  __Pyx_XDECREF(__pyx_t_7);
+  __Pyx_XDECREF(__pyx_t_6);
   __Pyx_XDECREF(__pyx_t_8);
   __Pyx_XDECREF(__pyx_t_9);
   __Pyx_XDECREF(__pyx_t_10);
+  __Pyx_XDECREF(__pyx_t_11);
   __Pyx_AddTraceback("proxy._native.h1parse._HttptoolsResponseParser.on_headers_complete", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = NULL;
   __pyx_L0:;
@@ -9088,7 +9108,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_6o
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":207
+/* "proxy/core/h1.py":208
  *         self.handler.on_head(head)
  * 
  *     def on_body(self, body: bytes) -> None:             # <<<<<<<<<<<<<<
@@ -9136,39 +9156,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_body,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 207, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 208, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 207, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 208, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 207, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 208, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "on_body", 0) < (0)) __PYX_ERR(0, 207, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "on_body", 0) < (0)) __PYX_ERR(0, 208, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("on_body", 1, 2, 2, i); __PYX_ERR(0, 207, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("on_body", 1, 2, 2, i); __PYX_ERR(0, 208, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 207, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 208, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 207, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 208, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_body = ((PyObject*)values[1]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("on_body", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 207, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("on_body", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 208, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -9179,7 +9199,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_body), (&PyBytes_Type), 0, "body", 2))) __PYX_ERR(0, 207, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_body), (&PyBytes_Type), 0, "body", 2))) __PYX_ERR(0, 208, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_8on_body(__pyx_self, __pyx_v_self, __pyx_v_body);
 
   /* function exit code */
@@ -9211,14 +9231,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_8o
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("on_body", 0);
 
-  /* "proxy/core/h1.py":208
+  /* "proxy/core/h1.py":209
  * 
  *     def on_body(self, body: bytes) -> None:
  *         self.handler.on_body(body)             # <<<<<<<<<<<<<<
  * 
  *     def on_message_complete(self) -> None:
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 208, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 209, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_2 = __pyx_t_3;
   __Pyx_INCREF(__pyx_t_2);
@@ -9228,12 +9248,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_8o
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_body, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 208, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 209, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":207
+  /* "proxy/core/h1.py":208
  *         self.handler.on_head(head)
  * 
  *     def on_body(self, body: bytes) -> None:             # <<<<<<<<<<<<<<
@@ -9256,7 +9276,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_8o
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":210
+/* "proxy/core/h1.py":211
  *         self.handler.on_body(body)
  * 
  *     def on_message_complete(self) -> None:             # <<<<<<<<<<<<<<
@@ -9303,32 +9323,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 210, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 211, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 210, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 211, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "on_message_complete", 0) < (0)) __PYX_ERR(0, 210, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "on_message_complete", 0) < (0)) __PYX_ERR(0, 211, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("on_message_complete", 1, 1, 1, i); __PYX_ERR(0, 210, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("on_message_complete", 1, 1, 1, i); __PYX_ERR(0, 211, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 210, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 211, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("on_message_complete", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 210, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("on_message_complete", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 211, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -9362,37 +9382,37 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_10
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("on_message_complete", 0);
 
-  /* "proxy/core/h1.py":211
+  /* "proxy/core/h1.py":212
  * 
  *     def on_message_complete(self) -> None:
  *         if self.in_body:             # <<<<<<<<<<<<<<
  *             self.in_body = False
  *             self.handler.on_end()
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_in_body); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 211, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_in_body); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 212, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 211, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 212, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (__pyx_t_2) {
 
 
-    /* "proxy/core/h1.py":212
+    /* "proxy/core/h1.py":213
  *     def on_message_complete(self) -> None:
  *         if self.in_body:
  *             self.in_body = False             # <<<<<<<<<<<<<<
  *             self.handler.on_end()
  * 
 */
-    if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_in_body, Py_False) < (0)) __PYX_ERR(0, 212, __pyx_L1_error)
+    if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_in_body, Py_False) < (0)) __PYX_ERR(0, 213, __pyx_L1_error)
 
-    /* "proxy/core/h1.py":213
+    /* "proxy/core/h1.py":214
  *         if self.in_body:
  *             self.in_body = False
  *             self.handler.on_end()             # <<<<<<<<<<<<<<
  * 
  *     def eof(self) -> None:
 */
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 213, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 214, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __pyx_t_3 = __pyx_t_4;
     __Pyx_INCREF(__pyx_t_3);
@@ -9402,12 +9422,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_10
       __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_end, __pyx_callargs+__pyx_t_5, (1-__pyx_t_5) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 213, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 214, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-    /* "proxy/core/h1.py":211
+    /* "proxy/core/h1.py":212
  * 
  *     def on_message_complete(self) -> None:
  *         if self.in_body:             # <<<<<<<<<<<<<<
@@ -9416,7 +9436,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_10
 */
   }
 
-  /* "proxy/core/h1.py":210
+  /* "proxy/core/h1.py":211
  *         self.handler.on_body(body)
  * 
  *     def on_message_complete(self) -> None:             # <<<<<<<<<<<<<<
@@ -9439,7 +9459,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_10
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":215
+/* "proxy/core/h1.py":216
  *             self.handler.on_end()
  * 
  *     def eof(self) -> None:             # <<<<<<<<<<<<<<
@@ -9487,32 +9507,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 215, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 216, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 215, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 216, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "eof", 0) < (0)) __PYX_ERR(0, 215, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "eof", 0) < (0)) __PYX_ERR(0, 216, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("eof", 1, 1, 1, i); __PYX_ERR(0, 215, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("eof", 1, 1, 1, i); __PYX_ERR(0, 216, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 215, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 216, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("eof", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 215, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("eof", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 216, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -9546,37 +9566,37 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_12
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("eof", 0);
 
-  /* "proxy/core/h1.py":217
+  /* "proxy/core/h1.py":218
  *     def eof(self) -> None:
  *         """The upstream closed: that ends a close-delimited body (llhttp has no finish call here)."""
  *         if self.in_body:             # <<<<<<<<<<<<<<
  *             self.in_body = False
  *             self.handler.on_end()
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_in_body); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 217, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_in_body); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 218, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 217, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 218, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (__pyx_t_2) {
 
 
-    /* "proxy/core/h1.py":218
+    /* "proxy/core/h1.py":219
  *         """The upstream closed: that ends a close-delimited body (llhttp has no finish call here)."""
  *         if self.in_body:
  *             self.in_body = False             # <<<<<<<<<<<<<<
  *             self.handler.on_end()
  * 
 */
-    if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_in_body, Py_False) < (0)) __PYX_ERR(0, 218, __pyx_L1_error)
+    if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_in_body, Py_False) < (0)) __PYX_ERR(0, 219, __pyx_L1_error)
 
-    /* "proxy/core/h1.py":219
+    /* "proxy/core/h1.py":220
  *         if self.in_body:
  *             self.in_body = False
  *             self.handler.on_end()             # <<<<<<<<<<<<<<
  * 
  *     def feed(self, data: bytes) -> None:
 */
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 219, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 220, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __pyx_t_3 = __pyx_t_4;
     __Pyx_INCREF(__pyx_t_3);
@@ -9586,12 +9606,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_12
       __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_end, __pyx_callargs+__pyx_t_5, (1-__pyx_t_5) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 219, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 220, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-    /* "proxy/core/h1.py":217
+    /* "proxy/core/h1.py":218
  *     def eof(self) -> None:
  *         """The upstream closed: that ends a close-delimited body (llhttp has no finish call here)."""
  *         if self.in_body:             # <<<<<<<<<<<<<<
@@ -9600,7 +9620,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_12
 */
   }
 
-  /* "proxy/core/h1.py":215
+  /* "proxy/core/h1.py":216
  *             self.handler.on_end()
  * 
  *     def eof(self) -> None:             # <<<<<<<<<<<<<<
@@ -9623,7 +9643,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_12
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":221
+/* "proxy/core/h1.py":222
  *             self.handler.on_end()
  * 
  *     def feed(self, data: bytes) -> None:             # <<<<<<<<<<<<<<
@@ -9671,39 +9691,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_data,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 221, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 222, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 221, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 222, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 221, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 222, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "feed", 0) < (0)) __PYX_ERR(0, 221, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "feed", 0) < (0)) __PYX_ERR(0, 222, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("feed", 1, 2, 2, i); __PYX_ERR(0, 221, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("feed", 1, 2, 2, i); __PYX_ERR(0, 222, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 221, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 222, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 221, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 222, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_data = ((PyObject*)values[1]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("feed", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 221, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("feed", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 222, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -9714,7 +9734,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 221, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 222, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14feed(__pyx_self, __pyx_v_self, __pyx_v_data);
 
   /* function exit code */
@@ -9768,26 +9788,26 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("feed", 0);
 
-  /* "proxy/core/h1.py":222
+  /* "proxy/core/h1.py":223
  * 
  *     def feed(self, data: bytes) -> None:
  *         if self.manual is not None:             # <<<<<<<<<<<<<<
  *             self._feed_manual(data)
  *             return
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 222, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 223, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_t_2 = (__pyx_t_1 != Py_None);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (__pyx_t_2) {
 
 
-    /* "proxy/core/h1.py":223
+    /* "proxy/core/h1.py":224
  *     def feed(self, data: bytes) -> None:
  *         if self.manual is not None:
  *             self._feed_manual(data)             # <<<<<<<<<<<<<<
  *             return
- *         try:
+ *         assert self.parser is not None
 */
     __pyx_t_3 = __pyx_v_self;
     __Pyx_INCREF(__pyx_t_3);
@@ -9796,17 +9816,17 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
       PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_v_data};
       __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_feed_manual, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 223, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 224, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-    /* "proxy/core/h1.py":224
+    /* "proxy/core/h1.py":225
  *         if self.manual is not None:
  *             self._feed_manual(data)
  *             return             # <<<<<<<<<<<<<<
+ *         assert self.parser is not None
  *         try:
- *             self.parser.feed_data(data)
 */
     {
       PyObject *__pyx_temp;
@@ -9818,7 +9838,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
     }
     goto __pyx_L0;
 
-    /* "proxy/core/h1.py":222
+    /* "proxy/core/h1.py":223
  * 
  *     def feed(self, data: bytes) -> None:
  *         if self.manual is not None:             # <<<<<<<<<<<<<<
@@ -9827,9 +9847,32 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
 */
   }
 
-  /* "proxy/core/h1.py":225
+  /* "proxy/core/h1.py":226
  *             self._feed_manual(data)
  *             return
+ *         assert self.parser is not None             # <<<<<<<<<<<<<<
+ *         try:
+ *             self.parser.feed_data(data)
+*/
+  #ifndef CYTHON_WITHOUT_ASSERTIONS
+  if (unlikely(__pyx_assertions_enabled())) {
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_parser); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 226, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+    __pyx_t_2 = (__pyx_t_1 != Py_None);
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+    if (unlikely(!__pyx_t_2)) {
+      __Pyx_Raise(((PyObject *)(((PyTypeObject*)PyExc_AssertionError))), 0, 0, 0);
+      __PYX_ERR(0, 226, __pyx_L1_error)
+    }
+
+  }
+  #else
+  if ((1)); else __PYX_ERR(0, 226, __pyx_L1_error)
+  #endif
+
+  /* "proxy/core/h1.py":227
+ *             return
+ *         assert self.parser is not None
  *         try:             # <<<<<<<<<<<<<<
  *             self.parser.feed_data(data)
  *         except httptools.HttpParserUpgrade as upgrade:
@@ -9843,14 +9886,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
     __Pyx_XGOTREF(__pyx_t_7);
     /*try:*/ {
 
-      /* "proxy/core/h1.py":226
- *             return
+      /* "proxy/core/h1.py":228
+ *         assert self.parser is not None
  *         try:
  *             self.parser.feed_data(data)             # <<<<<<<<<<<<<<
  *         except httptools.HttpParserUpgrade as upgrade:
  *             raise Switch(data[upgrade.args[0]:]) from None
 */
-      __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_parser); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 226, __pyx_L4_error)
+      __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_parser); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 228, __pyx_L4_error)
       __Pyx_GOTREF(__pyx_t_8);
       __pyx_t_3 = __pyx_t_8;
       __Pyx_INCREF(__pyx_t_3);
@@ -9860,14 +9903,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
         __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_feed_data, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
         __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 226, __pyx_L4_error)
+        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 228, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_1);
       }
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-      /* "proxy/core/h1.py":225
- *             self._feed_manual(data)
+      /* "proxy/core/h1.py":227
  *             return
+ *         assert self.parser is not None
  *         try:             # <<<<<<<<<<<<<<
  *             self.parser.feed_data(data)
  *         except httptools.HttpParserUpgrade as upgrade:
@@ -9882,7 +9925,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
     __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
 
-    /* "proxy/core/h1.py":227
+    /* "proxy/core/h1.py":229
  *         try:
  *             self.parser.feed_data(data)
  *         except httptools.HttpParserUpgrade as upgrade:             # <<<<<<<<<<<<<<
@@ -9890,9 +9933,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
  *         except httptools.HttpParserCallbackError as exc:
 */
     __Pyx_ErrFetch(&__pyx_t_1, &__pyx_t_8, &__pyx_t_3);
-    __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 227, __pyx_L6_except_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 229, __pyx_L6_except_error)
     __Pyx_GOTREF(__pyx_t_9);
-    __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_HttpParserUpgrade); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 227, __pyx_L6_except_error)
+    __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_HttpParserUpgrade); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 229, __pyx_L6_except_error)
     __Pyx_GOTREF(__pyx_t_10);
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
     __pyx_t_11 = __Pyx_PyErr_GivenExceptionMatches(__pyx_t_1, __pyx_t_10);
@@ -9901,7 +9944,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
     __pyx_t_1 = 0; __pyx_t_8 = 0; __pyx_t_3 = 0;
     if (__pyx_t_11) {
       __Pyx_AddTraceback("proxy._native.h1parse._HttptoolsResponseParser.feed", __pyx_clineno, __pyx_lineno, __pyx_filename);
-      if (__Pyx_GetException(&__pyx_t_3, &__pyx_t_8, &__pyx_t_1) < 0) __PYX_ERR(0, 227, __pyx_L6_except_error)
+      if (__Pyx_GetException(&__pyx_t_3, &__pyx_t_8, &__pyx_t_1) < 0) __PYX_ERR(0, 229, __pyx_L6_except_error)
       __Pyx_XGOTREF(__pyx_t_3);
       __Pyx_XGOTREF(__pyx_t_8);
       __Pyx_XGOTREF(__pyx_t_1);
@@ -9909,7 +9952,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
       __pyx_v_upgrade = __pyx_t_8;
       /*try:*/ {
 
-        /* "proxy/core/h1.py":228
+        /* "proxy/core/h1.py":230
  *             self.parser.feed_data(data)
  *         except httptools.HttpParserUpgrade as upgrade:
  *             raise Switch(data[upgrade.args[0]:]) from None             # <<<<<<<<<<<<<<
@@ -9917,11 +9960,11 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
  *             if isinstance(exc.__context__, ParseError):
 */
         __pyx_t_9 = NULL;
-        __Pyx_GetModuleGlobalName(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 228, __pyx_L15_error)
+        __Pyx_GetModuleGlobalName(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 230, __pyx_L15_error)
         __Pyx_GOTREF(__pyx_t_12);
-        __pyx_t_13 = __Pyx_PyBaseException_get_args(__pyx_v_upgrade); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 228, __pyx_L15_error)
+        __pyx_t_13 = __Pyx_PyBaseException_get_args(__pyx_v_upgrade); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 230, __pyx_L15_error)
         __Pyx_GOTREF(__pyx_t_13);
-        __pyx_t_14 = __Pyx_GetItemInt(__pyx_t_13, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 228, __pyx_L15_error)
+        __pyx_t_14 = __Pyx_GetItemInt(__pyx_t_13, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 230, __pyx_L15_error)
         __Pyx_GOTREF(__pyx_t_14);
         __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
         __pyx_t_2 = (__pyx_t_14 == Py_None);
@@ -9929,12 +9972,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
 
           __pyx_t_15 = 0;
         } else {
-          __pyx_t_16 = __Pyx_PyIndex_AsSsize_t(__pyx_t_14); if (unlikely((__pyx_t_16 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 228, __pyx_L15_error)
+          __pyx_t_16 = __Pyx_PyIndex_AsSsize_t(__pyx_t_14); if (unlikely((__pyx_t_16 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 230, __pyx_L15_error)
           __pyx_t_15 = __pyx_t_16;
         }
 
         __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-        __pyx_t_14 = PySequence_GetSlice(__pyx_v_data, __pyx_t_15, PY_SSIZE_T_MAX); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 228, __pyx_L15_error)
+        __pyx_t_14 = PySequence_GetSlice(__pyx_v_data, __pyx_t_15, PY_SSIZE_T_MAX); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 230, __pyx_L15_error)
         __Pyx_GOTREF(__pyx_t_14);
 
         __pyx_t_4 = 1;
@@ -9955,15 +9998,15 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
           __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
           __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
           __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-          if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 228, __pyx_L15_error)
+          if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 230, __pyx_L15_error)
           __Pyx_GOTREF(__pyx_t_10);
         }
         __Pyx_Raise(__pyx_t_10, 0, 0, Py_None);
         __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-        __PYX_ERR(0, 228, __pyx_L15_error)
+        __PYX_ERR(0, 230, __pyx_L15_error)
       }
 
-      /* "proxy/core/h1.py":227
+      /* "proxy/core/h1.py":229
  *         try:
  *             self.parser.feed_data(data)
  *         except httptools.HttpParserUpgrade as upgrade:             # <<<<<<<<<<<<<<
@@ -10008,7 +10051,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
       }
     }
 
-    /* "proxy/core/h1.py":229
+    /* "proxy/core/h1.py":231
  *         except httptools.HttpParserUpgrade as upgrade:
  *             raise Switch(data[upgrade.args[0]:]) from None
  *         except httptools.HttpParserCallbackError as exc:             # <<<<<<<<<<<<<<
@@ -10016,9 +10059,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
  *                 raise exc.__context__ from None
 */
     __Pyx_ErrFetch(&__pyx_t_1, &__pyx_t_8, &__pyx_t_3);
-    __Pyx_GetModuleGlobalName(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 229, __pyx_L6_except_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 231, __pyx_L6_except_error)
     __Pyx_GOTREF(__pyx_t_10);
-    __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_HttpParserCallbackError); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 229, __pyx_L6_except_error)
+    __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_HttpParserCallbackError); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 231, __pyx_L6_except_error)
     __Pyx_GOTREF(__pyx_t_12);
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
     __pyx_t_17 = __Pyx_PyErr_GivenExceptionMatches(__pyx_t_1, __pyx_t_12);
@@ -10027,7 +10070,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
     __pyx_t_1 = 0; __pyx_t_8 = 0; __pyx_t_3 = 0;
     if (__pyx_t_17) {
       __Pyx_AddTraceback("proxy._native.h1parse._HttptoolsResponseParser.feed", __pyx_clineno, __pyx_lineno, __pyx_filename);
-      if (__Pyx_GetException(&__pyx_t_3, &__pyx_t_8, &__pyx_t_1) < 0) __PYX_ERR(0, 229, __pyx_L6_except_error)
+      if (__Pyx_GetException(&__pyx_t_3, &__pyx_t_8, &__pyx_t_1) < 0) __PYX_ERR(0, 231, __pyx_L6_except_error)
       __Pyx_XGOTREF(__pyx_t_3);
       __Pyx_XGOTREF(__pyx_t_8);
       __Pyx_XGOTREF(__pyx_t_1);
@@ -10035,37 +10078,37 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
       __pyx_v_exc = __pyx_t_8;
       /*try:*/ {
 
-        /* "proxy/core/h1.py":230
+        /* "proxy/core/h1.py":232
  *             raise Switch(data[upgrade.args[0]:]) from None
  *         except httptools.HttpParserCallbackError as exc:
  *             if isinstance(exc.__context__, ParseError):             # <<<<<<<<<<<<<<
  *                 raise exc.__context__ from None
  *             raise
 */
-        __pyx_t_12 = __Pyx_PyBaseException_get_context(__pyx_v_exc); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 230, __pyx_L26_error)
+        __pyx_t_12 = __Pyx_PyBaseException_get_context(__pyx_v_exc); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 232, __pyx_L26_error)
         __Pyx_GOTREF(__pyx_t_12);
-        __Pyx_GetModuleGlobalName(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 230, __pyx_L26_error)
+        __Pyx_GetModuleGlobalName(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 232, __pyx_L26_error)
         __Pyx_GOTREF(__pyx_t_10);
-        __pyx_t_2 = PyObject_IsInstance(__pyx_t_12, __pyx_t_10); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 230, __pyx_L26_error)
+        __pyx_t_2 = PyObject_IsInstance(__pyx_t_12, __pyx_t_10); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 232, __pyx_L26_error)
         __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
         __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
         if (unlikely(__pyx_t_2)) {
 
 
-          /* "proxy/core/h1.py":231
+          /* "proxy/core/h1.py":233
  *         except httptools.HttpParserCallbackError as exc:
  *             if isinstance(exc.__context__, ParseError):
  *                 raise exc.__context__ from None             # <<<<<<<<<<<<<<
  *             raise
  *         except httptools.HttpParserError as exc:
 */
-          __pyx_t_10 = __Pyx_PyBaseException_get_context(__pyx_v_exc); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 231, __pyx_L26_error)
+          __pyx_t_10 = __Pyx_PyBaseException_get_context(__pyx_v_exc); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 233, __pyx_L26_error)
           __Pyx_GOTREF(__pyx_t_10);
           __Pyx_Raise(__pyx_t_10, 0, 0, Py_None);
           __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-          __PYX_ERR(0, 231, __pyx_L26_error)
+          __PYX_ERR(0, 233, __pyx_L26_error)
 
-          /* "proxy/core/h1.py":230
+          /* "proxy/core/h1.py":232
  *             raise Switch(data[upgrade.args[0]:]) from None
  *         except httptools.HttpParserCallbackError as exc:
  *             if isinstance(exc.__context__, ParseError):             # <<<<<<<<<<<<<<
@@ -10074,7 +10117,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
 */
         }
 
-        /* "proxy/core/h1.py":232
+        /* "proxy/core/h1.py":234
  *             if isinstance(exc.__context__, ParseError):
  *                 raise exc.__context__ from None
  *             raise             # <<<<<<<<<<<<<<
@@ -10086,10 +10129,10 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
         __Pyx_XGIVEREF(__pyx_t_1);
         __Pyx_ErrRestoreWithState(__pyx_t_3, __pyx_t_8, __pyx_t_1);
         __pyx_t_3 = 0;  __pyx_t_8 = 0;  __pyx_t_1 = 0; 
-        __PYX_ERR(0, 232, __pyx_L26_error)
+        __PYX_ERR(0, 234, __pyx_L26_error)
       }
 
-      /* "proxy/core/h1.py":229
+      /* "proxy/core/h1.py":231
  *         except httptools.HttpParserUpgrade as upgrade:
  *             raise Switch(data[upgrade.args[0]:]) from None
  *         except httptools.HttpParserCallbackError as exc:             # <<<<<<<<<<<<<<
@@ -10134,7 +10177,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
       }
     }
 
-    /* "proxy/core/h1.py":233
+    /* "proxy/core/h1.py":235
  *                 raise exc.__context__ from None
  *             raise
  *         except httptools.HttpParserError as exc:             # <<<<<<<<<<<<<<
@@ -10142,9 +10185,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
  * 
 */
     __Pyx_ErrFetch(&__pyx_t_1, &__pyx_t_8, &__pyx_t_3);
-    __Pyx_GetModuleGlobalName(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 233, __pyx_L6_except_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 235, __pyx_L6_except_error)
     __Pyx_GOTREF(__pyx_t_10);
-    __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_HttpParserError); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 233, __pyx_L6_except_error)
+    __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_HttpParserError); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 235, __pyx_L6_except_error)
     __Pyx_GOTREF(__pyx_t_12);
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
     __pyx_t_11 = __Pyx_PyErr_GivenExceptionMatches(__pyx_t_1, __pyx_t_12);
@@ -10153,7 +10196,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
     __pyx_t_1 = 0; __pyx_t_8 = 0; __pyx_t_3 = 0;
     if (__pyx_t_11) {
       __Pyx_AddTraceback("proxy._native.h1parse._HttptoolsResponseParser.feed", __pyx_clineno, __pyx_lineno, __pyx_filename);
-      if (__Pyx_GetException(&__pyx_t_3, &__pyx_t_8, &__pyx_t_1) < 0) __PYX_ERR(0, 233, __pyx_L6_except_error)
+      if (__Pyx_GetException(&__pyx_t_3, &__pyx_t_8, &__pyx_t_1) < 0) __PYX_ERR(0, 235, __pyx_L6_except_error)
       __Pyx_XGOTREF(__pyx_t_3);
       __Pyx_XGOTREF(__pyx_t_8);
       __Pyx_XGOTREF(__pyx_t_1);
@@ -10161,7 +10204,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
       __pyx_v_exc = __pyx_t_8;
       /*try:*/ {
 
-        /* "proxy/core/h1.py":234
+        /* "proxy/core/h1.py":236
  *             raise
  *         except httptools.HttpParserError as exc:
  *             raise ParseError(502, f"malformed response: {exc}") from None             # <<<<<<<<<<<<<<
@@ -10169,11 +10212,11 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
  *     def _feed_manual(self, data: bytes) -> None:
 */
         __pyx_t_10 = NULL;
-        __Pyx_GetModuleGlobalName(__pyx_t_14, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 234, __pyx_L38_error)
+        __Pyx_GetModuleGlobalName(__pyx_t_14, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 236, __pyx_L38_error)
         __Pyx_GOTREF(__pyx_t_14);
-        __pyx_t_9 = __Pyx_PyObject_FormatSimple(__pyx_v_exc, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 234, __pyx_L38_error)
+        __pyx_t_9 = __Pyx_PyObject_FormatSimple(__pyx_v_exc, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 236, __pyx_L38_error)
         __Pyx_GOTREF(__pyx_t_9);
-        __pyx_t_13 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_malformed_response, __pyx_t_9); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 234, __pyx_L38_error)
+        __pyx_t_13 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_malformed_response, __pyx_t_9); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 236, __pyx_L38_error)
         __Pyx_GOTREF(__pyx_t_13);
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         __pyx_t_4 = 1;
@@ -10194,15 +10237,15 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
           __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
           __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
           __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-          if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 234, __pyx_L38_error)
+          if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 236, __pyx_L38_error)
           __Pyx_GOTREF(__pyx_t_12);
         }
         __Pyx_Raise(__pyx_t_12, 0, 0, Py_None);
         __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-        __PYX_ERR(0, 234, __pyx_L38_error)
+        __PYX_ERR(0, 236, __pyx_L38_error)
       }
 
-      /* "proxy/core/h1.py":233
+      /* "proxy/core/h1.py":235
  *                 raise exc.__context__ from None
  *             raise
  *         except httptools.HttpParserError as exc:             # <<<<<<<<<<<<<<
@@ -10248,9 +10291,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
     }
     goto __pyx_L6_except_error;
 
-    /* "proxy/core/h1.py":225
- *             self._feed_manual(data)
+    /* "proxy/core/h1.py":227
  *             return
+ *         assert self.parser is not None
  *         try:             # <<<<<<<<<<<<<<
  *             self.parser.feed_data(data)
  *         except httptools.HttpParserUpgrade as upgrade:
@@ -10264,7 +10307,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
     __pyx_L9_try_end:;
   }
 
-  /* "proxy/core/h1.py":221
+  /* "proxy/core/h1.py":222
  *             self.handler.on_end()
  * 
  *     def feed(self, data: bytes) -> None:             # <<<<<<<<<<<<<<
@@ -10294,7 +10337,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":236
+/* "proxy/core/h1.py":238
  *             raise ParseError(502, f"malformed response: {exc}") from None
  * 
  *     def _feed_manual(self, data: bytes) -> None:             # <<<<<<<<<<<<<<
@@ -10342,39 +10385,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_data,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 236, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 238, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 236, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 238, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 236, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 238, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_feed_manual", 0) < (0)) __PYX_ERR(0, 236, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_feed_manual", 0) < (0)) __PYX_ERR(0, 238, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_feed_manual", 1, 2, 2, i); __PYX_ERR(0, 236, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_feed_manual", 1, 2, 2, i); __PYX_ERR(0, 238, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 236, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 238, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 236, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 238, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_data = ((PyObject*)values[1]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("_feed_manual", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 236, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("_feed_manual", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 238, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -10385,7 +10428,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 236, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 238, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16_feed_manual(__pyx_self, __pyx_v_self, __pyx_v_data);
 
   /* function exit code */
@@ -10427,7 +10470,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("_feed_manual", 0);
 
-  /* "proxy/core/h1.py":237
+  /* "proxy/core/h1.py":239
  * 
  *     def _feed_manual(self, data: bytes) -> None:
  *         assert self.manual is not None             # <<<<<<<<<<<<<<
@@ -10436,49 +10479,49 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
 */
   #ifndef CYTHON_WITHOUT_ASSERTIONS
   if (unlikely(__pyx_assertions_enabled())) {
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 237, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 239, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __pyx_t_2 = (__pyx_t_1 != Py_None);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     if (unlikely(!__pyx_t_2)) {
       __Pyx_Raise(((PyObject *)(((PyTypeObject*)PyExc_AssertionError))), 0, 0, 0);
-      __PYX_ERR(0, 237, __pyx_L1_error)
+      __PYX_ERR(0, 239, __pyx_L1_error)
     }
 
   }
   #else
-  if ((1)); else __PYX_ERR(0, 237, __pyx_L1_error)
+  if ((1)); else __PYX_ERR(0, 239, __pyx_L1_error)
   #endif
 
-  /* "proxy/core/h1.py":238
+  /* "proxy/core/h1.py":240
  *     def _feed_manual(self, data: bytes) -> None:
  *         assert self.manual is not None
  *         if self.done_head:             # <<<<<<<<<<<<<<
  *             if self.method == b"CONNECT":
  *                 raise Switch(data)
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_done_head); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 238, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_done_head); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 240, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 238, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 240, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (__pyx_t_2) {
 
 
-    /* "proxy/core/h1.py":239
+    /* "proxy/core/h1.py":241
  *         assert self.manual is not None
  *         if self.done_head:
  *             if self.method == b"CONNECT":             # <<<<<<<<<<<<<<
  *                 raise Switch(data)
  *             return  # bytes after a HEAD response's head: nothing can follow
 */
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_method); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 239, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_method); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 241, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_2 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_t_1, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 239, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_t_1, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 241, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     if (unlikely(__pyx_t_2)) {
 
 
-      /* "proxy/core/h1.py":240
+      /* "proxy/core/h1.py":242
  *         if self.done_head:
  *             if self.method == b"CONNECT":
  *                 raise Switch(data)             # <<<<<<<<<<<<<<
@@ -10486,7 +10529,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
  *         self.manual += data
 */
       __pyx_t_3 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 240, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 242, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       __pyx_t_5 = 1;
       #if CYTHON_UNPACK_METHODS
@@ -10505,14 +10548,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
         __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 240, __pyx_L1_error)
+        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 242, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_1);
       }
       __Pyx_Raise(__pyx_t_1, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      __PYX_ERR(0, 240, __pyx_L1_error)
+      __PYX_ERR(0, 242, __pyx_L1_error)
 
-      /* "proxy/core/h1.py":239
+      /* "proxy/core/h1.py":241
  *         assert self.manual is not None
  *         if self.done_head:
  *             if self.method == b"CONNECT":             # <<<<<<<<<<<<<<
@@ -10521,7 +10564,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
 */
     }
 
-    /* "proxy/core/h1.py":241
+    /* "proxy/core/h1.py":243
  *             if self.method == b"CONNECT":
  *                 raise Switch(data)
  *             return  # bytes after a HEAD response's head: nothing can follow             # <<<<<<<<<<<<<<
@@ -10538,7 +10581,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
     }
     goto __pyx_L0;
 
-    /* "proxy/core/h1.py":238
+    /* "proxy/core/h1.py":240
  *     def _feed_manual(self, data: bytes) -> None:
  *         assert self.manual is not None
  *         if self.done_head:             # <<<<<<<<<<<<<<
@@ -10547,29 +10590,29 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
 */
   }
 
-  /* "proxy/core/h1.py":242
+  /* "proxy/core/h1.py":244
  *                 raise Switch(data)
  *             return  # bytes after a HEAD response's head: nothing can follow
  *         self.manual += data             # <<<<<<<<<<<<<<
  *         end = self.manual.find(b"\r\n\r\n")
  *         if end < 0:
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 242, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 244, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = PyNumber_InPlaceAdd(__pyx_t_1, __pyx_v_data); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 242, __pyx_L1_error)
+  __pyx_t_4 = PyNumber_InPlaceAdd(__pyx_t_1, __pyx_v_data); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 244, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual, __pyx_t_4) < (0)) __PYX_ERR(0, 242, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual, __pyx_t_4) < (0)) __PYX_ERR(0, 244, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":243
+  /* "proxy/core/h1.py":245
  *             return  # bytes after a HEAD response's head: nothing can follow
  *         self.manual += data
  *         end = self.manual.find(b"\r\n\r\n")             # <<<<<<<<<<<<<<
  *         if end < 0:
  *             if len(self.manual) > self.max_head:
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 243, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 245, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_1 = __pyx_t_3;
   __Pyx_INCREF(__pyx_t_1);
@@ -10579,62 +10622,62 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
     __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_find, __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 243, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 245, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
   }
   __pyx_v_end = __pyx_t_4;
   __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":244
+  /* "proxy/core/h1.py":246
  *         self.manual += data
  *         end = self.manual.find(b"\r\n\r\n")
  *         if end < 0:             # <<<<<<<<<<<<<<
  *             if len(self.manual) > self.max_head:
  *                 raise ParseError(502, "response headers too large")
 */
-  __pyx_t_2 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_v_end, __pyx_mstate_global->__pyx_int_0, Py_LT); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 244, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_v_end, __pyx_mstate_global->__pyx_int_0, Py_LT); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 246, __pyx_L1_error)
   if (__pyx_t_2) {
 
 
-    /* "proxy/core/h1.py":245
+    /* "proxy/core/h1.py":247
  *         end = self.manual.find(b"\r\n\r\n")
  *         if end < 0:
  *             if len(self.manual) > self.max_head:             # <<<<<<<<<<<<<<
  *                 raise ParseError(502, "response headers too large")
  *             return
 */
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 245, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 247, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_6 = PyObject_Length(__pyx_t_4); if (unlikely(__pyx_t_6 == ((Py_ssize_t)-1))) __PYX_ERR(0, 245, __pyx_L1_error)
+    __pyx_t_6 = PyObject_Length(__pyx_t_4); if (unlikely(__pyx_t_6 == ((Py_ssize_t)-1))) __PYX_ERR(0, 247, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_4 = PyLong_FromSsize_t(__pyx_t_6); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 245, __pyx_L1_error)
+    __pyx_t_4 = PyLong_FromSsize_t(__pyx_t_6); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 247, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
 
-    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_max_head); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 245, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_max_head); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 247, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_2 = __Pyx_PyObject_CompareBoolGt_int_object(__pyx_t_4, __pyx_t_3, Py_GT); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 245, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_CompareBoolGt_int_object(__pyx_t_4, __pyx_t_3, Py_GT); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 247, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     if (unlikely(__pyx_t_2)) {
 
 
-      /* "proxy/core/h1.py":246
+      /* "proxy/core/h1.py":248
  *         if end < 0:
  *             if len(self.manual) > self.max_head:
  *                 raise ParseError(502, "response headers too large")             # <<<<<<<<<<<<<<
  *             return
  *         head = parse_response_head(bytes(self.manual[:end]))
 */
-      __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 246, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 248, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
-      __pyx_t_4 = __Pyx_PyObject_Call(__pyx_t_3, __pyx_mstate_global->__pyx_tuple[3], NULL); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 246, __pyx_L1_error)
+      __pyx_t_4 = __Pyx_PyObject_Call(__pyx_t_3, __pyx_mstate_global->__pyx_tuple[3], NULL); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 248, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_Raise(__pyx_t_4, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      __PYX_ERR(0, 246, __pyx_L1_error)
+      __PYX_ERR(0, 248, __pyx_L1_error)
 
-      /* "proxy/core/h1.py":245
+      /* "proxy/core/h1.py":247
  *         end = self.manual.find(b"\r\n\r\n")
  *         if end < 0:
  *             if len(self.manual) > self.max_head:             # <<<<<<<<<<<<<<
@@ -10643,7 +10686,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
 */
     }
 
-    /* "proxy/core/h1.py":247
+    /* "proxy/core/h1.py":249
  *             if len(self.manual) > self.max_head:
  *                 raise ParseError(502, "response headers too large")
  *             return             # <<<<<<<<<<<<<<
@@ -10660,7 +10703,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
     }
     goto __pyx_L0;
 
-    /* "proxy/core/h1.py":244
+    /* "proxy/core/h1.py":246
  *         self.manual += data
  *         end = self.manual.find(b"\r\n\r\n")
  *         if end < 0:             # <<<<<<<<<<<<<<
@@ -10669,7 +10712,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
 */
   }
 
-  /* "proxy/core/h1.py":248
+  /* "proxy/core/h1.py":250
  *                 raise ParseError(502, "response headers too large")
  *             return
  *         head = parse_response_head(bytes(self.manual[:end]))             # <<<<<<<<<<<<<<
@@ -10677,12 +10720,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
  *         if 100 <= head.status < 200 and head.status != 101:
 */
   __pyx_t_3 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_parse_response_head); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 248, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_parse_response_head); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 250, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_t_8 = NULL;
-  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 248, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 250, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __pyx_t_10 = __Pyx_PyObject_GetSlice(__pyx_t_9, 0, 0, NULL, &__pyx_v_end, NULL, 0, 0, 0); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 248, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetSlice(__pyx_t_9, 0, 0, NULL, &__pyx_v_end, NULL, 0, 0, 0); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 250, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
   __pyx_t_5 = 1;
@@ -10691,7 +10734,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
     __pyx_t_7 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 248, __pyx_L1_error)
+    if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 250, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
   }
   __pyx_t_5 = 1;
@@ -10712,13 +10755,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
     __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 248, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 250, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
   }
   __pyx_v_head = __pyx_t_4;
   __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":249
+  /* "proxy/core/h1.py":251
  *             return
  *         head = parse_response_head(bytes(self.manual[:end]))
  *         rest = bytes(self.manual[end + 4:])             # <<<<<<<<<<<<<<
@@ -10726,11 +10769,11 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
  *             self.handler.on_head(head)  # informational: the final response follows
 */
   __pyx_t_1 = NULL;
-  __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 249, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 251, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
-  __pyx_t_3 = __Pyx_PyLong_AddObjC(__pyx_v_end, __pyx_mstate_global->__pyx_int_4, 4, 0, 0); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 249, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyLong_AddObjC(__pyx_v_end, __pyx_mstate_global->__pyx_int_4, 4, 0, 0); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 251, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_10 = __Pyx_PyObject_GetSlice(__pyx_t_7, 0, 0, &__pyx_t_3, NULL, NULL, 0, 0, 0); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 249, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetSlice(__pyx_t_7, 0, 0, &__pyx_t_3, NULL, NULL, 0, 0, 0); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 251, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
@@ -10740,24 +10783,24 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
     __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 249, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 251, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
   }
   __pyx_v_rest = ((PyObject*)__pyx_t_4);
   __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":250
+  /* "proxy/core/h1.py":252
  *         head = parse_response_head(bytes(self.manual[:end]))
  *         rest = bytes(self.manual[end + 4:])
  *         if 100 <= head.status < 200 and head.status != 101:             # <<<<<<<<<<<<<<
  *             self.handler.on_head(head)  # informational: the final response follows
  *             self.manual = bytearray()
 */
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_head, __pyx_mstate_global->__pyx_n_u_status); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 250, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_head, __pyx_mstate_global->__pyx_n_u_status); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 252, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_11 = __Pyx_PyObject_CompareBoolLe_int_object(__pyx_mstate_global->__pyx_int_100, __pyx_t_4, Py_LE); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 250, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyObject_CompareBoolLe_int_object(__pyx_mstate_global->__pyx_int_100, __pyx_t_4, Py_LE); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 252, __pyx_L1_error)
   if (__pyx_t_11) {
-    __pyx_t_11 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_t_4, __pyx_mstate_global->__pyx_int_200, Py_LT); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 250, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_t_4, __pyx_mstate_global->__pyx_int_200, Py_LT); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 252, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   if (__pyx_t_11) {
@@ -10768,9 +10811,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
 
     goto __pyx_L8_bool_binop_done;
   }
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_head, __pyx_mstate_global->__pyx_n_u_status); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 250, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_head, __pyx_mstate_global->__pyx_n_u_status); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 252, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_11 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_101, 0x65, 0)); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 250, __pyx_L1_error)
+  __pyx_t_11 = (__Pyx_PyLong_BoolNeObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_101, 0x65, 0)); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 252, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   __pyx_t_2 = __pyx_t_11;
@@ -10779,14 +10822,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
   if (__pyx_t_2) {
 
 
-    /* "proxy/core/h1.py":251
+    /* "proxy/core/h1.py":253
  *         rest = bytes(self.manual[end + 4:])
  *         if 100 <= head.status < 200 and head.status != 101:
  *             self.handler.on_head(head)  # informational: the final response follows             # <<<<<<<<<<<<<<
  *             self.manual = bytearray()
  *             if rest:
 */
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 251, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 253, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __pyx_t_10 = __pyx_t_1;
     __Pyx_INCREF(__pyx_t_10);
@@ -10796,12 +10839,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
       __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_head, __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 251, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 253, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-    /* "proxy/core/h1.py":252
+    /* "proxy/core/h1.py":254
  *         if 100 <= head.status < 200 and head.status != 101:
  *             self.handler.on_head(head)  # informational: the final response follows
  *             self.manual = bytearray()             # <<<<<<<<<<<<<<
@@ -10814,13 +10857,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
       PyObject *__pyx_callargs[2] = {__pyx_t_1, NULL};
       __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)(&PyByteArray_Type), __pyx_callargs+__pyx_t_5, (1-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 252, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 254, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
-    if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual, __pyx_t_4) < (0)) __PYX_ERR(0, 252, __pyx_L1_error)
+    if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual, __pyx_t_4) < (0)) __PYX_ERR(0, 254, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-    /* "proxy/core/h1.py":253
+    /* "proxy/core/h1.py":255
  *             self.handler.on_head(head)  # informational: the final response follows
  *             self.manual = bytearray()
  *             if rest:             # <<<<<<<<<<<<<<
@@ -10829,14 +10872,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
 */
     {
       Py_ssize_t __pyx_temp = __Pyx_PyBytes_GET_SIZE(__pyx_v_rest);
-      if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 253, __pyx_L1_error)
+      if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 255, __pyx_L1_error)
       __pyx_t_2 = (__pyx_temp != 0);
     }
 
     if (__pyx_t_2) {
 
 
-      /* "proxy/core/h1.py":254
+      /* "proxy/core/h1.py":256
  *             self.manual = bytearray()
  *             if rest:
  *                 self._feed_manual(rest)             # <<<<<<<<<<<<<<
@@ -10850,12 +10893,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
         PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_v_rest};
         __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_feed_manual, __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 254, __pyx_L1_error)
+        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 256, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
       }
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-      /* "proxy/core/h1.py":253
+      /* "proxy/core/h1.py":255
  *             self.handler.on_head(head)  # informational: the final response follows
  *             self.manual = bytearray()
  *             if rest:             # <<<<<<<<<<<<<<
@@ -10864,7 +10907,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
 */
     }
 
-    /* "proxy/core/h1.py":255
+    /* "proxy/core/h1.py":257
  *             if rest:
  *                 self._feed_manual(rest)
  *             return             # <<<<<<<<<<<<<<
@@ -10881,7 +10924,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
     }
     goto __pyx_L0;
 
-    /* "proxy/core/h1.py":250
+    /* "proxy/core/h1.py":252
  *         head = parse_response_head(bytes(self.manual[:end]))
  *         rest = bytes(self.manual[end + 4:])
  *         if 100 <= head.status < 200 and head.status != 101:             # <<<<<<<<<<<<<<
@@ -10890,23 +10933,23 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
 */
   }
 
-  /* "proxy/core/h1.py":256
+  /* "proxy/core/h1.py":258
  *                 self._feed_manual(rest)
  *             return
  *         self.done_head = True             # <<<<<<<<<<<<<<
  *         self.handler.on_head(head)
  *         if self.method == b"CONNECT" and 200 <= head.status < 300:
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_done_head, Py_True) < (0)) __PYX_ERR(0, 256, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_done_head, Py_True) < (0)) __PYX_ERR(0, 258, __pyx_L1_error)
 
-  /* "proxy/core/h1.py":257
+  /* "proxy/core/h1.py":259
  *             return
  *         self.done_head = True
  *         self.handler.on_head(head)             # <<<<<<<<<<<<<<
  *         if self.method == b"CONNECT" and 200 <= head.status < 300:
  *             raise Switch(rest)
 */
-  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 257, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 259, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __pyx_t_1 = __pyx_t_10;
   __Pyx_INCREF(__pyx_t_1);
@@ -10916,21 +10959,21 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
     __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_head, __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 257, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 259, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
   }
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":258
+  /* "proxy/core/h1.py":260
  *         self.done_head = True
  *         self.handler.on_head(head)
  *         if self.method == b"CONNECT" and 200 <= head.status < 300:             # <<<<<<<<<<<<<<
  *             raise Switch(rest)
  *         self.handler.on_end()
 */
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_method); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 258, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_method); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 260, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_11 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_t_4, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 258, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_t_4, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 260, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   if (__pyx_t_11) {
 
@@ -10940,11 +10983,11 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
 
     goto __pyx_L12_bool_binop_done;
   }
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_head, __pyx_mstate_global->__pyx_n_u_status); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 258, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_head, __pyx_mstate_global->__pyx_n_u_status); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 260, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_11 = __Pyx_PyObject_CompareBoolLe_int_object(__pyx_mstate_global->__pyx_int_200, __pyx_t_4, Py_LE); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 258, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyObject_CompareBoolLe_int_object(__pyx_mstate_global->__pyx_int_200, __pyx_t_4, Py_LE); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 260, __pyx_L1_error)
   if (__pyx_t_11) {
-    __pyx_t_11 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_t_4, __pyx_mstate_global->__pyx_int_300, Py_LT); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 258, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_t_4, __pyx_mstate_global->__pyx_int_300, Py_LT); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 260, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
@@ -10954,7 +10997,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
   if (unlikely(__pyx_t_2)) {
 
 
-    /* "proxy/core/h1.py":259
+    /* "proxy/core/h1.py":261
  *         self.handler.on_head(head)
  *         if self.method == b"CONNECT" and 200 <= head.status < 300:
  *             raise Switch(rest)             # <<<<<<<<<<<<<<
@@ -10962,7 +11005,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
  * 
 */
     __pyx_t_10 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 259, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 261, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __pyx_t_5 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -10981,14 +11024,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
       __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_1, __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 259, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 261, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
     __Pyx_Raise(__pyx_t_4, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __PYX_ERR(0, 259, __pyx_L1_error)
+    __PYX_ERR(0, 261, __pyx_L1_error)
 
-    /* "proxy/core/h1.py":258
+    /* "proxy/core/h1.py":260
  *         self.done_head = True
  *         self.handler.on_head(head)
  *         if self.method == b"CONNECT" and 200 <= head.status < 300:             # <<<<<<<<<<<<<<
@@ -10997,14 +11040,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
 */
   }
 
-  /* "proxy/core/h1.py":260
+  /* "proxy/core/h1.py":262
  *         if self.method == b"CONNECT" and 200 <= head.status < 300:
  *             raise Switch(rest)
  *         self.handler.on_end()             # <<<<<<<<<<<<<<
  * 
  * 
 */
-  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 260, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 262, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __pyx_t_1 = __pyx_t_10;
   __Pyx_INCREF(__pyx_t_1);
@@ -11014,12 +11057,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
     __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_end, __pyx_callargs+__pyx_t_5, (1-__pyx_t_5) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 260, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 262, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
   }
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":236
+  /* "proxy/core/h1.py":238
  *             raise ParseError(502, f"malformed response: {exc}") from None
  * 
  *     def _feed_manual(self, data: bytes) -> None:             # <<<<<<<<<<<<<<
@@ -11049,7 +11092,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":263
+/* "proxy/core/h1.py":265
  * 
  * 
  * def parse_response_head(raw: bytes) -> ResponseHead:             # <<<<<<<<<<<<<<
@@ -11096,32 +11139,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_raw,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 263, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 265, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 263, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 265, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "parse_response_head", 0) < (0)) __PYX_ERR(0, 263, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "parse_response_head", 0) < (0)) __PYX_ERR(0, 265, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("parse_response_head", 1, 1, 1, i); __PYX_ERR(0, 263, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("parse_response_head", 1, 1, 1, i); __PYX_ERR(0, 265, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 263, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 265, __pyx_L3_error)
     }
     __pyx_v_raw = ((PyObject*)values[0]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("parse_response_head", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 263, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("parse_response_head", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 265, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -11132,7 +11175,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_raw), (&PyBytes_Type), 0, "raw", 2))) __PYX_ERR(0, 263, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_raw), (&PyBytes_Type), 0, "raw", 2))) __PYX_ERR(0, 265, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(__pyx_self, __pyx_v_raw);
 
   /* function exit code */
@@ -11180,20 +11223,20 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("parse_response_head", 0);
 
-  /* "proxy/core/h1.py":264
+  /* "proxy/core/h1.py":266
  * 
  * def parse_response_head(raw: bytes) -> ResponseHead:
  *     lines = raw.split(b"\r\n")             # <<<<<<<<<<<<<<
  *     parts = lines[0].split(b" ", 2)
  *     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
 */
-  __pyx_t_1 = __Pyx_CallUnboundCMethod1(&__pyx_mstate_global->__pyx_umethod_PyBytes_Type__split, __pyx_v_raw, __pyx_mstate_global->__pyx_kp_b__5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 264, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_CallUnboundCMethod1(&__pyx_mstate_global->__pyx_umethod_PyBytes_Type__split, __pyx_v_raw, __pyx_mstate_global->__pyx_kp_b__5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 266, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (!(likely(PyList_CheckExact(__pyx_t_1)) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_1))) __PYX_ERR(0, 264, __pyx_L1_error)
+  if (!(likely(PyList_CheckExact(__pyx_t_1)) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_1))) __PYX_ERR(0, 266, __pyx_L1_error)
   __pyx_v_lines = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":265
+  /* "proxy/core/h1.py":267
  * def parse_response_head(raw: bytes) -> ResponseHead:
  *     lines = raw.split(b"\r\n")
  *     parts = lines[0].split(b" ", 2)             # <<<<<<<<<<<<<<
@@ -11202,25 +11245,25 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
 */
   __pyx_t_1 = __Pyx_PyList_GET_ITEM(__pyx_v_lines, 0);
   __Pyx_INCREF(__pyx_t_1);
-  if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 265, __pyx_L1_error)
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_split); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 265, __pyx_L1_error)
+  if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 267, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_split); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 267, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = __Pyx_PyObject_Call(__pyx_t_2, __pyx_mstate_global->__pyx_tuple[4], NULL); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 265, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_Call(__pyx_t_2, __pyx_mstate_global->__pyx_tuple[4], NULL); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 267, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  if (!(likely(PyList_CheckExact(__pyx_t_1)) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_1))) __PYX_ERR(0, 265, __pyx_L1_error)
+  if (!(likely(PyList_CheckExact(__pyx_t_1)) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_1))) __PYX_ERR(0, 267, __pyx_L1_error)
   __pyx_v_parts = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":266
+  /* "proxy/core/h1.py":268
  *     lines = raw.split(b"\r\n")
  *     parts = lines[0].split(b" ", 2)
  *     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():             # <<<<<<<<<<<<<<
  *         raise ParseError(502, "malformed response status line")
  *     headers: Headers = []
 */
-  __pyx_t_4 = __Pyx_PyList_GET_SIZE(__pyx_v_parts); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(0, 266, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyList_GET_SIZE(__pyx_v_parts); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(0, 268, __pyx_L1_error)
   __pyx_t_5 = (__pyx_t_4 < 2);
 
 
@@ -11234,12 +11277,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
   }
   __pyx_t_1 = __Pyx_PyList_GET_ITEM(__pyx_v_parts, 0);
   __Pyx_INCREF(__pyx_t_1);
-  if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 266, __pyx_L1_error)
+  if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 268, __pyx_L1_error)
   if (unlikely(__pyx_t_1 == Py_None)) {
     PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "startswith");
-    __PYX_ERR(0, 266, __pyx_L1_error)
+    __PYX_ERR(0, 268, __pyx_L1_error)
   }
-  __pyx_t_5 = __Pyx_PyBytes_Tailmatch(__pyx_t_1, __pyx_mstate_global->__pyx_kp_b_HTTP_1, 0, PY_SSIZE_T_MAX, -1); if (unlikely(__pyx_t_5 == ((int)-1))) __PYX_ERR(0, 266, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyBytes_Tailmatch(__pyx_t_1, __pyx_mstate_global->__pyx_kp_b_HTTP_1, 0, PY_SSIZE_T_MAX, -1); if (unlikely(__pyx_t_5 == ((int)-1))) __PYX_ERR(0, 268, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_t_6 = (!__pyx_t_5);
 
@@ -11254,7 +11297,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
   }
   __pyx_t_7 = __Pyx_PyList_GET_ITEM(__pyx_v_parts, 1);
   __Pyx_INCREF(__pyx_t_7);
-  if (!(likely(PyBytes_CheckExact(__pyx_t_7))||((__pyx_t_7) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_7))) __PYX_ERR(0, 266, __pyx_L1_error)
+  if (!(likely(PyBytes_CheckExact(__pyx_t_7))||((__pyx_t_7) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_7))) __PYX_ERR(0, 268, __pyx_L1_error)
   __pyx_t_2 = __pyx_t_7;
   __Pyx_INCREF(__pyx_t_2);
   __pyx_t_8 = 0;
@@ -11263,11 +11306,11 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_isdigit, __pyx_callargs+__pyx_t_8, (1-__pyx_t_8) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 266, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 268, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  if (!(likely(PyBool_Check(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bool", __pyx_t_1))) __PYX_ERR(0, 266, __pyx_L1_error)
-  __pyx_t_6 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_6 < 0))) __PYX_ERR(0, 266, __pyx_L1_error)
+  if (!(likely(PyBool_Check(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bool", __pyx_t_1))) __PYX_ERR(0, 268, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_6 < 0))) __PYX_ERR(0, 268, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_t_5 = (!__pyx_t_6);
 
@@ -11279,23 +11322,23 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
   if (unlikely(__pyx_t_3)) {
 
 
-    /* "proxy/core/h1.py":267
+    /* "proxy/core/h1.py":269
  *     parts = lines[0].split(b" ", 2)
  *     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
  *         raise ParseError(502, "malformed response status line")             # <<<<<<<<<<<<<<
  *     headers: Headers = []
  *     for line in lines[1:]:
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 267, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 269, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_7 = __Pyx_PyObject_Call(__pyx_t_1, __pyx_mstate_global->__pyx_tuple[5], NULL); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 267, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyObject_Call(__pyx_t_1, __pyx_mstate_global->__pyx_tuple[5], NULL); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 269, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_Raise(__pyx_t_7, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-    __PYX_ERR(0, 267, __pyx_L1_error)
+    __PYX_ERR(0, 269, __pyx_L1_error)
 
-    /* "proxy/core/h1.py":266
+    /* "proxy/core/h1.py":268
  *     lines = raw.split(b"\r\n")
  *     parts = lines[0].split(b" ", 2)
  *     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():             # <<<<<<<<<<<<<<
@@ -11304,26 +11347,26 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
 */
   }
 
-  /* "proxy/core/h1.py":268
+  /* "proxy/core/h1.py":270
  *     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
  *         raise ParseError(502, "malformed response status line")
  *     headers: Headers = []             # <<<<<<<<<<<<<<
  *     for line in lines[1:]:
  *         name, sep, value = line.partition(b":")
 */
-  __pyx_t_7 = PyList_New(0); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 268, __pyx_L1_error)
+  __pyx_t_7 = PyList_New(0); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 270, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
   __pyx_v_headers = ((PyObject*)__pyx_t_7);
   __pyx_t_7 = 0;
 
-  /* "proxy/core/h1.py":269
+  /* "proxy/core/h1.py":271
  *         raise ParseError(502, "malformed response status line")
  *     headers: Headers = []
  *     for line in lines[1:]:             # <<<<<<<<<<<<<<
  *         name, sep, value = line.partition(b":")
  *         if not sep or not name or name != name.strip():
 */
-  __pyx_t_7 = __Pyx_PyList_GetSlice(__pyx_v_lines, 1, PY_SSIZE_T_MAX); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 269, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyList_GetSlice(__pyx_v_lines, 1, PY_SSIZE_T_MAX); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 271, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
   __pyx_t_1 = __pyx_t_7; __Pyx_INCREF(__pyx_t_1);
   __pyx_t_4 = 0;
@@ -11332,35 +11375,35 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
     {
       Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
       #if !CYTHON_ASSUME_SAFE_SIZE
-      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 269, __pyx_L1_error)
+      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 271, __pyx_L1_error)
       #endif
       if (__pyx_t_4 >= __pyx_temp) break;
     }
     __pyx_t_7 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_1, __pyx_t_4, __Pyx_ReferenceSharing_OwnStrongReference);
     ++__pyx_t_4;
-    if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 269, __pyx_L1_error)
+    if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 271, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
-    if (!(likely(PyBytes_CheckExact(__pyx_t_7))||((__pyx_t_7) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_7))) __PYX_ERR(0, 269, __pyx_L1_error)
+    if (!(likely(PyBytes_CheckExact(__pyx_t_7))||((__pyx_t_7) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_7))) __PYX_ERR(0, 271, __pyx_L1_error)
     __Pyx_XDECREF_SET(__pyx_v_line, ((PyObject*)__pyx_t_7));
     __pyx_t_7 = 0;
 
-    /* "proxy/core/h1.py":270
+    /* "proxy/core/h1.py":272
  *     headers: Headers = []
  *     for line in lines[1:]:
  *         name, sep, value = line.partition(b":")             # <<<<<<<<<<<<<<
  *         if not sep or not name or name != name.strip():
  *             raise ParseError(502, "malformed response header")
 */
-    __pyx_t_7 = __Pyx_CallUnboundCMethod1(&__pyx_mstate_global->__pyx_umethod_PyBytes_Type__partition, __pyx_v_line, __pyx_mstate_global->__pyx_kp_b__7); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 270, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_CallUnboundCMethod1(&__pyx_mstate_global->__pyx_umethod_PyBytes_Type__partition, __pyx_v_line, __pyx_mstate_global->__pyx_kp_b__7); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 272, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
-    if (!(likely(PyTuple_CheckExact(__pyx_t_7)) || __Pyx_RaiseUnexpectedTypeError("tuple", __pyx_t_7))) __PYX_ERR(0, 270, __pyx_L1_error)
+    if (!(likely(PyTuple_CheckExact(__pyx_t_7)) || __Pyx_RaiseUnexpectedTypeError("tuple", __pyx_t_7))) __PYX_ERR(0, 272, __pyx_L1_error)
     if (1) {
       PyObject* sequence = __pyx_t_7;
       Py_ssize_t size = __Pyx_PyTuple_GET_SIZE(sequence);
       if (unlikely(size != 3)) {
         if (size > 3) __Pyx_RaiseTooManyValuesError(3);
         else if (size >= 0) __Pyx_RaiseNeedMoreValuesError(size);
-        __PYX_ERR(0, 270, __pyx_L1_error)
+        __PYX_ERR(0, 272, __pyx_L1_error)
       }
       #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
       __pyx_t_2 = PyTuple_GET_ITEM(sequence, 0);
@@ -11370,18 +11413,18 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
       __pyx_t_10 = PyTuple_GET_ITEM(sequence, 2);
       __Pyx_INCREF(__pyx_t_10);
       #else
-      __pyx_t_2 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 270, __pyx_L1_error)
+      __pyx_t_2 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 272, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
-      __pyx_t_9 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 270, __pyx_L1_error)
+      __pyx_t_9 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 272, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
-      __pyx_t_10 = __Pyx_PySequence_ITEM(sequence, 2); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 270, __pyx_L1_error)
+      __pyx_t_10 = __Pyx_PySequence_ITEM(sequence, 2); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 272, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_10);
       #endif
       __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     }
-    if (!(likely(PyBytes_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_2))) __PYX_ERR(0, 270, __pyx_L1_error)
-    if (!(likely(PyBytes_CheckExact(__pyx_t_9))||((__pyx_t_9) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_9))) __PYX_ERR(0, 270, __pyx_L1_error)
-    if (!(likely(PyBytes_CheckExact(__pyx_t_10))||((__pyx_t_10) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_10))) __PYX_ERR(0, 270, __pyx_L1_error)
+    if (!(likely(PyBytes_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_2))) __PYX_ERR(0, 272, __pyx_L1_error)
+    if (!(likely(PyBytes_CheckExact(__pyx_t_9))||((__pyx_t_9) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_9))) __PYX_ERR(0, 272, __pyx_L1_error)
+    if (!(likely(PyBytes_CheckExact(__pyx_t_10))||((__pyx_t_10) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_10))) __PYX_ERR(0, 272, __pyx_L1_error)
     __Pyx_XDECREF_SET(__pyx_v_name, ((PyObject*)__pyx_t_2));
     __pyx_t_2 = 0;
     __Pyx_XDECREF_SET(__pyx_v_sep, ((PyObject*)__pyx_t_9));
@@ -11389,7 +11432,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
     __Pyx_XDECREF_SET(__pyx_v_value, ((PyObject*)__pyx_t_10));
     __pyx_t_10 = 0;
 
-    /* "proxy/core/h1.py":271
+    /* "proxy/core/h1.py":273
  *     for line in lines[1:]:
  *         name, sep, value = line.partition(b":")
  *         if not sep or not name or name != name.strip():             # <<<<<<<<<<<<<<
@@ -11400,7 +11443,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
     else
     {
       Py_ssize_t __pyx_temp = __Pyx_PyBytes_GET_SIZE(__pyx_v_sep);
-      if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 271, __pyx_L1_error)
+      if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 273, __pyx_L1_error)
       __pyx_t_5 = (__pyx_temp != 0);
     }
 
@@ -11419,7 +11462,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
     else
     {
       Py_ssize_t __pyx_temp = __Pyx_PyBytes_GET_SIZE(__pyx_v_name);
-      if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 271, __pyx_L1_error)
+      if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 273, __pyx_L1_error)
       __pyx_t_6 = (__pyx_temp != 0);
     }
 
@@ -11434,10 +11477,10 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
 
       goto __pyx_L10_bool_binop_done;
     }
-    __pyx_t_7 = __Pyx_CallUnboundCMethod0(&__pyx_mstate_global->__pyx_umethod_PyBytes_Type__strip, __pyx_v_name); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 271, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_CallUnboundCMethod0(&__pyx_mstate_global->__pyx_umethod_PyBytes_Type__strip, __pyx_v_name); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 273, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
-    if (!(likely(PyBytes_CheckExact(__pyx_t_7)) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_7))) __PYX_ERR(0, 271, __pyx_L1_error)
-    __pyx_t_5 = __Pyx_PyObject_CompareBoolNe_bytes_bytes(__pyx_v_name, __pyx_t_7, Py_NE); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 271, __pyx_L1_error)
+    if (!(likely(PyBytes_CheckExact(__pyx_t_7)) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_7))) __PYX_ERR(0, 273, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_CompareBoolNe_bytes_bytes(__pyx_v_name, __pyx_t_7, Py_NE); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 273, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
 
     __pyx_t_3 = __pyx_t_5;
@@ -11446,23 +11489,23 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
     if (unlikely(__pyx_t_3)) {
 
 
-      /* "proxy/core/h1.py":272
+      /* "proxy/core/h1.py":274
  *         name, sep, value = line.partition(b":")
  *         if not sep or not name or name != name.strip():
  *             raise ParseError(502, "malformed response header")             # <<<<<<<<<<<<<<
  *         headers.append((name, value.strip()))
  *     return ResponseHead(int(parts[1]), parts[2] if len(parts) > 2 else b"", parts[0][5:], headers)
 */
-      __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 272, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 274, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_7);
-      __pyx_t_10 = __Pyx_PyObject_Call(__pyx_t_7, __pyx_mstate_global->__pyx_tuple[6], NULL); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 272, __pyx_L1_error)
+      __pyx_t_10 = __Pyx_PyObject_Call(__pyx_t_7, __pyx_mstate_global->__pyx_tuple[6], NULL); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 274, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_10);
       __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
       __Pyx_Raise(__pyx_t_10, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-      __PYX_ERR(0, 272, __pyx_L1_error)
+      __PYX_ERR(0, 274, __pyx_L1_error)
 
-      /* "proxy/core/h1.py":271
+      /* "proxy/core/h1.py":273
  *     for line in lines[1:]:
  *         name, sep, value = line.partition(b":")
  *         if not sep or not name or name != name.strip():             # <<<<<<<<<<<<<<
@@ -11471,29 +11514,29 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
 */
     }
 
-    /* "proxy/core/h1.py":273
+    /* "proxy/core/h1.py":275
  *         if not sep or not name or name != name.strip():
  *             raise ParseError(502, "malformed response header")
  *         headers.append((name, value.strip()))             # <<<<<<<<<<<<<<
  *     return ResponseHead(int(parts[1]), parts[2] if len(parts) > 2 else b"", parts[0][5:], headers)
  * 
 */
-    __pyx_t_10 = __Pyx_CallUnboundCMethod0(&__pyx_mstate_global->__pyx_umethod_PyBytes_Type__strip, __pyx_v_value); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 273, __pyx_L1_error)
+    __pyx_t_10 = __Pyx_CallUnboundCMethod0(&__pyx_mstate_global->__pyx_umethod_PyBytes_Type__strip, __pyx_v_value); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 275, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_10);
-    if (!(likely(PyBytes_CheckExact(__pyx_t_10)) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_10))) __PYX_ERR(0, 273, __pyx_L1_error)
-    __pyx_t_7 = PyTuple_New(2); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 273, __pyx_L1_error)
+    if (!(likely(PyBytes_CheckExact(__pyx_t_10)) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_10))) __PYX_ERR(0, 275, __pyx_L1_error)
+    __pyx_t_7 = PyTuple_New(2); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 275, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __Pyx_INCREF(__pyx_v_name);
     __Pyx_GIVEREF(__pyx_v_name);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 0, __pyx_v_name) != (0)) __PYX_ERR(0, 273, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 0, __pyx_v_name) != (0)) __PYX_ERR(0, 275, __pyx_L1_error);
     __Pyx_GIVEREF(__pyx_t_10);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 1, __pyx_t_10) != (0)) __PYX_ERR(0, 273, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 1, __pyx_t_10) != (0)) __PYX_ERR(0, 275, __pyx_L1_error);
     __pyx_t_10 = 0;
-    __pyx_t_11 = __Pyx_PyList_Append(__pyx_v_headers, __pyx_t_7); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 273, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyList_Append(__pyx_v_headers, __pyx_t_7); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 275, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
 
 
-    /* "proxy/core/h1.py":269
+    /* "proxy/core/h1.py":271
  *         raise ParseError(502, "malformed response status line")
  *     headers: Headers = []
  *     for line in lines[1:]:             # <<<<<<<<<<<<<<
@@ -11503,7 +11546,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":274
+  /* "proxy/core/h1.py":276
  *             raise ParseError(502, "malformed response header")
  *         headers.append((name, value.strip()))
  *     return ResponseHead(int(parts[1]), parts[2] if len(parts) > 2 else b"", parts[0][5:], headers)             # <<<<<<<<<<<<<<
@@ -11511,22 +11554,22 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
  * 
 */
   __pyx_t_7 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_ResponseHead); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 274, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_ResponseHead); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 276, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __pyx_t_9 = __Pyx_PyList_GET_ITEM(__pyx_v_parts, 1);
   __Pyx_INCREF(__pyx_t_9);
-  if (!(likely(PyBytes_CheckExact(__pyx_t_9))||((__pyx_t_9) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_9))) __PYX_ERR(0, 274, __pyx_L1_error)
-  __pyx_t_2 = __Pyx_PyNumber_Int(__pyx_t_9); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 274, __pyx_L1_error)
+  if (!(likely(PyBytes_CheckExact(__pyx_t_9))||((__pyx_t_9) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_9))) __PYX_ERR(0, 276, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyNumber_Int(__pyx_t_9); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 276, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-  __pyx_t_4 = __Pyx_PyList_GET_SIZE(__pyx_v_parts); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(0, 274, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyList_GET_SIZE(__pyx_v_parts); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(0, 276, __pyx_L1_error)
   __pyx_t_3 = (__pyx_t_4 > 2);
 
 
   if (__pyx_t_3) {
     __pyx_t_12 = __Pyx_PyList_GET_ITEM(__pyx_v_parts, 2);
     __Pyx_INCREF(__pyx_t_12);
-    if (!(likely(PyBytes_CheckExact(__pyx_t_12))||((__pyx_t_12) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_12))) __PYX_ERR(0, 274, __pyx_L1_error)
+    if (!(likely(PyBytes_CheckExact(__pyx_t_12))||((__pyx_t_12) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_12))) __PYX_ERR(0, 276, __pyx_L1_error)
     __pyx_t_9 = __pyx_t_12;
     __pyx_t_12 = 0;
   } else {
@@ -11536,12 +11579,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
 
   __pyx_t_12 = __Pyx_PyList_GET_ITEM(__pyx_v_parts, 0);
   __Pyx_INCREF(__pyx_t_12);
-  if (!(likely(PyBytes_CheckExact(__pyx_t_12))||((__pyx_t_12) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_12))) __PYX_ERR(0, 274, __pyx_L1_error)
+  if (!(likely(PyBytes_CheckExact(__pyx_t_12))||((__pyx_t_12) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_12))) __PYX_ERR(0, 276, __pyx_L1_error)
   if (unlikely(__pyx_t_12 == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 274, __pyx_L1_error)
+    __PYX_ERR(0, 276, __pyx_L1_error)
   }
-  __pyx_t_13 = PySequence_GetSlice(__pyx_t_12, 5, PY_SSIZE_T_MAX); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 274, __pyx_L1_error)
+  __pyx_t_13 = PySequence_GetSlice(__pyx_t_12, 5, PY_SSIZE_T_MAX); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 276, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_13);
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
   __pyx_t_8 = 1;
@@ -11564,7 +11607,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 274, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 276, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   {
@@ -11578,7 +11621,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "proxy/core/h1.py":263
+  /* "proxy/core/h1.py":265
  * 
  * 
  * def parse_response_head(raw: bytes) -> ResponseHead:             # <<<<<<<<<<<<<<
@@ -11610,7 +11653,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":285
+/* "proxy/core/h1.py":287
  *     before a response has been sent through it."""
  * 
  *     def __init__(self, handler: Handler, max_head: int = MAX_HEAD_SIZE) -> None:             # <<<<<<<<<<<<<<
@@ -11627,18 +11670,18 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18__defaults__(CYTHON_UNUSED 
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__defaults__", 0);
-  __pyx_t_1 = PyTuple_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 285, __pyx_L1_error)
+  __pyx_t_1 = PyTuple_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 287, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_INCREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
   __Pyx_GIVEREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0) != (0)) __PYX_ERR(0, 285, __pyx_L1_error);
-  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 285, __pyx_L1_error)
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0) != (0)) __PYX_ERR(0, 287, __pyx_L1_error);
+  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 287, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 285, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 287, __pyx_L1_error);
   __Pyx_INCREF(Py_None);
   __Pyx_GIVEREF(Py_None);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, Py_None) != (0)) __PYX_ERR(0, 285, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, Py_None) != (0)) __PYX_ERR(0, 287, __pyx_L1_error);
   __pyx_t_1 = 0;
   {
     PyObject *__pyx_temp;
@@ -11705,41 +11748,41 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_handler,&__pyx_mstate_global->__pyx_n_u_max_head,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 285, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 287, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 285, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 287, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 285, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 287, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 285, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 287, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 285, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 287, __pyx_L3_error)
       if (!values[2]) values[2] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 0, 2, 3, i); __PYX_ERR(0, 285, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 0, 2, 3, i); __PYX_ERR(0, 287, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 285, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 287, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 285, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 287, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 285, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 287, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -11747,12 +11790,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     }
     __pyx_v_self = values[0];
     __pyx_v_handler = values[1];
-    if (__Pyx_PyInt_FromNumber(&values[2], "max_head", 0) < (0)) __PYX_ERR(0, 285, __pyx_L3_error)
+    if (__Pyx_PyInt_FromNumber(&values[2], "max_head", 0) < (0)) __PYX_ERR(0, 287, __pyx_L3_error)
     __pyx_v_max_head = ((PyObject*)values[2]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__init__", 0, 2, 3, __pyx_nargs); __PYX_ERR(0, 285, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__init__", 0, 2, 3, __pyx_nargs); __PYX_ERR(0, 287, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -11763,7 +11806,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 285, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 287, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser___init__(__pyx_self, __pyx_v_self, __pyx_v_handler, __pyx_v_max_head);
 
   /* function exit code */
@@ -11797,25 +11840,25 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser___init__(
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__init__", 0);
 
-  /* "proxy/core/h1.py":286
+  /* "proxy/core/h1.py":288
  * 
  *     def __init__(self, handler: Handler, max_head: int = MAX_HEAD_SIZE) -> None:
  *         self.handler = handler             # <<<<<<<<<<<<<<
  *         self.max_head = max_head
  *         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler, __pyx_v_handler) < (0)) __PYX_ERR(0, 286, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler, __pyx_v_handler) < (0)) __PYX_ERR(0, 288, __pyx_L1_error)
 
-  /* "proxy/core/h1.py":287
+  /* "proxy/core/h1.py":289
  *     def __init__(self, handler: Handler, max_head: int = MAX_HEAD_SIZE) -> None:
  *         self.handler = handler
  *         self.max_head = max_head             # <<<<<<<<<<<<<<
  *         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
  * 
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_max_head, __pyx_v_max_head) < (0)) __PYX_ERR(0, 287, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_max_head, __pyx_v_max_head) < (0)) __PYX_ERR(0, 289, __pyx_L1_error)
 
-  /* "proxy/core/h1.py":288
+  /* "proxy/core/h1.py":290
  *         self.handler = handler
  *         self.max_head = max_head
  *         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)             # <<<<<<<<<<<<<<
@@ -11823,14 +11866,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser___init__(
  *     def feed(self, data: bytes) -> None:
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 288, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 290, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_Connection); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 288, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_Connection); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 290, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 288, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 290, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_SERVER); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 288, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_SERVER); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 290, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   #if CYTHON_VECTORCALL
@@ -11851,13 +11894,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser___init__(
     PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_t_5, __pyx_v_max_head};
     #if CYTHON_VECTORCALL
     __pyx_t_3 = __pyx_mstate_global->__pyx_tuple[7];
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 288, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 290, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_3);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_max_incomplete_event_size};
       __pyx_t_3 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 288, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 290, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     #endif
@@ -11868,13 +11911,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser___init__(
     #endif
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 288, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 290, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn, __pyx_t_1) < (0)) __PYX_ERR(0, 288, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn, __pyx_t_1) < (0)) __PYX_ERR(0, 290, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":285
+  /* "proxy/core/h1.py":287
  *     before a response has been sent through it."""
  * 
  *     def __init__(self, handler: Handler, max_head: int = MAX_HEAD_SIZE) -> None:             # <<<<<<<<<<<<<<
@@ -11899,7 +11942,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser___init__(
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":290
+/* "proxy/core/h1.py":292
  *         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
  * 
  *     def feed(self, data: bytes) -> None:             # <<<<<<<<<<<<<<
@@ -11947,39 +11990,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_data,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 290, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 292, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 290, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 292, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 290, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 292, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "feed", 0) < (0)) __PYX_ERR(0, 290, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "feed", 0) < (0)) __PYX_ERR(0, 292, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("feed", 1, 2, 2, i); __PYX_ERR(0, 290, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("feed", 1, 2, 2, i); __PYX_ERR(0, 292, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 290, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 292, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 290, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 292, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_data = ((PyObject*)values[1]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("feed", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 290, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("feed", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 292, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -11990,7 +12033,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 290, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 292, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_2feed(__pyx_self, __pyx_v_self, __pyx_v_data);
 
   /* function exit code */
@@ -12022,14 +12065,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_2feed(CYT
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("feed", 0);
 
-  /* "proxy/core/h1.py":291
+  /* "proxy/core/h1.py":293
  * 
  *     def feed(self, data: bytes) -> None:
  *         self.conn.receive_data(data)             # <<<<<<<<<<<<<<
  *         self._pump()
  * 
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 291, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 293, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_2 = __pyx_t_3;
   __Pyx_INCREF(__pyx_t_2);
@@ -12039,12 +12082,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_2feed(CYT
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_receive_data, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 291, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 293, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":292
+  /* "proxy/core/h1.py":294
  *     def feed(self, data: bytes) -> None:
  *         self.conn.receive_data(data)
  *         self._pump()             # <<<<<<<<<<<<<<
@@ -12058,12 +12101,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_2feed(CYT
     PyObject *__pyx_callargs[2] = {__pyx_t_3, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_pump, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 292, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 294, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":290
+  /* "proxy/core/h1.py":292
  *         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
  * 
  *     def feed(self, data: bytes) -> None:             # <<<<<<<<<<<<<<
@@ -12086,7 +12129,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_2feed(CYT
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":294
+/* "proxy/core/h1.py":296
  *         self._pump()
  * 
  *     def _pump(self) -> None:             # <<<<<<<<<<<<<<
@@ -12133,32 +12176,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 294, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 296, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 294, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 296, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_pump", 0) < (0)) __PYX_ERR(0, 294, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_pump", 0) < (0)) __PYX_ERR(0, 296, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_pump", 1, 1, 1, i); __PYX_ERR(0, 294, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_pump", 1, 1, 1, i); __PYX_ERR(0, 296, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 294, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 296, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("_pump", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 294, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("_pump", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 296, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -12180,7 +12223,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 }
 static PyObject *__pyx_gb_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_2generator(__pyx_CoroutineObject *__pyx_generator, CYTHON_UNUSED PyThreadState *__pyx_tstate, PyObject *__pyx_sent_value); /* proto */
 
-/* "proxy/core/h1.py":319
+/* "proxy/core/h1.py":321
  *             if isinstance(event, h11.Request):
  *                 raw = list(event.headers.raw_items())
  *                 if len(event.target) + sum(len(n) + len(v) + 4 for n, v in raw) > self.max_head:             # <<<<<<<<<<<<<<
@@ -12200,7 +12243,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_ge
   if (unlikely(!__pyx_cur_scope)) {
     __pyx_cur_scope = ((struct __pyx_obj_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr *)Py_None);
     __Pyx_INCREF(Py_None);
-    __PYX_ERR(0, 319, __pyx_L1_error)
+    __PYX_ERR(0, 321, __pyx_L1_error)
   } else {
     __Pyx_GOTREF((PyObject *)__pyx_cur_scope);
   }
@@ -12208,7 +12251,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_ge
   __Pyx_INCREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   __Pyx_GIVEREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   {
-    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_2generator, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_H11RequestParser__pump_locals_g, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse); if (unlikely(!gen)) __PYX_ERR(0, 319, __pyx_L1_error)
+    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_2generator, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_H11RequestParser__pump_locals_g, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse); if (unlikely(!gen)) __PYX_ERR(0, 321, __pyx_L1_error)
     __Pyx_DECREF(__pyx_cur_scope);
     __Pyx_RefNannyFinishContext();
     return (PyObject *) gen;
@@ -12252,22 +12295,22 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_2g
   __pyx_L3_first_run:;
   if (unlikely(__pyx_sent_value != Py_None)) {
     if (unlikely(__pyx_sent_value)) PyErr_SetString(PyExc_TypeError, "can't send non-None value to a just-started generator");
-    __PYX_ERR(0, 319, __pyx_L1_error)
+    __PYX_ERR(0, 321, __pyx_L1_error)
   }
-  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 319, __pyx_L1_error) }
+  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 321, __pyx_L1_error) }
   __pyx_t_1 = __pyx_cur_scope->__pyx_genexpr_arg_0; __Pyx_INCREF(__pyx_t_1);
   __pyx_t_2 = 0;
   for (;;) {
     {
       Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
       #if !CYTHON_ASSUME_SAFE_SIZE
-      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 319, __pyx_L1_error)
+      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 321, __pyx_L1_error)
       #endif
       if (__pyx_t_2 >= __pyx_temp) break;
     }
     __pyx_t_3 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_1, __pyx_t_2, __Pyx_ReferenceSharing_OwnStrongReference);
     ++__pyx_t_2;
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 319, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 321, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     if ((likely(PyTuple_CheckExact(__pyx_t_3))) || (PyList_CheckExact(__pyx_t_3))) {
       PyObject* sequence = __pyx_t_3;
@@ -12275,7 +12318,7 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_2g
       if (unlikely(size != 2)) {
         if (size > 2) __Pyx_RaiseTooManyValuesError(2);
         else if (size >= 0) __Pyx_RaiseNeedMoreValuesError(size);
-        __PYX_ERR(0, 319, __pyx_L1_error)
+        __PYX_ERR(0, 321, __pyx_L1_error)
       }
       #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
       if (likely(PyTuple_CheckExact(sequence))) {
@@ -12285,22 +12328,22 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_2g
         __Pyx_INCREF(__pyx_t_5);
       } else {
         __pyx_t_4 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
-        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 319, __pyx_L1_error)
+        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 321, __pyx_L1_error)
         __Pyx_XGOTREF(__pyx_t_4);
         __pyx_t_5 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
-        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 319, __pyx_L1_error)
+        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 321, __pyx_L1_error)
         __Pyx_XGOTREF(__pyx_t_5);
       }
       #else
-      __pyx_t_4 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 319, __pyx_L1_error)
+      __pyx_t_4 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 321, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_5 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 319, __pyx_L1_error)
+      __pyx_t_5 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 321, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
       #endif
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     } else {
       Py_ssize_t index = -1;
-      __pyx_t_6 = PyObject_GetIter(__pyx_t_3); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 319, __pyx_L1_error)
+      __pyx_t_6 = PyObject_GetIter(__pyx_t_3); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 321, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
       __pyx_t_7 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_6);
@@ -12308,7 +12351,7 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_2g
       __Pyx_GOTREF(__pyx_t_4);
       index = 1; __pyx_t_5 = __pyx_t_7(__pyx_t_6); if (unlikely(!__pyx_t_5)) goto __pyx_L6_unpacking_failed;
       __Pyx_GOTREF(__pyx_t_5);
-      if (__Pyx_IternextUnpackEndCheck(__pyx_t_7(__pyx_t_6), 2) < (0)) __PYX_ERR(0, 319, __pyx_L1_error)
+      if (__Pyx_IternextUnpackEndCheck(__pyx_t_7(__pyx_t_6), 2) < (0)) __PYX_ERR(0, 321, __pyx_L1_error)
       __pyx_t_7 = NULL;
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
       goto __pyx_L7_unpacking_done;
@@ -12316,7 +12359,7 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_2g
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
       __pyx_t_7 = NULL;
       if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
-      __PYX_ERR(0, 319, __pyx_L1_error)
+      __PYX_ERR(0, 321, __pyx_L1_error)
       __pyx_L7_unpacking_done:;
     }
     __Pyx_XGOTREF(__pyx_cur_scope->__pyx_v_n);
@@ -12327,9 +12370,9 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_2g
     __Pyx_XDECREF_SET(__pyx_cur_scope->__pyx_v_v, __pyx_t_5);
     __Pyx_GIVEREF(__pyx_t_5);
     __pyx_t_5 = 0;
-    __pyx_t_8 = PyObject_Length(__pyx_cur_scope->__pyx_v_n); if (unlikely(__pyx_t_8 == ((Py_ssize_t)-1))) __PYX_ERR(0, 319, __pyx_L1_error)
-    __pyx_t_9 = PyObject_Length(__pyx_cur_scope->__pyx_v_v); if (unlikely(__pyx_t_9 == ((Py_ssize_t)-1))) __PYX_ERR(0, 319, __pyx_L1_error)
-    __pyx_t_3 = PyLong_FromSsize_t(((__pyx_t_8 + __pyx_t_9) + 4)); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 319, __pyx_L1_error)
+    __pyx_t_8 = PyObject_Length(__pyx_cur_scope->__pyx_v_n); if (unlikely(__pyx_t_8 == ((Py_ssize_t)-1))) __PYX_ERR(0, 321, __pyx_L1_error)
+    __pyx_t_9 = PyObject_Length(__pyx_cur_scope->__pyx_v_v); if (unlikely(__pyx_t_9 == ((Py_ssize_t)-1))) __PYX_ERR(0, 321, __pyx_L1_error)
+    __pyx_t_3 = PyLong_FromSsize_t(((__pyx_t_8 + __pyx_t_9) + 4)); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 321, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
 
 
@@ -12350,7 +12393,7 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_2g
     __pyx_cur_scope->__pyx_t_0 = 0;
     __Pyx_XGOTREF(__pyx_t_1);
     __pyx_t_2 = __pyx_cur_scope->__pyx_t_1;
-    if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 319, __pyx_L1_error)
+    if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 321, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   CYTHON_MAYBE_UNUSED_VAR(__pyx_cur_scope);
@@ -12379,7 +12422,7 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_2g
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":294
+/* "proxy/core/h1.py":296
  *         self._pump()
  * 
  *     def _pump(self) -> None:             # <<<<<<<<<<<<<<
@@ -12429,7 +12472,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("_pump", 0);
 
-  /* "proxy/core/h1.py":295
+  /* "proxy/core/h1.py":297
  * 
  *     def _pump(self) -> None:
  *         while True:             # <<<<<<<<<<<<<<
@@ -12438,7 +12481,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
   while (1) {
 
-    /* "proxy/core/h1.py":296
+    /* "proxy/core/h1.py":298
  *     def _pump(self) -> None:
  *         while True:
  *             try:             # <<<<<<<<<<<<<<
@@ -12454,14 +12497,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       __Pyx_XGOTREF(__pyx_t_3);
       /*try:*/ {
 
-        /* "proxy/core/h1.py":297
+        /* "proxy/core/h1.py":299
  *         while True:
  *             try:
  *                 event = self.conn.next_event()             # <<<<<<<<<<<<<<
  *             except h11.RemoteProtocolError as exc:
  *                 status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
 */
-        __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 297, __pyx_L5_error)
+        __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 299, __pyx_L5_error)
         __Pyx_GOTREF(__pyx_t_6);
         __pyx_t_5 = __pyx_t_6;
         __Pyx_INCREF(__pyx_t_5);
@@ -12471,13 +12514,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_next_event, __pyx_callargs+__pyx_t_7, (1-__pyx_t_7) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
           __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 297, __pyx_L5_error)
+          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 299, __pyx_L5_error)
           __Pyx_GOTREF(__pyx_t_4);
         }
         __Pyx_XDECREF_SET(__pyx_v_event, __pyx_t_4);
         __pyx_t_4 = 0;
 
-        /* "proxy/core/h1.py":296
+        /* "proxy/core/h1.py":298
  *     def _pump(self) -> None:
  *         while True:
  *             try:             # <<<<<<<<<<<<<<
@@ -12494,7 +12537,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
 
-      /* "proxy/core/h1.py":298
+      /* "proxy/core/h1.py":300
  *             try:
  *                 event = self.conn.next_event()
  *             except h11.RemoteProtocolError as exc:             # <<<<<<<<<<<<<<
@@ -12502,9 +12545,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
  *                 raise ParseError(status, f"malformed request: {exc}") from None
 */
       __Pyx_ErrFetch(&__pyx_t_4, &__pyx_t_6, &__pyx_t_5);
-      __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 298, __pyx_L7_except_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 300, __pyx_L7_except_error)
       __Pyx_GOTREF(__pyx_t_8);
-      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_RemoteProtocolError); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 298, __pyx_L7_except_error)
+      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_RemoteProtocolError); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 300, __pyx_L7_except_error)
       __Pyx_GOTREF(__pyx_t_9);
       __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
       __pyx_t_10 = __Pyx_PyErr_GivenExceptionMatches(__pyx_t_4, __pyx_t_9);
@@ -12513,7 +12556,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       __pyx_t_4 = 0; __pyx_t_6 = 0; __pyx_t_5 = 0;
       if (__pyx_t_10) {
         __Pyx_AddTraceback("proxy._native.h1parse._H11RequestParser._pump", __pyx_clineno, __pyx_lineno, __pyx_filename);
-        if (__Pyx_GetException(&__pyx_t_5, &__pyx_t_6, &__pyx_t_4) < 0) __PYX_ERR(0, 298, __pyx_L7_except_error)
+        if (__Pyx_GetException(&__pyx_t_5, &__pyx_t_6, &__pyx_t_4) < 0) __PYX_ERR(0, 300, __pyx_L7_except_error)
         __Pyx_XGOTREF(__pyx_t_5);
         __Pyx_XGOTREF(__pyx_t_6);
         __Pyx_XGOTREF(__pyx_t_4);
@@ -12521,16 +12564,16 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __pyx_v_exc = __pyx_t_6;
         /*try:*/ {
 
-          /* "proxy/core/h1.py":299
+          /* "proxy/core/h1.py":301
  *                 event = self.conn.next_event()
  *             except h11.RemoteProtocolError as exc:
  *                 status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400             # <<<<<<<<<<<<<<
  *                 raise ParseError(status, f"malformed request: {exc}") from None
  *             if event is h11.NEED_DATA:
 */
-          __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_exc, __pyx_mstate_global->__pyx_n_u_error_status_hint); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 299, __pyx_L18_error)
+          __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_exc, __pyx_mstate_global->__pyx_n_u_error_status_hint); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 301, __pyx_L18_error)
           __Pyx_GOTREF(__pyx_t_8);
-          __pyx_t_12 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_8, __pyx_mstate_global->__pyx_int_400, 0x190, 0)); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 299, __pyx_L18_error)
+          __pyx_t_12 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_8, __pyx_mstate_global->__pyx_int_400, 0x190, 0)); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 301, __pyx_L18_error)
           if (!__pyx_t_12) {
 
           } else {
@@ -12539,7 +12582,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 
             goto __pyx_L20_bool_binop_done;
           }
-          __pyx_t_12 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_8, __pyx_mstate_global->__pyx_int_431, 0x1AF, 0)); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 299, __pyx_L18_error)
+          __pyx_t_12 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_8, __pyx_mstate_global->__pyx_int_431, 0x1AF, 0)); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 301, __pyx_L18_error)
 
           __pyx_t_11 = __pyx_t_12;
 
@@ -12549,7 +12592,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 
 
           if (__pyx_t_12) {
-            __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_exc, __pyx_mstate_global->__pyx_n_u_error_status_hint); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 299, __pyx_L18_error)
+            __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_exc, __pyx_mstate_global->__pyx_n_u_error_status_hint); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 301, __pyx_L18_error)
             __Pyx_GOTREF(__pyx_t_8);
             __pyx_t_9 = __pyx_t_8;
             __pyx_t_8 = 0;
@@ -12561,7 +12604,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           __pyx_v_status = __pyx_t_9;
           __pyx_t_9 = 0;
 
-          /* "proxy/core/h1.py":300
+          /* "proxy/core/h1.py":302
  *             except h11.RemoteProtocolError as exc:
  *                 status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
  *                 raise ParseError(status, f"malformed request: {exc}") from None             # <<<<<<<<<<<<<<
@@ -12569,11 +12612,11 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
  *                 return
 */
           __pyx_t_8 = NULL;
-          __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 300, __pyx_L18_error)
+          __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 302, __pyx_L18_error)
           __Pyx_GOTREF(__pyx_t_13);
-          __pyx_t_14 = __Pyx_PyObject_FormatSimple(__pyx_v_exc, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 300, __pyx_L18_error)
+          __pyx_t_14 = __Pyx_PyObject_FormatSimple(__pyx_v_exc, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 302, __pyx_L18_error)
           __Pyx_GOTREF(__pyx_t_14);
-          __pyx_t_15 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_malformed_request, __pyx_t_14); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 300, __pyx_L18_error)
+          __pyx_t_15 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_malformed_request, __pyx_t_14); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 302, __pyx_L18_error)
           __Pyx_GOTREF(__pyx_t_15);
           __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
           __pyx_t_7 = 1;
@@ -12594,15 +12637,15 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
             __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
             __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
             __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-            if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 300, __pyx_L18_error)
+            if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 302, __pyx_L18_error)
             __Pyx_GOTREF(__pyx_t_9);
           }
           __Pyx_Raise(__pyx_t_9, 0, 0, Py_None);
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-          __PYX_ERR(0, 300, __pyx_L18_error)
+          __PYX_ERR(0, 302, __pyx_L18_error)
         }
 
-        /* "proxy/core/h1.py":298
+        /* "proxy/core/h1.py":300
  *             try:
  *                 event = self.conn.next_event()
  *             except h11.RemoteProtocolError as exc:             # <<<<<<<<<<<<<<
@@ -12648,7 +12691,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       }
       goto __pyx_L7_except_error;
 
-      /* "proxy/core/h1.py":296
+      /* "proxy/core/h1.py":298
  *     def _pump(self) -> None:
  *         while True:
  *             try:             # <<<<<<<<<<<<<<
@@ -12664,16 +12707,16 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       __pyx_L12_try_end:;
     }
 
-    /* "proxy/core/h1.py":301
+    /* "proxy/core/h1.py":303
  *                 status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
  *                 raise ParseError(status, f"malformed request: {exc}") from None
  *             if event is h11.NEED_DATA:             # <<<<<<<<<<<<<<
  *                 return
  *             if event is h11.PAUSED:
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 301, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 303, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_NEED_DATA); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 301, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_NEED_DATA); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 303, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __pyx_t_12 = (__pyx_v_event == __pyx_t_6);
@@ -12681,7 +12724,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
     if (__pyx_t_12) {
 
 
-      /* "proxy/core/h1.py":302
+      /* "proxy/core/h1.py":304
  *                 raise ParseError(status, f"malformed request: {exc}") from None
  *             if event is h11.NEED_DATA:
  *                 return             # <<<<<<<<<<<<<<
@@ -12698,7 +12741,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       }
       goto __pyx_L0;
 
-      /* "proxy/core/h1.py":301
+      /* "proxy/core/h1.py":303
  *                 status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
  *                 raise ParseError(status, f"malformed request: {exc}") from None
  *             if event is h11.NEED_DATA:             # <<<<<<<<<<<<<<
@@ -12707,16 +12750,16 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
     }
 
-    /* "proxy/core/h1.py":303
+    /* "proxy/core/h1.py":305
  *             if event is h11.NEED_DATA:
  *                 return
  *             if event is h11.PAUSED:             # <<<<<<<<<<<<<<
  *                 # An Upgrade/CONNECT request switched protocols, or the message ended:
  *                 # a new cycle needs a fresh connection, fed with what is left.
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 303, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 305, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_PAUSED); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 303, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_PAUSED); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 305, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __pyx_t_12 = (__pyx_v_event == __pyx_t_4);
@@ -12724,16 +12767,16 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
     if (__pyx_t_12) {
 
 
-      /* "proxy/core/h1.py":306
+      /* "proxy/core/h1.py":308
  *                 # An Upgrade/CONNECT request switched protocols, or the message ended:
  *                 # a new cycle needs a fresh connection, fed with what is left.
  *                 remaining, closed = self.conn.trailing_data             # <<<<<<<<<<<<<<
  *                 if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL or self.conn.their_state is h11.SWITCHED_PROTOCOL:
  *                     raise Switch(bytes(remaining))
 */
-      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 306, __pyx_L1_error)
+      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 308, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 306, __pyx_L1_error)
+      __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 308, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       if ((likely(PyTuple_CheckExact(__pyx_t_6))) || (PyList_CheckExact(__pyx_t_6))) {
@@ -12742,7 +12785,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         if (unlikely(size != 2)) {
           if (size > 2) __Pyx_RaiseTooManyValuesError(2);
           else if (size >= 0) __Pyx_RaiseNeedMoreValuesError(size);
-          __PYX_ERR(0, 306, __pyx_L1_error)
+          __PYX_ERR(0, 308, __pyx_L1_error)
         }
         #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
         if (likely(PyTuple_CheckExact(sequence))) {
@@ -12752,22 +12795,22 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           __Pyx_INCREF(__pyx_t_5);
         } else {
           __pyx_t_4 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
-          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 306, __pyx_L1_error)
+          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 308, __pyx_L1_error)
           __Pyx_XGOTREF(__pyx_t_4);
           __pyx_t_5 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
-          if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 306, __pyx_L1_error)
+          if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 308, __pyx_L1_error)
           __Pyx_XGOTREF(__pyx_t_5);
         }
         #else
-        __pyx_t_4 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 306, __pyx_L1_error)
+        __pyx_t_4 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 308, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
-        __pyx_t_5 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 306, __pyx_L1_error)
+        __pyx_t_5 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 308, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_5);
         #endif
         __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
       } else {
         Py_ssize_t index = -1;
-        __pyx_t_9 = PyObject_GetIter(__pyx_t_6); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 306, __pyx_L1_error)
+        __pyx_t_9 = PyObject_GetIter(__pyx_t_6); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 308, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_9);
         __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
         __pyx_t_24 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_9);
@@ -12775,7 +12818,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __Pyx_GOTREF(__pyx_t_4);
         index = 1; __pyx_t_5 = __pyx_t_24(__pyx_t_9); if (unlikely(!__pyx_t_5)) goto __pyx_L28_unpacking_failed;
         __Pyx_GOTREF(__pyx_t_5);
-        if (__Pyx_IternextUnpackEndCheck(__pyx_t_24(__pyx_t_9), 2) < (0)) __PYX_ERR(0, 306, __pyx_L1_error)
+        if (__Pyx_IternextUnpackEndCheck(__pyx_t_24(__pyx_t_9), 2) < (0)) __PYX_ERR(0, 308, __pyx_L1_error)
         __pyx_t_24 = NULL;
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         goto __pyx_L29_unpacking_done;
@@ -12783,7 +12826,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         __pyx_t_24 = NULL;
         if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
-        __PYX_ERR(0, 306, __pyx_L1_error)
+        __PYX_ERR(0, 308, __pyx_L1_error)
         __pyx_L29_unpacking_done:;
       }
       __Pyx_XDECREF_SET(__pyx_v_remaining, __pyx_t_4);
@@ -12791,21 +12834,21 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       __Pyx_XDECREF_SET(__pyx_v_closed, __pyx_t_5);
       __pyx_t_5 = 0;
 
-      /* "proxy/core/h1.py":307
+      /* "proxy/core/h1.py":309
  *                 # a new cycle needs a fresh connection, fed with what is left.
  *                 remaining, closed = self.conn.trailing_data
  *                 if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL or self.conn.their_state is h11.SWITCHED_PROTOCOL:             # <<<<<<<<<<<<<<
  *                     raise Switch(bytes(remaining))
  *                 self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
 */
-      __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 307, __pyx_L1_error)
+      __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 309, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
-      __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_their_state); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 307, __pyx_L1_error)
+      __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_their_state); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 309, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-      __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 307, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 309, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
-      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_MIGHT_SWITCH_PROTOCOL); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 307, __pyx_L1_error)
+      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_MIGHT_SWITCH_PROTOCOL); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 309, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
       __pyx_t_11 = (__pyx_t_5 == __pyx_t_4);
@@ -12819,14 +12862,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 
         goto __pyx_L31_bool_binop_done;
       }
-      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 307, __pyx_L1_error)
+      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 309, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_their_state); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 307, __pyx_L1_error)
+      __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_their_state); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 309, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 307, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 309, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_SWITCHED_PROTOCOL); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 307, __pyx_L1_error)
+      __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_SWITCHED_PROTOCOL); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 309, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __pyx_t_11 = (__pyx_t_5 == __pyx_t_6);
@@ -12839,7 +12882,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       if (unlikely(__pyx_t_12)) {
 
 
-        /* "proxy/core/h1.py":308
+        /* "proxy/core/h1.py":310
  *                 remaining, closed = self.conn.trailing_data
  *                 if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL or self.conn.their_state is h11.SWITCHED_PROTOCOL:
  *                     raise Switch(bytes(remaining))             # <<<<<<<<<<<<<<
@@ -12847,7 +12890,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
  *                 if remaining:
 */
         __pyx_t_5 = NULL;
-        __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 308, __pyx_L1_error)
+        __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 310, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
         __pyx_t_13 = NULL;
         __pyx_t_7 = 1;
@@ -12855,7 +12898,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           PyObject *__pyx_callargs[2] = {__pyx_t_13, __pyx_v_remaining};
           __pyx_t_9 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_13); __pyx_t_13 = 0;
-          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 308, __pyx_L1_error)
+          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 310, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_9);
         }
         __pyx_t_7 = 1;
@@ -12876,14 +12919,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
           __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 308, __pyx_L1_error)
+          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 310, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_6);
         }
         __Pyx_Raise(__pyx_t_6, 0, 0, 0);
         __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-        __PYX_ERR(0, 308, __pyx_L1_error)
+        __PYX_ERR(0, 310, __pyx_L1_error)
 
-        /* "proxy/core/h1.py":307
+        /* "proxy/core/h1.py":309
  *                 # a new cycle needs a fresh connection, fed with what is left.
  *                 remaining, closed = self.conn.trailing_data
  *                 if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL or self.conn.their_state is h11.SWITCHED_PROTOCOL:             # <<<<<<<<<<<<<<
@@ -12892,7 +12935,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
       }
 
-      /* "proxy/core/h1.py":309
+      /* "proxy/core/h1.py":311
  *                 if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL or self.conn.their_state is h11.SWITCHED_PROTOCOL:
  *                     raise Switch(bytes(remaining))
  *                 self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)             # <<<<<<<<<<<<<<
@@ -12900,17 +12943,17 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
  *                     self.conn.receive_data(bytes(remaining))
 */
       __pyx_t_4 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 309, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 311, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
-      __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_Connection); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 309, __pyx_L1_error)
+      __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_Connection); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 311, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
       __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-      __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 309, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 311, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
-      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_SERVER); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 309, __pyx_L1_error)
+      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_SERVER); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 311, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
       __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_max_head); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 309, __pyx_L1_error)
+      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_max_head); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 311, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
       #if CYTHON_VECTORCALL
       #endif
@@ -12930,13 +12973,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         PyObject *__pyx_callargs[3] = {__pyx_t_4, __pyx_t_13, __pyx_t_9};
         #if CYTHON_VECTORCALL
         __pyx_t_15 = __pyx_mstate_global->__pyx_tuple[7];
-        if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 309, __pyx_L1_error)
+        if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 311, __pyx_L1_error)
         __Pyx_INCREF(__pyx_t_15);
         #else
         {
           PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_max_incomplete_event_size};
           __pyx_t_15 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-          if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 309, __pyx_L1_error)
+          if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 311, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_15);
         }
         #endif
@@ -12948,31 +12991,31 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
         __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 309, __pyx_L1_error)
+        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 311, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_6);
       }
-      if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn, __pyx_t_6) < (0)) __PYX_ERR(0, 309, __pyx_L1_error)
+      if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn, __pyx_t_6) < (0)) __PYX_ERR(0, 311, __pyx_L1_error)
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
-      /* "proxy/core/h1.py":310
+      /* "proxy/core/h1.py":312
  *                     raise Switch(bytes(remaining))
  *                 self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
  *                 if remaining:             # <<<<<<<<<<<<<<
  *                     self.conn.receive_data(bytes(remaining))
  *                 if closed:
 */
-      __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_v_remaining); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 310, __pyx_L1_error)
+      __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_v_remaining); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 312, __pyx_L1_error)
       if (__pyx_t_12) {
 
 
-        /* "proxy/core/h1.py":311
+        /* "proxy/core/h1.py":313
  *                 self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
  *                 if remaining:
  *                     self.conn.receive_data(bytes(remaining))             # <<<<<<<<<<<<<<
  *                 if closed:
  *                     self.conn.receive_data(b"")
 */
-        __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 311, __pyx_L1_error)
+        __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 313, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_15);
         __pyx_t_5 = __pyx_t_15;
         __Pyx_INCREF(__pyx_t_5);
@@ -12982,7 +13025,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           PyObject *__pyx_callargs[2] = {__pyx_t_13, __pyx_v_remaining};
           __pyx_t_9 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_13); __pyx_t_13 = 0;
-          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 311, __pyx_L1_error)
+          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 313, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_9);
         }
         __pyx_t_7 = 0;
@@ -12992,12 +13035,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
           __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 311, __pyx_L1_error)
+          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 313, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_6);
         }
         __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
-        /* "proxy/core/h1.py":310
+        /* "proxy/core/h1.py":312
  *                     raise Switch(bytes(remaining))
  *                 self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
  *                 if remaining:             # <<<<<<<<<<<<<<
@@ -13006,25 +13049,25 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
       }
 
-      /* "proxy/core/h1.py":312
+      /* "proxy/core/h1.py":314
  *                 if remaining:
  *                     self.conn.receive_data(bytes(remaining))
  *                 if closed:             # <<<<<<<<<<<<<<
  *                     self.conn.receive_data(b"")
  *                 if not remaining:
 */
-      __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_v_closed); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 312, __pyx_L1_error)
+      __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_v_closed); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 314, __pyx_L1_error)
       if (__pyx_t_12) {
 
 
-        /* "proxy/core/h1.py":313
+        /* "proxy/core/h1.py":315
  *                     self.conn.receive_data(bytes(remaining))
  *                 if closed:
  *                     self.conn.receive_data(b"")             # <<<<<<<<<<<<<<
  *                 if not remaining:
  *                     return
 */
-        __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 313, __pyx_L1_error)
+        __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 315, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_9);
         __pyx_t_15 = __pyx_t_9;
         __Pyx_INCREF(__pyx_t_15);
@@ -13034,12 +13077,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           __pyx_t_6 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_receive_data, __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_15); __pyx_t_15 = 0;
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 313, __pyx_L1_error)
+          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 315, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_6);
         }
         __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
-        /* "proxy/core/h1.py":312
+        /* "proxy/core/h1.py":314
  *                 if remaining:
  *                     self.conn.receive_data(bytes(remaining))
  *                 if closed:             # <<<<<<<<<<<<<<
@@ -13048,21 +13091,21 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
       }
 
-      /* "proxy/core/h1.py":314
+      /* "proxy/core/h1.py":316
  *                 if closed:
  *                     self.conn.receive_data(b"")
  *                 if not remaining:             # <<<<<<<<<<<<<<
  *                     return
  *                 continue
 */
-      __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_v_remaining); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 314, __pyx_L1_error)
+      __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_v_remaining); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 316, __pyx_L1_error)
       __pyx_t_11 = (!__pyx_t_12);
 
 
       if (__pyx_t_11) {
 
 
-        /* "proxy/core/h1.py":315
+        /* "proxy/core/h1.py":317
  *                     self.conn.receive_data(b"")
  *                 if not remaining:
  *                     return             # <<<<<<<<<<<<<<
@@ -13079,7 +13122,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         }
         goto __pyx_L0;
 
-        /* "proxy/core/h1.py":314
+        /* "proxy/core/h1.py":316
  *                 if closed:
  *                     self.conn.receive_data(b"")
  *                 if not remaining:             # <<<<<<<<<<<<<<
@@ -13088,7 +13131,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
       }
 
-      /* "proxy/core/h1.py":316
+      /* "proxy/core/h1.py":318
  *                 if not remaining:
  *                     return
  *                 continue             # <<<<<<<<<<<<<<
@@ -13097,7 +13140,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
       goto __pyx_L3_continue;
 
-      /* "proxy/core/h1.py":303
+      /* "proxy/core/h1.py":305
  *             if event is h11.NEED_DATA:
  *                 return
  *             if event is h11.PAUSED:             # <<<<<<<<<<<<<<
@@ -13106,31 +13149,31 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
     }
 
-    /* "proxy/core/h1.py":317
+    /* "proxy/core/h1.py":319
  *                     return
  *                 continue
  *             if isinstance(event, h11.Request):             # <<<<<<<<<<<<<<
  *                 raw = list(event.headers.raw_items())
  *                 if len(event.target) + sum(len(n) + len(v) + 4 for n, v in raw) > self.max_head:
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 317, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 319, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_Request); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 317, __pyx_L1_error)
+    __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_Request); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 319, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_9);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __pyx_t_11 = PyObject_IsInstance(__pyx_v_event, __pyx_t_9); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 317, __pyx_L1_error)
+    __pyx_t_11 = PyObject_IsInstance(__pyx_v_event, __pyx_t_9); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 319, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
     if (__pyx_t_11) {
 
 
-      /* "proxy/core/h1.py":318
+      /* "proxy/core/h1.py":320
  *                 continue
  *             if isinstance(event, h11.Request):
  *                 raw = list(event.headers.raw_items())             # <<<<<<<<<<<<<<
  *                 if len(event.target) + sum(len(n) + len(v) + 4 for n, v in raw) > self.max_head:
  *                     raise ParseError(431, "request headers too large")
 */
-      __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_headers); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 318, __pyx_L1_error)
+      __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_headers); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 320, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_15);
       __pyx_t_6 = __pyx_t_15;
       __Pyx_INCREF(__pyx_t_6);
@@ -13140,31 +13183,31 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __pyx_t_9 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_raw_items, __pyx_callargs+__pyx_t_7, (1-__pyx_t_7) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
         __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 318, __pyx_L1_error)
+        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 320, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_9);
       }
-      __pyx_t_15 = __Pyx_PySequence_ListKeepNew(__pyx_t_9); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 318, __pyx_L1_error)
+      __pyx_t_15 = __Pyx_PySequence_ListKeepNew(__pyx_t_9); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 320, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_15);
       __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
       __Pyx_XDECREF_SET(__pyx_v_raw, ((PyObject*)__pyx_t_15));
       __pyx_t_15 = 0;
 
-      /* "proxy/core/h1.py":319
+      /* "proxy/core/h1.py":321
  *             if isinstance(event, h11.Request):
  *                 raw = list(event.headers.raw_items())
  *                 if len(event.target) + sum(len(n) + len(v) + 4 for n, v in raw) > self.max_head:             # <<<<<<<<<<<<<<
  *                     raise ParseError(431, "request headers too large")
  *                 head = RequestHead(event.method, event.target, event.http_version, raw)
 */
-      __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_target); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 319, __pyx_L1_error)
+      __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_target); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 321, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_15);
-      __pyx_t_25 = PyObject_Length(__pyx_t_15); if (unlikely(__pyx_t_25 == ((Py_ssize_t)-1))) __PYX_ERR(0, 319, __pyx_L1_error)
+      __pyx_t_25 = PyObject_Length(__pyx_t_15); if (unlikely(__pyx_t_25 == ((Py_ssize_t)-1))) __PYX_ERR(0, 321, __pyx_L1_error)
       __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-      __pyx_t_15 = PyLong_FromSsize_t(__pyx_t_25); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 319, __pyx_L1_error)
+      __pyx_t_15 = PyLong_FromSsize_t(__pyx_t_25); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 321, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_15);
 
       __pyx_t_6 = NULL;
-      __pyx_t_5 = __pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_genexpr(NULL, __pyx_v_raw); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 319, __pyx_L1_error)
+      __pyx_t_5 = __pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_genexpr(NULL, __pyx_v_raw); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 321, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
       __pyx_t_7 = 1;
       {
@@ -13172,38 +13215,38 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __pyx_t_9 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_sum, __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
         __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 319, __pyx_L1_error)
+        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 321, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_9);
       }
-      __pyx_t_5 = __Pyx_PyNumber_Add_int_object(__pyx_t_15, __pyx_t_9); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 319, __pyx_L1_error)
+      __pyx_t_5 = __Pyx_PyNumber_Add_int_object(__pyx_t_15, __pyx_t_9); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 321, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
       __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
       __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_max_head); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 319, __pyx_L1_error)
+      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_max_head); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 321, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
-      __pyx_t_11 = __Pyx_PyObject_CompareBoolGt_object_object(__pyx_t_5, __pyx_t_9, Py_GT); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 319, __pyx_L1_error)
+      __pyx_t_11 = __Pyx_PyObject_CompareBoolGt_object_object(__pyx_t_5, __pyx_t_9, Py_GT); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 321, __pyx_L1_error)
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
       __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
       if (unlikely(__pyx_t_11)) {
 
 
-        /* "proxy/core/h1.py":320
+        /* "proxy/core/h1.py":322
  *                 raw = list(event.headers.raw_items())
  *                 if len(event.target) + sum(len(n) + len(v) + 4 for n, v in raw) > self.max_head:
  *                     raise ParseError(431, "request headers too large")             # <<<<<<<<<<<<<<
  *                 head = RequestHead(event.method, event.target, event.http_version, raw)
  *                 self.handler.on_head(head)
 */
-        __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 320, __pyx_L1_error)
+        __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 322, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_9);
-        __pyx_t_5 = __Pyx_PyObject_Call(__pyx_t_9, __pyx_mstate_global->__pyx_tuple[1], NULL); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 320, __pyx_L1_error)
+        __pyx_t_5 = __Pyx_PyObject_Call(__pyx_t_9, __pyx_mstate_global->__pyx_tuple[1], NULL); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 322, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_5);
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         __Pyx_Raise(__pyx_t_5, 0, 0, 0);
         __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-        __PYX_ERR(0, 320, __pyx_L1_error)
+        __PYX_ERR(0, 322, __pyx_L1_error)
 
-        /* "proxy/core/h1.py":319
+        /* "proxy/core/h1.py":321
  *             if isinstance(event, h11.Request):
  *                 raw = list(event.headers.raw_items())
  *                 if len(event.target) + sum(len(n) + len(v) + 4 for n, v in raw) > self.max_head:             # <<<<<<<<<<<<<<
@@ -13212,7 +13255,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
       }
 
-      /* "proxy/core/h1.py":321
+      /* "proxy/core/h1.py":323
  *                 if len(event.target) + sum(len(n) + len(v) + 4 for n, v in raw) > self.max_head:
  *                     raise ParseError(431, "request headers too large")
  *                 head = RequestHead(event.method, event.target, event.http_version, raw)             # <<<<<<<<<<<<<<
@@ -13220,13 +13263,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
  *                 if head.upgrade:
 */
       __pyx_t_9 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_RequestHead); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 321, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_RequestHead); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 323, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_15);
-      __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_method); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 321, __pyx_L1_error)
+      __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_method); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 323, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
-      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_target); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 321, __pyx_L1_error)
+      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_target); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 323, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
-      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_http_version); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 321, __pyx_L1_error)
+      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_http_version); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 323, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       __pyx_t_7 = 1;
       #if CYTHON_UNPACK_METHODS
@@ -13248,20 +13291,20 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
         __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 321, __pyx_L1_error)
+        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 323, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_5);
       }
       __Pyx_XDECREF_SET(__pyx_v_head, __pyx_t_5);
       __pyx_t_5 = 0;
 
-      /* "proxy/core/h1.py":322
+      /* "proxy/core/h1.py":324
  *                     raise ParseError(431, "request headers too large")
  *                 head = RequestHead(event.method, event.target, event.http_version, raw)
  *                 self.handler.on_head(head)             # <<<<<<<<<<<<<<
  *                 if head.upgrade:
  *                     remaining, _ = self.conn.trailing_data
 */
-      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 322, __pyx_L1_error)
+      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 324, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       __pyx_t_15 = __pyx_t_4;
       __Pyx_INCREF(__pyx_t_15);
@@ -13271,35 +13314,35 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_head, __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_15); __pyx_t_15 = 0;
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 322, __pyx_L1_error)
+        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 324, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_5);
       }
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-      /* "proxy/core/h1.py":323
+      /* "proxy/core/h1.py":325
  *                 head = RequestHead(event.method, event.target, event.http_version, raw)
  *                 self.handler.on_head(head)
  *                 if head.upgrade:             # <<<<<<<<<<<<<<
  *                     remaining, _ = self.conn.trailing_data
  *                     if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
 */
-      __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_head, __pyx_mstate_global->__pyx_n_u_upgrade); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 323, __pyx_L1_error)
+      __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_head, __pyx_mstate_global->__pyx_n_u_upgrade); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 325, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
-      __pyx_t_11 = __Pyx_PyObject_IsTrue(__pyx_t_5); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 323, __pyx_L1_error)
+      __pyx_t_11 = __Pyx_PyObject_IsTrue(__pyx_t_5); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 325, __pyx_L1_error)
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
       if (__pyx_t_11) {
 
 
-        /* "proxy/core/h1.py":324
+        /* "proxy/core/h1.py":326
  *                 self.handler.on_head(head)
  *                 if head.upgrade:
  *                     remaining, _ = self.conn.trailing_data             # <<<<<<<<<<<<<<
  *                     if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
  *                         raise Switch(bytes(remaining))
 */
-        __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 324, __pyx_L1_error)
+        __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 326, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_5);
-        __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 324, __pyx_L1_error)
+        __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 326, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
         __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
         if ((likely(PyTuple_CheckExact(__pyx_t_4))) || (PyList_CheckExact(__pyx_t_4))) {
@@ -13308,7 +13351,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           if (unlikely(size != 2)) {
             if (size > 2) __Pyx_RaiseTooManyValuesError(2);
             else if (size >= 0) __Pyx_RaiseNeedMoreValuesError(size);
-            __PYX_ERR(0, 324, __pyx_L1_error)
+            __PYX_ERR(0, 326, __pyx_L1_error)
           }
           #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
           if (likely(PyTuple_CheckExact(sequence))) {
@@ -13318,22 +13361,22 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
             __Pyx_INCREF(__pyx_t_15);
           } else {
             __pyx_t_5 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
-            if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 324, __pyx_L1_error)
+            if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 326, __pyx_L1_error)
             __Pyx_XGOTREF(__pyx_t_5);
             __pyx_t_15 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
-            if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 324, __pyx_L1_error)
+            if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 326, __pyx_L1_error)
             __Pyx_XGOTREF(__pyx_t_15);
           }
           #else
-          __pyx_t_5 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 324, __pyx_L1_error)
+          __pyx_t_5 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 326, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_5);
-          __pyx_t_15 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 324, __pyx_L1_error)
+          __pyx_t_15 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 326, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_15);
           #endif
           __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
         } else {
           Py_ssize_t index = -1;
-          __pyx_t_13 = PyObject_GetIter(__pyx_t_4); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 324, __pyx_L1_error)
+          __pyx_t_13 = PyObject_GetIter(__pyx_t_4); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 326, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_13);
           __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
           __pyx_t_24 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_13);
@@ -13341,7 +13384,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           __Pyx_GOTREF(__pyx_t_5);
           index = 1; __pyx_t_15 = __pyx_t_24(__pyx_t_13); if (unlikely(!__pyx_t_15)) goto __pyx_L39_unpacking_failed;
           __Pyx_GOTREF(__pyx_t_15);
-          if (__Pyx_IternextUnpackEndCheck(__pyx_t_24(__pyx_t_13), 2) < (0)) __PYX_ERR(0, 324, __pyx_L1_error)
+          if (__Pyx_IternextUnpackEndCheck(__pyx_t_24(__pyx_t_13), 2) < (0)) __PYX_ERR(0, 326, __pyx_L1_error)
           __pyx_t_24 = NULL;
           __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
           goto __pyx_L40_unpacking_done;
@@ -13349,7 +13392,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
           __pyx_t_24 = NULL;
           if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
-          __PYX_ERR(0, 324, __pyx_L1_error)
+          __PYX_ERR(0, 326, __pyx_L1_error)
           __pyx_L40_unpacking_done:;
         }
         __Pyx_XDECREF_SET(__pyx_v_remaining, __pyx_t_5);
@@ -13357,21 +13400,21 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __Pyx_XDECREF_SET(__pyx_v__, __pyx_t_15);
         __pyx_t_15 = 0;
 
-        /* "proxy/core/h1.py":325
+        /* "proxy/core/h1.py":327
  *                 if head.upgrade:
  *                     remaining, _ = self.conn.trailing_data
  *                     if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:             # <<<<<<<<<<<<<<
  *                         raise Switch(bytes(remaining))
  *             elif isinstance(event, h11.Data):
 */
-        __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 325, __pyx_L1_error)
+        __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 327, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
-        __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_their_state); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 325, __pyx_L1_error)
+        __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_their_state); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 327, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_15);
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 325, __pyx_L1_error)
+        __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 327, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
-        __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_MIGHT_SWITCH_PROTOCOL); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 325, __pyx_L1_error)
+        __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_MIGHT_SWITCH_PROTOCOL); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 327, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_5);
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
         __pyx_t_11 = (__pyx_t_15 == __pyx_t_5);
@@ -13380,7 +13423,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         if (unlikely(__pyx_t_11)) {
 
 
-          /* "proxy/core/h1.py":326
+          /* "proxy/core/h1.py":328
  *                     remaining, _ = self.conn.trailing_data
  *                     if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
  *                         raise Switch(bytes(remaining))             # <<<<<<<<<<<<<<
@@ -13388,7 +13431,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
  *                 self.handler.on_body(bytes(event.data))
 */
           __pyx_t_15 = NULL;
-          __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 326, __pyx_L1_error)
+          __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 328, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_4);
           __pyx_t_6 = NULL;
           __pyx_t_7 = 1;
@@ -13396,7 +13439,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
             PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_v_remaining};
             __pyx_t_13 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
             __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-            if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 326, __pyx_L1_error)
+            if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 328, __pyx_L1_error)
             __Pyx_GOTREF(__pyx_t_13);
           }
           __pyx_t_7 = 1;
@@ -13417,14 +13460,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
             __Pyx_XDECREF(__pyx_t_15); __pyx_t_15 = 0;
             __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
             __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-            if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 326, __pyx_L1_error)
+            if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 328, __pyx_L1_error)
             __Pyx_GOTREF(__pyx_t_5);
           }
           __Pyx_Raise(__pyx_t_5, 0, 0, 0);
           __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-          __PYX_ERR(0, 326, __pyx_L1_error)
+          __PYX_ERR(0, 328, __pyx_L1_error)
 
-          /* "proxy/core/h1.py":325
+          /* "proxy/core/h1.py":327
  *                 if head.upgrade:
  *                     remaining, _ = self.conn.trailing_data
  *                     if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:             # <<<<<<<<<<<<<<
@@ -13433,7 +13476,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
         }
 
-        /* "proxy/core/h1.py":323
+        /* "proxy/core/h1.py":325
  *                 head = RequestHead(event.method, event.target, event.http_version, raw)
  *                 self.handler.on_head(head)
  *                 if head.upgrade:             # <<<<<<<<<<<<<<
@@ -13442,7 +13485,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
       }
 
-      /* "proxy/core/h1.py":317
+      /* "proxy/core/h1.py":319
  *                     return
  *                 continue
  *             if isinstance(event, h11.Request):             # <<<<<<<<<<<<<<
@@ -13452,36 +13495,36 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       goto __pyx_L36;
     }
 
-    /* "proxy/core/h1.py":327
+    /* "proxy/core/h1.py":329
  *                     if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
  *                         raise Switch(bytes(remaining))
  *             elif isinstance(event, h11.Data):             # <<<<<<<<<<<<<<
  *                 self.handler.on_body(bytes(event.data))
  *             elif isinstance(event, h11.EndOfMessage):
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 327, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 329, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_Data); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 327, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_Data); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 329, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __pyx_t_11 = PyObject_IsInstance(__pyx_v_event, __pyx_t_4); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 327, __pyx_L1_error)
+    __pyx_t_11 = PyObject_IsInstance(__pyx_v_event, __pyx_t_4); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 329, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     if (__pyx_t_11) {
 
 
-      /* "proxy/core/h1.py":328
+      /* "proxy/core/h1.py":330
  *                         raise Switch(bytes(remaining))
  *             elif isinstance(event, h11.Data):
  *                 self.handler.on_body(bytes(event.data))             # <<<<<<<<<<<<<<
  *             elif isinstance(event, h11.EndOfMessage):
  *                 self.handler.on_end()
 */
-      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 328, __pyx_L1_error)
+      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 330, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
       __pyx_t_5 = __pyx_t_13;
       __Pyx_INCREF(__pyx_t_5);
       __pyx_t_6 = NULL;
-      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_data); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 328, __pyx_L1_error)
+      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_data); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 330, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
       __pyx_t_7 = 1;
       {
@@ -13489,7 +13532,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __pyx_t_15 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-        if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 328, __pyx_L1_error)
+        if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 330, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_15);
       }
       __pyx_t_7 = 0;
@@ -13499,12 +13542,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
         __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
         __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 328, __pyx_L1_error)
+        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 330, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
       }
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-      /* "proxy/core/h1.py":327
+      /* "proxy/core/h1.py":329
  *                     if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
  *                         raise Switch(bytes(remaining))
  *             elif isinstance(event, h11.Data):             # <<<<<<<<<<<<<<
@@ -13514,31 +13557,31 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       goto __pyx_L36;
     }
 
-    /* "proxy/core/h1.py":329
+    /* "proxy/core/h1.py":331
  *             elif isinstance(event, h11.Data):
  *                 self.handler.on_body(bytes(event.data))
  *             elif isinstance(event, h11.EndOfMessage):             # <<<<<<<<<<<<<<
  *                 self.handler.on_end()
  *                 if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 329, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 331, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_EndOfMessage); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 329, __pyx_L1_error)
+    __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_EndOfMessage); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 331, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_11 = PyObject_IsInstance(__pyx_v_event, __pyx_t_13); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 329, __pyx_L1_error)
+    __pyx_t_11 = PyObject_IsInstance(__pyx_v_event, __pyx_t_13); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 331, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
     if (__pyx_t_11) {
 
 
-      /* "proxy/core/h1.py":330
+      /* "proxy/core/h1.py":332
  *                 self.handler.on_body(bytes(event.data))
  *             elif isinstance(event, h11.EndOfMessage):
  *                 self.handler.on_end()             # <<<<<<<<<<<<<<
  *                 if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
 */
-      __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 330, __pyx_L1_error)
+      __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 332, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_15);
       __pyx_t_4 = __pyx_t_15;
       __Pyx_INCREF(__pyx_t_4);
@@ -13548,26 +13591,26 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __pyx_t_13 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_end, __pyx_callargs+__pyx_t_7, (1-__pyx_t_7) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
         __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 330, __pyx_L1_error)
+        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 332, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_13);
       }
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
 
-      /* "proxy/core/h1.py":331
+      /* "proxy/core/h1.py":333
  *             elif isinstance(event, h11.EndOfMessage):
  *                 self.handler.on_end()
  *                 if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:             # <<<<<<<<<<<<<<
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
  *                 remaining, closed = self.conn.trailing_data
 */
-      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 331, __pyx_L1_error)
+      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 333, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
-      __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_their_state); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 331, __pyx_L1_error)
+      __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_their_state); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 333, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_15);
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-      __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 331, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 333, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
-      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_MIGHT_SWITCH_PROTOCOL); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 331, __pyx_L1_error)
+      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_MIGHT_SWITCH_PROTOCOL); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 333, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
       __pyx_t_11 = (__pyx_t_15 == __pyx_t_4);
@@ -13576,7 +13619,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       if (unlikely(__pyx_t_11)) {
 
 
-        /* "proxy/core/h1.py":332
+        /* "proxy/core/h1.py":334
  *                 self.handler.on_end()
  *                 if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
  *                     raise Switch(bytes(self.conn.trailing_data[0]))             # <<<<<<<<<<<<<<
@@ -13584,15 +13627,15 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
  *                 self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
 */
         __pyx_t_15 = NULL;
-        __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 332, __pyx_L1_error)
+        __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 334, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_13);
         __pyx_t_9 = NULL;
-        __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 332, __pyx_L1_error)
+        __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 334, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_6);
-        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 332, __pyx_L1_error)
+        __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 334, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_8);
         __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-        __pyx_t_6 = __Pyx_GetItemInt(__pyx_t_8, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 332, __pyx_L1_error)
+        __pyx_t_6 = __Pyx_GetItemInt(__pyx_t_8, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 334, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_6);
         __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
         __pyx_t_7 = 1;
@@ -13601,7 +13644,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
           __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-          if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 332, __pyx_L1_error)
+          if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 334, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_5);
         }
         __pyx_t_7 = 1;
@@ -13622,14 +13665,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           __Pyx_XDECREF(__pyx_t_15); __pyx_t_15 = 0;
           __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
           __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 332, __pyx_L1_error)
+          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 334, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_4);
         }
         __Pyx_Raise(__pyx_t_4, 0, 0, 0);
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        __PYX_ERR(0, 332, __pyx_L1_error)
+        __PYX_ERR(0, 334, __pyx_L1_error)
 
-        /* "proxy/core/h1.py":331
+        /* "proxy/core/h1.py":333
  *             elif isinstance(event, h11.EndOfMessage):
  *                 self.handler.on_end()
  *                 if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:             # <<<<<<<<<<<<<<
@@ -13638,16 +13681,16 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
       }
 
-      /* "proxy/core/h1.py":333
+      /* "proxy/core/h1.py":335
  *                 if self.conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
  *                 remaining, closed = self.conn.trailing_data             # <<<<<<<<<<<<<<
  *                 self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
  *                 if remaining:
 */
-      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 333, __pyx_L1_error)
+      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 335, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 333, __pyx_L1_error)
+      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 335, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       if ((likely(PyTuple_CheckExact(__pyx_t_13))) || (PyList_CheckExact(__pyx_t_13))) {
@@ -13656,7 +13699,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         if (unlikely(size != 2)) {
           if (size > 2) __Pyx_RaiseTooManyValuesError(2);
           else if (size >= 0) __Pyx_RaiseNeedMoreValuesError(size);
-          __PYX_ERR(0, 333, __pyx_L1_error)
+          __PYX_ERR(0, 335, __pyx_L1_error)
         }
         #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
         if (likely(PyTuple_CheckExact(sequence))) {
@@ -13666,22 +13709,22 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           __Pyx_INCREF(__pyx_t_5);
         } else {
           __pyx_t_4 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
-          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 333, __pyx_L1_error)
+          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 335, __pyx_L1_error)
           __Pyx_XGOTREF(__pyx_t_4);
           __pyx_t_5 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
-          if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 333, __pyx_L1_error)
+          if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 335, __pyx_L1_error)
           __Pyx_XGOTREF(__pyx_t_5);
         }
         #else
-        __pyx_t_4 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 333, __pyx_L1_error)
+        __pyx_t_4 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 335, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
-        __pyx_t_5 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 333, __pyx_L1_error)
+        __pyx_t_5 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 335, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_5);
         #endif
         __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
       } else {
         Py_ssize_t index = -1;
-        __pyx_t_15 = PyObject_GetIter(__pyx_t_13); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 333, __pyx_L1_error)
+        __pyx_t_15 = PyObject_GetIter(__pyx_t_13); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 335, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_15);
         __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
         __pyx_t_24 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_15);
@@ -13689,7 +13732,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __Pyx_GOTREF(__pyx_t_4);
         index = 1; __pyx_t_5 = __pyx_t_24(__pyx_t_15); if (unlikely(!__pyx_t_5)) goto __pyx_L43_unpacking_failed;
         __Pyx_GOTREF(__pyx_t_5);
-        if (__Pyx_IternextUnpackEndCheck(__pyx_t_24(__pyx_t_15), 2) < (0)) __PYX_ERR(0, 333, __pyx_L1_error)
+        if (__Pyx_IternextUnpackEndCheck(__pyx_t_24(__pyx_t_15), 2) < (0)) __PYX_ERR(0, 335, __pyx_L1_error)
         __pyx_t_24 = NULL;
         __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
         goto __pyx_L44_unpacking_done;
@@ -13697,7 +13740,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
         __pyx_t_24 = NULL;
         if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
-        __PYX_ERR(0, 333, __pyx_L1_error)
+        __PYX_ERR(0, 335, __pyx_L1_error)
         __pyx_L44_unpacking_done:;
       }
       __Pyx_XDECREF_SET(__pyx_v_remaining, __pyx_t_4);
@@ -13705,7 +13748,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       __Pyx_XDECREF_SET(__pyx_v_closed, __pyx_t_5);
       __pyx_t_5 = 0;
 
-      /* "proxy/core/h1.py":334
+      /* "proxy/core/h1.py":336
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
  *                 remaining, closed = self.conn.trailing_data
  *                 self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)             # <<<<<<<<<<<<<<
@@ -13713,17 +13756,17 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
  *                     self.conn.receive_data(bytes(remaining))
 */
       __pyx_t_5 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 334, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 336, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_Connection); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 334, __pyx_L1_error)
+      __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_Connection); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 336, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_15);
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 334, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 336, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_SERVER); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 334, __pyx_L1_error)
+      __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_SERVER); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 336, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_max_head); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 334, __pyx_L1_error)
+      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_max_head); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 336, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       #if CYTHON_VECTORCALL
       #endif
@@ -13743,13 +13786,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         PyObject *__pyx_callargs[3] = {__pyx_t_5, __pyx_t_6, __pyx_t_4};
         #if CYTHON_VECTORCALL
         __pyx_t_9 = __pyx_mstate_global->__pyx_tuple[7];
-        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 334, __pyx_L1_error)
+        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 336, __pyx_L1_error)
         __Pyx_INCREF(__pyx_t_9);
         #else
         {
           PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_max_incomplete_event_size};
           __pyx_t_9 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 334, __pyx_L1_error)
+          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 336, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_9);
         }
         #endif
@@ -13761,31 +13804,31 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 334, __pyx_L1_error)
+        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 336, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_13);
       }
-      if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn, __pyx_t_13) < (0)) __PYX_ERR(0, 334, __pyx_L1_error)
+      if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn, __pyx_t_13) < (0)) __PYX_ERR(0, 336, __pyx_L1_error)
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
 
-      /* "proxy/core/h1.py":335
+      /* "proxy/core/h1.py":337
  *                 remaining, closed = self.conn.trailing_data
  *                 self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
  *                 if remaining:             # <<<<<<<<<<<<<<
  *                     self.conn.receive_data(bytes(remaining))
  *                 if closed:
 */
-      __pyx_t_11 = __Pyx_PyObject_IsTrue(__pyx_v_remaining); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 335, __pyx_L1_error)
+      __pyx_t_11 = __Pyx_PyObject_IsTrue(__pyx_v_remaining); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 337, __pyx_L1_error)
       if (__pyx_t_11) {
 
 
-        /* "proxy/core/h1.py":336
+        /* "proxy/core/h1.py":338
  *                 self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
  *                 if remaining:
  *                     self.conn.receive_data(bytes(remaining))             # <<<<<<<<<<<<<<
  *                 if closed:
  *                     self.conn.receive_data(b"")
 */
-        __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 336, __pyx_L1_error)
+        __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 338, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_9);
         __pyx_t_15 = __pyx_t_9;
         __Pyx_INCREF(__pyx_t_15);
@@ -13795,7 +13838,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_v_remaining};
           __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 336, __pyx_L1_error)
+          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 338, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_4);
         }
         __pyx_t_7 = 0;
@@ -13805,12 +13848,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           __Pyx_XDECREF(__pyx_t_15); __pyx_t_15 = 0;
           __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-          if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 336, __pyx_L1_error)
+          if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 338, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_13);
         }
         __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
 
-        /* "proxy/core/h1.py":335
+        /* "proxy/core/h1.py":337
  *                 remaining, closed = self.conn.trailing_data
  *                 self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
  *                 if remaining:             # <<<<<<<<<<<<<<
@@ -13819,25 +13862,25 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
       }
 
-      /* "proxy/core/h1.py":337
+      /* "proxy/core/h1.py":339
  *                 if remaining:
  *                     self.conn.receive_data(bytes(remaining))
  *                 if closed:             # <<<<<<<<<<<<<<
  *                     self.conn.receive_data(b"")
  *                 if not remaining:
 */
-      __pyx_t_11 = __Pyx_PyObject_IsTrue(__pyx_v_closed); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 337, __pyx_L1_error)
+      __pyx_t_11 = __Pyx_PyObject_IsTrue(__pyx_v_closed); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 339, __pyx_L1_error)
       if (__pyx_t_11) {
 
 
-        /* "proxy/core/h1.py":338
+        /* "proxy/core/h1.py":340
  *                     self.conn.receive_data(bytes(remaining))
  *                 if closed:
  *                     self.conn.receive_data(b"")             # <<<<<<<<<<<<<<
  *                 if not remaining:
  *                     return
 */
-        __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 338, __pyx_L1_error)
+        __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 340, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
         __pyx_t_9 = __pyx_t_4;
         __Pyx_INCREF(__pyx_t_9);
@@ -13847,12 +13890,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
           __pyx_t_13 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_receive_data, __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
           __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-          if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 338, __pyx_L1_error)
+          if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 340, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_13);
         }
         __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
 
-        /* "proxy/core/h1.py":337
+        /* "proxy/core/h1.py":339
  *                 if remaining:
  *                     self.conn.receive_data(bytes(remaining))
  *                 if closed:             # <<<<<<<<<<<<<<
@@ -13861,21 +13904,21 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
       }
 
-      /* "proxy/core/h1.py":339
+      /* "proxy/core/h1.py":341
  *                 if closed:
  *                     self.conn.receive_data(b"")
  *                 if not remaining:             # <<<<<<<<<<<<<<
  *                     return
  *             elif isinstance(event, h11.ConnectionClosed):
 */
-      __pyx_t_11 = __Pyx_PyObject_IsTrue(__pyx_v_remaining); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 339, __pyx_L1_error)
+      __pyx_t_11 = __Pyx_PyObject_IsTrue(__pyx_v_remaining); if (unlikely((__pyx_t_11 < 0))) __PYX_ERR(0, 341, __pyx_L1_error)
       __pyx_t_12 = (!__pyx_t_11);
 
 
       if (__pyx_t_12) {
 
 
-        /* "proxy/core/h1.py":340
+        /* "proxy/core/h1.py":342
  *                     self.conn.receive_data(b"")
  *                 if not remaining:
  *                     return             # <<<<<<<<<<<<<<
@@ -13892,7 +13935,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         }
         goto __pyx_L0;
 
-        /* "proxy/core/h1.py":339
+        /* "proxy/core/h1.py":341
  *                 if closed:
  *                     self.conn.receive_data(b"")
  *                 if not remaining:             # <<<<<<<<<<<<<<
@@ -13901,7 +13944,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
 */
       }
 
-      /* "proxy/core/h1.py":329
+      /* "proxy/core/h1.py":331
  *             elif isinstance(event, h11.Data):
  *                 self.handler.on_body(bytes(event.data))
  *             elif isinstance(event, h11.EndOfMessage):             # <<<<<<<<<<<<<<
@@ -13911,24 +13954,24 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       goto __pyx_L36;
     }
 
-    /* "proxy/core/h1.py":341
+    /* "proxy/core/h1.py":343
  *                 if not remaining:
  *                     return
  *             elif isinstance(event, h11.ConnectionClosed):             # <<<<<<<<<<<<<<
  *                 return
  * 
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 341, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 343, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_ConnectionClosed); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 341, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_ConnectionClosed); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 343, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-    __pyx_t_12 = PyObject_IsInstance(__pyx_v_event, __pyx_t_4); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 341, __pyx_L1_error)
+    __pyx_t_12 = PyObject_IsInstance(__pyx_v_event, __pyx_t_4); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 343, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     if (__pyx_t_12) {
 
 
-      /* "proxy/core/h1.py":342
+      /* "proxy/core/h1.py":344
  *                     return
  *             elif isinstance(event, h11.ConnectionClosed):
  *                 return             # <<<<<<<<<<<<<<
@@ -13945,7 +13988,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
       }
       goto __pyx_L0;
 
-      /* "proxy/core/h1.py":341
+      /* "proxy/core/h1.py":343
  *                 if not remaining:
  *                     return
  *             elif isinstance(event, h11.ConnectionClosed):             # <<<<<<<<<<<<<<
@@ -13957,7 +14000,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
     __pyx_L3_continue:;
   }
 
-  /* "proxy/core/h1.py":294
+  /* "proxy/core/h1.py":296
  *         self._pump()
  * 
  *     def _pump(self) -> None:             # <<<<<<<<<<<<<<
@@ -13994,7 +14037,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":346
+/* "proxy/core/h1.py":348
  * 
  * class _H11ResponseParser:
  *     def __init__(self, handler: Handler, method: bytes, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> None:             # <<<<<<<<<<<<<<
@@ -14011,23 +14054,23 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_20__defaults__(CYTHON_UNUSED 
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__defaults__", 0);
-  __pyx_t_1 = __Pyx_PyBool_FromLong(((int)0)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 346, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyBool_FromLong(((int)0)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 348, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 346, __pyx_L1_error)
+  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 348, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_INCREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
   __Pyx_GIVEREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0) != (0)) __PYX_ERR(0, 346, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0) != (0)) __PYX_ERR(0, 348, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 346, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 348, __pyx_L1_error);
   __pyx_t_1 = 0;
-  __pyx_t_1 = PyTuple_New(2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 346, __pyx_L1_error)
+  __pyx_t_1 = PyTuple_New(2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 348, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_GIVEREF(__pyx_t_2);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 346, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 348, __pyx_L1_error);
   __Pyx_INCREF(Py_None);
   __Pyx_GIVEREF(Py_None);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, Py_None) != (0)) __PYX_ERR(0, 346, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, Py_None) != (0)) __PYX_ERR(0, 348, __pyx_L1_error);
   __pyx_t_2 = 0;
   {
     PyObject *__pyx_temp;
@@ -14096,55 +14139,55 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_handler,&__pyx_mstate_global->__pyx_n_u_method,&__pyx_mstate_global->__pyx_n_u_max_head,&__pyx_mstate_global->__pyx_n_u_upgrade,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 346, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 348, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 346, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 348, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 346, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 348, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 346, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 348, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 346, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 348, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 346, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 348, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 346, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 348, __pyx_L3_error)
       if (!values[3]) values[3] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 0, 3, 5, i); __PYX_ERR(0, 346, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 0, 3, 5, i); __PYX_ERR(0, 348, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 346, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 348, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 346, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 348, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 346, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 348, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 346, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 348, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 346, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 348, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -14153,17 +14196,17 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     __pyx_v_self = values[0];
     __pyx_v_handler = values[1];
     __pyx_v_method = ((PyObject*)values[2]);
-    if (__Pyx_PyInt_FromNumber(&values[3], "max_head", 0) < (0)) __PYX_ERR(0, 346, __pyx_L3_error)
+    if (__Pyx_PyInt_FromNumber(&values[3], "max_head", 0) < (0)) __PYX_ERR(0, 348, __pyx_L3_error)
     __pyx_v_max_head = ((PyObject*)values[3]);
     if (values[4]) {
-      __pyx_v_upgrade = __Pyx_PyObject_IsTrue(values[4]); if (unlikely((__pyx_v_upgrade == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 346, __pyx_L3_error)
+      __pyx_v_upgrade = __Pyx_PyObject_IsTrue(values[4]); if (unlikely((__pyx_v_upgrade == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 348, __pyx_L3_error)
     } else {
       __pyx_v_upgrade = ((int)((int)0));
     }
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__init__", 0, 3, 5, __pyx_nargs); __PYX_ERR(0, 346, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__init__", 0, 3, 5, __pyx_nargs); __PYX_ERR(0, 348, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -14174,8 +14217,8 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_method), (&PyBytes_Type), 0, "method", 2))) __PYX_ERR(0, 346, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 346, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_method), (&PyBytes_Type), 0, "method", 2))) __PYX_ERR(0, 348, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 348, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__(__pyx_self, __pyx_v_self, __pyx_v_handler, __pyx_v_method, __pyx_v_max_head, __pyx_v_upgrade);
 
   /* function exit code */
@@ -14215,25 +14258,25 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__init__", 0);
 
-  /* "proxy/core/h1.py":347
+  /* "proxy/core/h1.py":349
  * class _H11ResponseParser:
  *     def __init__(self, handler: Handler, method: bytes, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> None:
  *         self.handler = handler             # <<<<<<<<<<<<<<
  *         self.method = method
  *         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler, __pyx_v_handler) < (0)) __PYX_ERR(0, 347, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler, __pyx_v_handler) < (0)) __PYX_ERR(0, 349, __pyx_L1_error)
 
-  /* "proxy/core/h1.py":348
+  /* "proxy/core/h1.py":350
  *     def __init__(self, handler: Handler, method: bytes, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> None:
  *         self.handler = handler
  *         self.method = method             # <<<<<<<<<<<<<<
  *         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)
  *         # h11 frames the response by the request it saw: tell it (the bytes are discarded).
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_method, __pyx_v_method) < (0)) __PYX_ERR(0, 348, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_method, __pyx_v_method) < (0)) __PYX_ERR(0, 350, __pyx_L1_error)
 
-  /* "proxy/core/h1.py":349
+  /* "proxy/core/h1.py":351
  *         self.handler = handler
  *         self.method = method
  *         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)             # <<<<<<<<<<<<<<
@@ -14241,14 +14284,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
  *         headers = [(b"host", b"x")]
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 349, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 351, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_Connection); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 349, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_Connection); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 351, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 349, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 351, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_CLIENT); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 349, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_CLIENT); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 351, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   #if CYTHON_VECTORCALL
@@ -14269,13 +14312,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
     PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_t_5, __pyx_v_max_head};
     #if CYTHON_VECTORCALL
     __pyx_t_3 = __pyx_mstate_global->__pyx_tuple[7];
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 349, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 351, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_3);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_max_incomplete_event_size};
       __pyx_t_3 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 349, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 351, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     #endif
@@ -14286,28 +14329,28 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
     #endif
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 349, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 351, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn, __pyx_t_1) < (0)) __PYX_ERR(0, 349, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn, __pyx_t_1) < (0)) __PYX_ERR(0, 351, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":351
+  /* "proxy/core/h1.py":353
  *         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)
  *         # h11 frames the response by the request it saw: tell it (the bytes are discarded).
  *         headers = [(b"host", b"x")]             # <<<<<<<<<<<<<<
  *         if upgrade:
  *             headers += [(b"connection", b"upgrade"), (b"upgrade", b"proxied")]
 */
-  __pyx_t_1 = PyList_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 351, __pyx_L1_error)
+  __pyx_t_1 = PyList_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 353, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_INCREF(__pyx_mstate_global->__pyx_tuple[8]);
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[8]);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, __pyx_mstate_global->__pyx_tuple[8]) != (0)) __PYX_ERR(0, 351, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, __pyx_mstate_global->__pyx_tuple[8]) != (0)) __PYX_ERR(0, 353, __pyx_L1_error);
   __pyx_v_headers = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":352
+  /* "proxy/core/h1.py":354
  *         # h11 frames the response by the request it saw: tell it (the bytes are discarded).
  *         headers = [(b"host", b"x")]
  *         if upgrade:             # <<<<<<<<<<<<<<
@@ -14316,28 +14359,28 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
 */
   if (__pyx_v_upgrade) {
 
-    /* "proxy/core/h1.py":353
+    /* "proxy/core/h1.py":355
  *         headers = [(b"host", b"x")]
  *         if upgrade:
  *             headers += [(b"connection", b"upgrade"), (b"upgrade", b"proxied")]             # <<<<<<<<<<<<<<
  *         if method == b"CONNECT":
  *             target = b"x:1"
 */
-    __pyx_t_1 = PyList_New(2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 353, __pyx_L1_error)
+    __pyx_t_1 = PyList_New(2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 355, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_INCREF(__pyx_mstate_global->__pyx_tuple[9]);
     __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[9]);
-    if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, __pyx_mstate_global->__pyx_tuple[9]) != (0)) __PYX_ERR(0, 353, __pyx_L1_error);
+    if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, __pyx_mstate_global->__pyx_tuple[9]) != (0)) __PYX_ERR(0, 355, __pyx_L1_error);
     __Pyx_INCREF(__pyx_mstate_global->__pyx_tuple[10]);
     __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[10]);
-    if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 1, __pyx_mstate_global->__pyx_tuple[10]) != (0)) __PYX_ERR(0, 353, __pyx_L1_error);
-    __pyx_t_4 = PyNumber_InPlaceAdd(__pyx_v_headers, __pyx_t_1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 353, __pyx_L1_error)
+    if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 1, __pyx_mstate_global->__pyx_tuple[10]) != (0)) __PYX_ERR(0, 355, __pyx_L1_error);
+    __pyx_t_4 = PyNumber_InPlaceAdd(__pyx_v_headers, __pyx_t_1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 355, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF_SET(__pyx_v_headers, ((PyObject*)__pyx_t_4));
     __pyx_t_4 = 0;
 
-    /* "proxy/core/h1.py":352
+    /* "proxy/core/h1.py":354
  *         # h11 frames the response by the request it saw: tell it (the bytes are discarded).
  *         headers = [(b"host", b"x")]
  *         if upgrade:             # <<<<<<<<<<<<<<
@@ -14346,18 +14389,18 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
 */
   }
 
-  /* "proxy/core/h1.py":354
+  /* "proxy/core/h1.py":356
  *         if upgrade:
  *             headers += [(b"connection", b"upgrade"), (b"upgrade", b"proxied")]
  *         if method == b"CONNECT":             # <<<<<<<<<<<<<<
  *             target = b"x:1"
  *         else:
 */
-  __pyx_t_7 = __Pyx_PyObject_CompareBoolEq_bytes_bytes(__pyx_v_method, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 354, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyObject_CompareBoolEq_bytes_bytes(__pyx_v_method, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 356, __pyx_L1_error)
   if (__pyx_t_7) {
 
 
-    /* "proxy/core/h1.py":355
+    /* "proxy/core/h1.py":357
  *             headers += [(b"connection", b"upgrade"), (b"upgrade", b"proxied")]
  *         if method == b"CONNECT":
  *             target = b"x:1"             # <<<<<<<<<<<<<<
@@ -14367,7 +14410,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
     __Pyx_INCREF(__pyx_mstate_global->__pyx_kp_b_x_1);
     __pyx_v_target = __pyx_mstate_global->__pyx_kp_b_x_1;
 
-    /* "proxy/core/h1.py":354
+    /* "proxy/core/h1.py":356
  *         if upgrade:
  *             headers += [(b"connection", b"upgrade"), (b"upgrade", b"proxied")]
  *         if method == b"CONNECT":             # <<<<<<<<<<<<<<
@@ -14377,7 +14420,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
     goto __pyx_L4;
   }
 
-  /* "proxy/core/h1.py":357
+  /* "proxy/core/h1.py":359
  *             target = b"x:1"
  *         else:
  *             target = b"/"             # <<<<<<<<<<<<<<
@@ -14390,21 +14433,21 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
   }
   __pyx_L4:;
 
-  /* "proxy/core/h1.py":358
+  /* "proxy/core/h1.py":360
  *         else:
  *             target = b"/"
  *         self.conn.send(h11.Request(method=method, target=target, headers=headers))             # <<<<<<<<<<<<<<
  *         if method != b"CONNECT":
  *             self.conn.send(h11.EndOfMessage())
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 358, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 360, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_1 = __pyx_t_3;
   __Pyx_INCREF(__pyx_t_1);
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 358, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 360, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
-  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_Request); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 358, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_Request); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 360, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
   #if CYTHON_VECTORCALL
@@ -14425,13 +14468,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
     PyObject *__pyx_callargs[4] = {__pyx_t_2, __pyx_v_method, __pyx_v_target, __pyx_v_headers};
     #if CYTHON_VECTORCALL
     __pyx_t_8 = __pyx_mstate_global->__pyx_tuple[11];
-    if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 358, __pyx_L1_error)
+    if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 360, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_8);
     #else
     {
       PyObject *__pyx_temp[3] = {__pyx_mstate_global->__pyx_n_u_method, __pyx_mstate_global->__pyx_n_u_target, __pyx_mstate_global->__pyx_n_u_headers};
       __pyx_t_8 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+1, 3);
-      if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 358, __pyx_L1_error)
+      if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 360, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_8);
     }
     #endif
@@ -14441,7 +14484,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
     #endif
     __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 358, __pyx_L1_error)
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 360, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
   }
   __pyx_t_6 = 0;
@@ -14451,37 +14494,37 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
     __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 358, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 360, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
   }
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":359
+  /* "proxy/core/h1.py":361
  *             target = b"/"
  *         self.conn.send(h11.Request(method=method, target=target, headers=headers))
  *         if method != b"CONNECT":             # <<<<<<<<<<<<<<
  *             self.conn.send(h11.EndOfMessage())
  * 
 */
-  __pyx_t_7 = __Pyx_PyObject_CompareBoolNe_bytes_bytes(__pyx_v_method, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_NE); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 359, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyObject_CompareBoolNe_bytes_bytes(__pyx_v_method, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_NE); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 361, __pyx_L1_error)
   if (__pyx_t_7) {
 
 
-    /* "proxy/core/h1.py":360
+    /* "proxy/core/h1.py":362
  *         self.conn.send(h11.Request(method=method, target=target, headers=headers))
  *         if method != b"CONNECT":
  *             self.conn.send(h11.EndOfMessage())             # <<<<<<<<<<<<<<
  * 
  *     def feed(self, data: bytes) -> None:
 */
-    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 360, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 362, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_t_3 = __pyx_t_5;
     __Pyx_INCREF(__pyx_t_3);
     __pyx_t_9 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 360, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 362, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_8);
-    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_EndOfMessage); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 360, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_EndOfMessage); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 362, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
     __pyx_t_6 = 1;
@@ -14501,7 +14544,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_2, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
       __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 360, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 362, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __pyx_t_6 = 0;
@@ -14511,12 +14554,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 360, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 362, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-    /* "proxy/core/h1.py":359
+    /* "proxy/core/h1.py":361
  *             target = b"/"
  *         self.conn.send(h11.Request(method=method, target=target, headers=headers))
  *         if method != b"CONNECT":             # <<<<<<<<<<<<<<
@@ -14525,7 +14568,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
 */
   }
 
-  /* "proxy/core/h1.py":346
+  /* "proxy/core/h1.py":348
  * 
  * class _H11ResponseParser:
  *     def __init__(self, handler: Handler, method: bytes, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> None:             # <<<<<<<<<<<<<<
@@ -14554,7 +14597,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":362
+/* "proxy/core/h1.py":364
  *             self.conn.send(h11.EndOfMessage())
  * 
  *     def feed(self, data: bytes) -> None:             # <<<<<<<<<<<<<<
@@ -14602,39 +14645,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_data,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 362, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 364, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 362, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 364, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 362, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 364, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "feed", 0) < (0)) __PYX_ERR(0, 362, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "feed", 0) < (0)) __PYX_ERR(0, 364, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("feed", 1, 2, 2, i); __PYX_ERR(0, 362, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("feed", 1, 2, 2, i); __PYX_ERR(0, 364, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 362, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 364, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 362, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 364, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_data = ((PyObject*)values[1]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("feed", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 362, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("feed", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 364, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -14645,7 +14688,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 362, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 364, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(__pyx_self, __pyx_v_self, __pyx_v_data);
 
   /* function exit code */
@@ -14700,14 +14743,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("feed", 0);
 
-  /* "proxy/core/h1.py":363
+  /* "proxy/core/h1.py":365
  * 
  *     def feed(self, data: bytes) -> None:
  *         self.conn.receive_data(data)             # <<<<<<<<<<<<<<
  *         while True:
  *             try:
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 363, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 365, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_2 = __pyx_t_3;
   __Pyx_INCREF(__pyx_t_2);
@@ -14717,12 +14760,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_receive_data, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 363, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 365, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":364
+  /* "proxy/core/h1.py":366
  *     def feed(self, data: bytes) -> None:
  *         self.conn.receive_data(data)
  *         while True:             # <<<<<<<<<<<<<<
@@ -14731,7 +14774,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
 */
   while (1) {
 
-    /* "proxy/core/h1.py":365
+    /* "proxy/core/h1.py":367
  *         self.conn.receive_data(data)
  *         while True:
  *             try:             # <<<<<<<<<<<<<<
@@ -14747,14 +14790,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
       __Pyx_XGOTREF(__pyx_t_7);
       /*try:*/ {
 
-        /* "proxy/core/h1.py":366
+        /* "proxy/core/h1.py":368
  *         while True:
  *             try:
  *                 event = self.conn.next_event()             # <<<<<<<<<<<<<<
  *             except h11.RemoteProtocolError as exc:
  *                 raise ParseError(502, f"malformed response: {exc}") from None
 */
-        __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 366, __pyx_L5_error)
+        __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 368, __pyx_L5_error)
         __Pyx_GOTREF(__pyx_t_2);
         __pyx_t_3 = __pyx_t_2;
         __Pyx_INCREF(__pyx_t_3);
@@ -14764,13 +14807,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
           __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_next_event, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 366, __pyx_L5_error)
+          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 368, __pyx_L5_error)
           __Pyx_GOTREF(__pyx_t_1);
         }
         __Pyx_XDECREF_SET(__pyx_v_event, __pyx_t_1);
         __pyx_t_1 = 0;
 
-        /* "proxy/core/h1.py":365
+        /* "proxy/core/h1.py":367
  *         self.conn.receive_data(data)
  *         while True:
  *             try:             # <<<<<<<<<<<<<<
@@ -14787,7 +14830,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
       __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
 
-      /* "proxy/core/h1.py":367
+      /* "proxy/core/h1.py":369
  *             try:
  *                 event = self.conn.next_event()
  *             except h11.RemoteProtocolError as exc:             # <<<<<<<<<<<<<<
@@ -14795,9 +14838,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
  *             if event is h11.NEED_DATA:
 */
       __Pyx_ErrFetch(&__pyx_t_1, &__pyx_t_2, &__pyx_t_3);
-      __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 367, __pyx_L7_except_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 369, __pyx_L7_except_error)
       __Pyx_GOTREF(__pyx_t_8);
-      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_RemoteProtocolError); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 367, __pyx_L7_except_error)
+      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_RemoteProtocolError); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 369, __pyx_L7_except_error)
       __Pyx_GOTREF(__pyx_t_9);
       __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
       __pyx_t_10 = __Pyx_PyErr_GivenExceptionMatches(__pyx_t_1, __pyx_t_9);
@@ -14806,7 +14849,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
       __pyx_t_1 = 0; __pyx_t_2 = 0; __pyx_t_3 = 0;
       if (__pyx_t_10) {
         __Pyx_AddTraceback("proxy._native.h1parse._H11ResponseParser.feed", __pyx_clineno, __pyx_lineno, __pyx_filename);
-        if (__Pyx_GetException(&__pyx_t_3, &__pyx_t_2, &__pyx_t_1) < 0) __PYX_ERR(0, 367, __pyx_L7_except_error)
+        if (__Pyx_GetException(&__pyx_t_3, &__pyx_t_2, &__pyx_t_1) < 0) __PYX_ERR(0, 369, __pyx_L7_except_error)
         __Pyx_XGOTREF(__pyx_t_3);
         __Pyx_XGOTREF(__pyx_t_2);
         __Pyx_XGOTREF(__pyx_t_1);
@@ -14814,7 +14857,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __pyx_v_exc = __pyx_t_2;
         /*try:*/ {
 
-          /* "proxy/core/h1.py":368
+          /* "proxy/core/h1.py":370
  *                 event = self.conn.next_event()
  *             except h11.RemoteProtocolError as exc:
  *                 raise ParseError(502, f"malformed response: {exc}") from None             # <<<<<<<<<<<<<<
@@ -14822,11 +14865,11 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
  *                 return
 */
           __pyx_t_8 = NULL;
-          __Pyx_GetModuleGlobalName(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 368, __pyx_L18_error)
+          __Pyx_GetModuleGlobalName(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 370, __pyx_L18_error)
           __Pyx_GOTREF(__pyx_t_11);
-          __pyx_t_12 = __Pyx_PyObject_FormatSimple(__pyx_v_exc, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 368, __pyx_L18_error)
+          __pyx_t_12 = __Pyx_PyObject_FormatSimple(__pyx_v_exc, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 370, __pyx_L18_error)
           __Pyx_GOTREF(__pyx_t_12);
-          __pyx_t_13 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_malformed_response, __pyx_t_12); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 368, __pyx_L18_error)
+          __pyx_t_13 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_malformed_response, __pyx_t_12); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 370, __pyx_L18_error)
           __Pyx_GOTREF(__pyx_t_13);
           __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
           __pyx_t_4 = 1;
@@ -14847,15 +14890,15 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
             __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
             __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
             __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-            if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 368, __pyx_L18_error)
+            if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 370, __pyx_L18_error)
             __Pyx_GOTREF(__pyx_t_9);
           }
           __Pyx_Raise(__pyx_t_9, 0, 0, Py_None);
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-          __PYX_ERR(0, 368, __pyx_L18_error)
+          __PYX_ERR(0, 370, __pyx_L18_error)
         }
 
-        /* "proxy/core/h1.py":367
+        /* "proxy/core/h1.py":369
  *             try:
  *                 event = self.conn.next_event()
  *             except h11.RemoteProtocolError as exc:             # <<<<<<<<<<<<<<
@@ -14901,7 +14944,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
       }
       goto __pyx_L7_except_error;
 
-      /* "proxy/core/h1.py":365
+      /* "proxy/core/h1.py":367
  *         self.conn.receive_data(data)
  *         while True:
  *             try:             # <<<<<<<<<<<<<<
@@ -14917,16 +14960,16 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
       __pyx_L12_try_end:;
     }
 
-    /* "proxy/core/h1.py":369
+    /* "proxy/core/h1.py":371
  *             except h11.RemoteProtocolError as exc:
  *                 raise ParseError(502, f"malformed response: {exc}") from None
  *             if event is h11.NEED_DATA:             # <<<<<<<<<<<<<<
  *                 return
  *             if event is h11.PAUSED:
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 369, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 371, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_NEED_DATA); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 369, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_NEED_DATA); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 371, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     __pyx_t_22 = (__pyx_v_event == __pyx_t_2);
@@ -14934,7 +14977,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
     if (__pyx_t_22) {
 
 
-      /* "proxy/core/h1.py":370
+      /* "proxy/core/h1.py":372
  *                 raise ParseError(502, f"malformed response: {exc}") from None
  *             if event is h11.NEED_DATA:
  *                 return             # <<<<<<<<<<<<<<
@@ -14951,7 +14994,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
       }
       goto __pyx_L0;
 
-      /* "proxy/core/h1.py":369
+      /* "proxy/core/h1.py":371
  *             except h11.RemoteProtocolError as exc:
  *                 raise ParseError(502, f"malformed response: {exc}") from None
  *             if event is h11.NEED_DATA:             # <<<<<<<<<<<<<<
@@ -14960,16 +15003,16 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
 */
     }
 
-    /* "proxy/core/h1.py":371
+    /* "proxy/core/h1.py":373
  *             if event is h11.NEED_DATA:
  *                 return
  *             if event is h11.PAUSED:             # <<<<<<<<<<<<<<
  *                 raise Switch(bytes(self.conn.trailing_data[0]))
  *             if isinstance(event, h11.InformationalResponse):
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 371, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 373, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_PAUSED); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 371, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_PAUSED); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 373, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __pyx_t_22 = (__pyx_v_event == __pyx_t_1);
@@ -14977,7 +15020,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
     if (unlikely(__pyx_t_22)) {
 
 
-      /* "proxy/core/h1.py":372
+      /* "proxy/core/h1.py":374
  *                 return
  *             if event is h11.PAUSED:
  *                 raise Switch(bytes(self.conn.trailing_data[0]))             # <<<<<<<<<<<<<<
@@ -14985,15 +15028,15 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
  *                 head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))
 */
       __pyx_t_2 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 372, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 374, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
       __pyx_t_11 = NULL;
-      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 372, __pyx_L1_error)
+      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 374, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
-      __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 372, __pyx_L1_error)
+      __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 374, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_8);
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-      __pyx_t_13 = __Pyx_GetItemInt(__pyx_t_8, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 372, __pyx_L1_error)
+      __pyx_t_13 = __Pyx_GetItemInt(__pyx_t_8, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 374, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
       __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
       __pyx_t_4 = 1;
@@ -15002,7 +15045,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __pyx_t_9 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_11); __pyx_t_11 = 0;
         __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 372, __pyx_L1_error)
+        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 374, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_9);
       }
       __pyx_t_4 = 1;
@@ -15023,14 +15066,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 372, __pyx_L1_error)
+        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 374, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_1);
       }
       __Pyx_Raise(__pyx_t_1, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-      __PYX_ERR(0, 372, __pyx_L1_error)
+      __PYX_ERR(0, 374, __pyx_L1_error)
 
-      /* "proxy/core/h1.py":371
+      /* "proxy/core/h1.py":373
  *             if event is h11.NEED_DATA:
  *                 return
  *             if event is h11.PAUSED:             # <<<<<<<<<<<<<<
@@ -15039,24 +15082,24 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
 */
     }
 
-    /* "proxy/core/h1.py":373
+    /* "proxy/core/h1.py":375
  *             if event is h11.PAUSED:
  *                 raise Switch(bytes(self.conn.trailing_data[0]))
  *             if isinstance(event, h11.InformationalResponse):             # <<<<<<<<<<<<<<
  *                 head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))
  *                 self.handler.on_head(head)
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 373, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 375, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_InformationalResponse); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 373, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_InformationalResponse); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 375, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __pyx_t_22 = PyObject_IsInstance(__pyx_v_event, __pyx_t_3); if (unlikely(__pyx_t_22 == ((int)-1))) __PYX_ERR(0, 373, __pyx_L1_error)
+    __pyx_t_22 = PyObject_IsInstance(__pyx_v_event, __pyx_t_3); if (unlikely(__pyx_t_22 == ((int)-1))) __PYX_ERR(0, 375, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     if (__pyx_t_22) {
 
 
-      /* "proxy/core/h1.py":374
+      /* "proxy/core/h1.py":376
  *                 raise Switch(bytes(self.conn.trailing_data[0]))
  *             if isinstance(event, h11.InformationalResponse):
  *                 head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))             # <<<<<<<<<<<<<<
@@ -15064,15 +15107,15 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
  *                 if event.status_code == 101:
 */
       __pyx_t_1 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_ResponseHead); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 374, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_ResponseHead); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 376, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
-      __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_status_code); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 374, __pyx_L1_error)
+      __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_status_code); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 376, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
-      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_reason); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 374, __pyx_L1_error)
+      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_reason); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 376, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
-      __pyx_t_11 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_http_version); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 374, __pyx_L1_error)
+      __pyx_t_11 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_http_version); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 376, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_11);
-      __pyx_t_23 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_headers); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 374, __pyx_L1_error)
+      __pyx_t_23 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_headers); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 376, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_23);
       __pyx_t_12 = __pyx_t_23;
       __Pyx_INCREF(__pyx_t_12);
@@ -15082,10 +15125,10 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __pyx_t_8 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_raw_items, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_12); __pyx_t_12 = 0;
         __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
-        if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 374, __pyx_L1_error)
+        if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 376, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_8);
       }
-      __pyx_t_23 = __Pyx_PySequence_ListKeepNew(__pyx_t_8); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 374, __pyx_L1_error)
+      __pyx_t_23 = __Pyx_PySequence_ListKeepNew(__pyx_t_8); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 376, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_23);
       __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
       __pyx_t_4 = 1;
@@ -15109,20 +15152,20 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
         __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-        if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 374, __pyx_L1_error)
+        if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 376, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_3);
       }
       __Pyx_XDECREF_SET(__pyx_v_head, __pyx_t_3);
       __pyx_t_3 = 0;
 
-      /* "proxy/core/h1.py":375
+      /* "proxy/core/h1.py":377
  *             if isinstance(event, h11.InformationalResponse):
  *                 head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))
  *                 self.handler.on_head(head)             # <<<<<<<<<<<<<<
  *                 if event.status_code == 101:
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
 */
-      __pyx_t_23 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 375, __pyx_L1_error)
+      __pyx_t_23 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 377, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_23);
       __pyx_t_9 = __pyx_t_23;
       __Pyx_INCREF(__pyx_t_9);
@@ -15132,26 +15175,26 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __pyx_t_3 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_head, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
         __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
-        if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 375, __pyx_L1_error)
+        if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 377, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_3);
       }
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
 
-      /* "proxy/core/h1.py":376
+      /* "proxy/core/h1.py":378
  *                 head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))
  *                 self.handler.on_head(head)
  *                 if event.status_code == 101:             # <<<<<<<<<<<<<<
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
  *             elif isinstance(event, h11.Response):
 */
-      __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_status_code); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 376, __pyx_L1_error)
+      __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_status_code); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 378, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
-      __pyx_t_22 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_3, __pyx_mstate_global->__pyx_int_101, 0x65, 0)); if (unlikely((__pyx_t_22 < 0))) __PYX_ERR(0, 376, __pyx_L1_error)
+      __pyx_t_22 = (__Pyx_PyLong_BoolEqObjC(__pyx_t_3, __pyx_mstate_global->__pyx_int_101, 0x65, 0)); if (unlikely((__pyx_t_22 < 0))) __PYX_ERR(0, 378, __pyx_L1_error)
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
       if (unlikely(__pyx_t_22)) {
 
 
-        /* "proxy/core/h1.py":377
+        /* "proxy/core/h1.py":379
  *                 self.handler.on_head(head)
  *                 if event.status_code == 101:
  *                     raise Switch(bytes(self.conn.trailing_data[0]))             # <<<<<<<<<<<<<<
@@ -15159,15 +15202,15 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
  *                 head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))
 */
         __pyx_t_23 = NULL;
-        __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 377, __pyx_L1_error)
+        __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 379, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_9);
         __pyx_t_13 = NULL;
-        __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 377, __pyx_L1_error)
+        __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 379, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_2);
-        __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 377, __pyx_L1_error)
+        __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 379, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_1);
         __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-        __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 377, __pyx_L1_error)
+        __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 379, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_2);
         __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
         __pyx_t_4 = 1;
@@ -15176,7 +15219,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
           __pyx_t_11 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_13); __pyx_t_13 = 0;
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-          if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 377, __pyx_L1_error)
+          if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 379, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_11);
         }
         __pyx_t_4 = 1;
@@ -15197,14 +15240,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
           __Pyx_XDECREF(__pyx_t_23); __pyx_t_23 = 0;
           __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-          if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 377, __pyx_L1_error)
+          if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 379, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_3);
         }
         __Pyx_Raise(__pyx_t_3, 0, 0, 0);
         __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-        __PYX_ERR(0, 377, __pyx_L1_error)
+        __PYX_ERR(0, 379, __pyx_L1_error)
 
-        /* "proxy/core/h1.py":376
+        /* "proxy/core/h1.py":378
  *                 head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))
  *                 self.handler.on_head(head)
  *                 if event.status_code == 101:             # <<<<<<<<<<<<<<
@@ -15213,7 +15256,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
 */
       }
 
-      /* "proxy/core/h1.py":373
+      /* "proxy/core/h1.py":375
  *             if event is h11.PAUSED:
  *                 raise Switch(bytes(self.conn.trailing_data[0]))
  *             if isinstance(event, h11.InformationalResponse):             # <<<<<<<<<<<<<<
@@ -15223,24 +15266,24 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
       goto __pyx_L26;
     }
 
-    /* "proxy/core/h1.py":378
+    /* "proxy/core/h1.py":380
  *                 if event.status_code == 101:
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
  *             elif isinstance(event, h11.Response):             # <<<<<<<<<<<<<<
  *                 head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))
  *                 self.handler.on_head(head)
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 378, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 380, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_Response); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 378, __pyx_L1_error)
+    __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_Response); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 380, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_9);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __pyx_t_22 = PyObject_IsInstance(__pyx_v_event, __pyx_t_9); if (unlikely(__pyx_t_22 == ((int)-1))) __PYX_ERR(0, 378, __pyx_L1_error)
+    __pyx_t_22 = PyObject_IsInstance(__pyx_v_event, __pyx_t_9); if (unlikely(__pyx_t_22 == ((int)-1))) __PYX_ERR(0, 380, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
     if (__pyx_t_22) {
 
 
-      /* "proxy/core/h1.py":379
+      /* "proxy/core/h1.py":381
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
  *             elif isinstance(event, h11.Response):
  *                 head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))             # <<<<<<<<<<<<<<
@@ -15248,15 +15291,15 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
  *                 if self.method == b"CONNECT" and 200 <= event.status_code < 300:
 */
       __pyx_t_3 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_ResponseHead); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 379, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_ResponseHead); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 381, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_11);
-      __pyx_t_23 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_status_code); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 379, __pyx_L1_error)
+      __pyx_t_23 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_status_code); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 381, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_23);
-      __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_reason); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 379, __pyx_L1_error)
+      __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_reason); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 381, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
-      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_http_version); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 379, __pyx_L1_error)
+      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_http_version); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 381, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
-      __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_headers); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 379, __pyx_L1_error)
+      __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_headers); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 381, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_12);
       __pyx_t_8 = __pyx_t_12;
       __Pyx_INCREF(__pyx_t_8);
@@ -15266,10 +15309,10 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_raw_items, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
         __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 379, __pyx_L1_error)
+        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 381, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_1);
       }
-      __pyx_t_12 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 379, __pyx_L1_error)
+      __pyx_t_12 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 381, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_12);
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __pyx_t_4 = 1;
@@ -15293,20 +15336,20 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
         __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
         __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 379, __pyx_L1_error)
+        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 381, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_9);
       }
       __Pyx_XDECREF_SET(__pyx_v_head, __pyx_t_9);
       __pyx_t_9 = 0;
 
-      /* "proxy/core/h1.py":380
+      /* "proxy/core/h1.py":382
  *             elif isinstance(event, h11.Response):
  *                 head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))
  *                 self.handler.on_head(head)             # <<<<<<<<<<<<<<
  *                 if self.method == b"CONNECT" and 200 <= event.status_code < 300:
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
 */
-      __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 380, __pyx_L1_error)
+      __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 382, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_12);
       __pyx_t_11 = __pyx_t_12;
       __Pyx_INCREF(__pyx_t_11);
@@ -15316,21 +15359,21 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __pyx_t_9 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_head, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_11); __pyx_t_11 = 0;
         __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 380, __pyx_L1_error)
+        if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 382, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_9);
       }
       __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
 
-      /* "proxy/core/h1.py":381
+      /* "proxy/core/h1.py":383
  *                 head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))
  *                 self.handler.on_head(head)
  *                 if self.method == b"CONNECT" and 200 <= event.status_code < 300:             # <<<<<<<<<<<<<<
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
  *             elif isinstance(event, h11.Data):
 */
-      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_method); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 381, __pyx_L1_error)
+      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_method); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 383, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
-      __pyx_t_24 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_t_9, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_24 < 0))) __PYX_ERR(0, 381, __pyx_L1_error)
+      __pyx_t_24 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_t_9, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_24 < 0))) __PYX_ERR(0, 383, __pyx_L1_error)
       __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
       if (__pyx_t_24) {
 
@@ -15340,11 +15383,11 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
 
         goto __pyx_L29_bool_binop_done;
       }
-      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_status_code); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 381, __pyx_L1_error)
+      __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_status_code); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 383, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_9);
-      __pyx_t_24 = __Pyx_PyObject_CompareBoolLe_int_object(__pyx_mstate_global->__pyx_int_200, __pyx_t_9, Py_LE); if (unlikely((__pyx_t_24 < 0))) __PYX_ERR(0, 381, __pyx_L1_error)
+      __pyx_t_24 = __Pyx_PyObject_CompareBoolLe_int_object(__pyx_mstate_global->__pyx_int_200, __pyx_t_9, Py_LE); if (unlikely((__pyx_t_24 < 0))) __PYX_ERR(0, 383, __pyx_L1_error)
       if (__pyx_t_24) {
-        __pyx_t_24 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_t_9, __pyx_mstate_global->__pyx_int_300, Py_LT); if (unlikely((__pyx_t_24 < 0))) __PYX_ERR(0, 381, __pyx_L1_error)
+        __pyx_t_24 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_t_9, __pyx_mstate_global->__pyx_int_300, Py_LT); if (unlikely((__pyx_t_24 < 0))) __PYX_ERR(0, 383, __pyx_L1_error)
       }
       __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
 
@@ -15354,7 +15397,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
       if (unlikely(__pyx_t_22)) {
 
 
-        /* "proxy/core/h1.py":382
+        /* "proxy/core/h1.py":384
  *                 self.handler.on_head(head)
  *                 if self.method == b"CONNECT" and 200 <= event.status_code < 300:
  *                     raise Switch(bytes(self.conn.trailing_data[0]))             # <<<<<<<<<<<<<<
@@ -15362,15 +15405,15 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
  *                 self.handler.on_body(bytes(event.data))
 */
         __pyx_t_12 = NULL;
-        __Pyx_GetModuleGlobalName(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 382, __pyx_L1_error)
+        __Pyx_GetModuleGlobalName(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_Switch); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 384, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_11);
         __pyx_t_2 = NULL;
-        __pyx_t_23 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 382, __pyx_L1_error)
+        __pyx_t_23 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 384, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_23);
-        __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_23, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 382, __pyx_L1_error)
+        __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_23, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 384, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_3);
         __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
-        __pyx_t_23 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 382, __pyx_L1_error)
+        __pyx_t_23 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 384, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_23);
         __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
         __pyx_t_4 = 1;
@@ -15379,7 +15422,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
           __pyx_t_13 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
           __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
-          if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 382, __pyx_L1_error)
+          if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 384, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_13);
         }
         __pyx_t_4 = 1;
@@ -15400,14 +15443,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
           __Pyx_XDECREF(__pyx_t_12); __pyx_t_12 = 0;
           __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
           __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 382, __pyx_L1_error)
+          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 384, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_9);
         }
         __Pyx_Raise(__pyx_t_9, 0, 0, 0);
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-        __PYX_ERR(0, 382, __pyx_L1_error)
+        __PYX_ERR(0, 384, __pyx_L1_error)
 
-        /* "proxy/core/h1.py":381
+        /* "proxy/core/h1.py":383
  *                 head = ResponseHead(event.status_code, event.reason, event.http_version, list(event.headers.raw_items()))
  *                 self.handler.on_head(head)
  *                 if self.method == b"CONNECT" and 200 <= event.status_code < 300:             # <<<<<<<<<<<<<<
@@ -15416,7 +15459,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
 */
       }
 
-      /* "proxy/core/h1.py":378
+      /* "proxy/core/h1.py":380
  *                 if event.status_code == 101:
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
  *             elif isinstance(event, h11.Response):             # <<<<<<<<<<<<<<
@@ -15426,36 +15469,36 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
       goto __pyx_L26;
     }
 
-    /* "proxy/core/h1.py":383
+    /* "proxy/core/h1.py":385
  *                 if self.method == b"CONNECT" and 200 <= event.status_code < 300:
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
  *             elif isinstance(event, h11.Data):             # <<<<<<<<<<<<<<
  *                 self.handler.on_body(bytes(event.data))
  *             elif isinstance(event, h11.EndOfMessage):
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 383, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 385, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_9);
-    __pyx_t_11 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_Data); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 383, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_Data); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 385, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_11);
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-    __pyx_t_22 = PyObject_IsInstance(__pyx_v_event, __pyx_t_11); if (unlikely(__pyx_t_22 == ((int)-1))) __PYX_ERR(0, 383, __pyx_L1_error)
+    __pyx_t_22 = PyObject_IsInstance(__pyx_v_event, __pyx_t_11); if (unlikely(__pyx_t_22 == ((int)-1))) __PYX_ERR(0, 385, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
     if (__pyx_t_22) {
 
 
-      /* "proxy/core/h1.py":384
+      /* "proxy/core/h1.py":386
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
  *             elif isinstance(event, h11.Data):
  *                 self.handler.on_body(bytes(event.data))             # <<<<<<<<<<<<<<
  *             elif isinstance(event, h11.EndOfMessage):
  *                 self.handler.on_end()
 */
-      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 384, __pyx_L1_error)
+      __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 386, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
       __pyx_t_9 = __pyx_t_13;
       __Pyx_INCREF(__pyx_t_9);
       __pyx_t_23 = NULL;
-      __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_data); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 384, __pyx_L1_error)
+      __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_event, __pyx_mstate_global->__pyx_n_u_data); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 386, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
       __pyx_t_4 = 1;
       {
@@ -15463,7 +15506,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __pyx_t_12 = __Pyx_PyObject_FastCall((PyObject*)(&PyBytes_Type), __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_23); __pyx_t_23 = 0;
         __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-        if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 384, __pyx_L1_error)
+        if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 386, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_12);
       }
       __pyx_t_4 = 0;
@@ -15473,12 +15516,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
         __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
         __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-        if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 384, __pyx_L1_error)
+        if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 386, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_11);
       }
       __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
 
-      /* "proxy/core/h1.py":383
+      /* "proxy/core/h1.py":385
  *                 if self.method == b"CONNECT" and 200 <= event.status_code < 300:
  *                     raise Switch(bytes(self.conn.trailing_data[0]))
  *             elif isinstance(event, h11.Data):             # <<<<<<<<<<<<<<
@@ -15488,31 +15531,31 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
       goto __pyx_L26;
     }
 
-    /* "proxy/core/h1.py":385
+    /* "proxy/core/h1.py":387
  *             elif isinstance(event, h11.Data):
  *                 self.handler.on_body(bytes(event.data))
  *             elif isinstance(event, h11.EndOfMessage):             # <<<<<<<<<<<<<<
  *                 self.handler.on_end()
  *                 return
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 385, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 387, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_11);
-    __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_EndOfMessage); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 385, __pyx_L1_error)
+    __pyx_t_13 = __Pyx_PyObject_GetAttrStr(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_EndOfMessage); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 387, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
     __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-    __pyx_t_22 = PyObject_IsInstance(__pyx_v_event, __pyx_t_13); if (unlikely(__pyx_t_22 == ((int)-1))) __PYX_ERR(0, 385, __pyx_L1_error)
+    __pyx_t_22 = PyObject_IsInstance(__pyx_v_event, __pyx_t_13); if (unlikely(__pyx_t_22 == ((int)-1))) __PYX_ERR(0, 387, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
     if (__pyx_t_22) {
 
 
-      /* "proxy/core/h1.py":386
+      /* "proxy/core/h1.py":388
  *                 self.handler.on_body(bytes(event.data))
  *             elif isinstance(event, h11.EndOfMessage):
  *                 self.handler.on_end()             # <<<<<<<<<<<<<<
  *                 return
  *             elif isinstance(event, h11.ConnectionClosed):
 */
-      __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 386, __pyx_L1_error)
+      __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_handler); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 388, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_12);
       __pyx_t_11 = __pyx_t_12;
       __Pyx_INCREF(__pyx_t_11);
@@ -15522,12 +15565,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __pyx_t_13 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_on_end, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_11); __pyx_t_11 = 0;
         __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 386, __pyx_L1_error)
+        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 388, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_13);
       }
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
 
-      /* "proxy/core/h1.py":387
+      /* "proxy/core/h1.py":389
  *             elif isinstance(event, h11.EndOfMessage):
  *                 self.handler.on_end()
  *                 return             # <<<<<<<<<<<<<<
@@ -15544,7 +15587,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
       }
       goto __pyx_L0;
 
-      /* "proxy/core/h1.py":385
+      /* "proxy/core/h1.py":387
  *             elif isinstance(event, h11.Data):
  *                 self.handler.on_body(bytes(event.data))
  *             elif isinstance(event, h11.EndOfMessage):             # <<<<<<<<<<<<<<
@@ -15553,24 +15596,24 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
 */
     }
 
-    /* "proxy/core/h1.py":388
+    /* "proxy/core/h1.py":390
  *                 self.handler.on_end()
  *                 return
  *             elif isinstance(event, h11.ConnectionClosed):             # <<<<<<<<<<<<<<
  *                 return
  * 
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 388, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_h11); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 390, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
-    __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_ConnectionClosed); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 388, __pyx_L1_error)
+    __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_ConnectionClosed); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 390, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_12);
     __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-    __pyx_t_22 = PyObject_IsInstance(__pyx_v_event, __pyx_t_12); if (unlikely(__pyx_t_22 == ((int)-1))) __PYX_ERR(0, 388, __pyx_L1_error)
+    __pyx_t_22 = PyObject_IsInstance(__pyx_v_event, __pyx_t_12); if (unlikely(__pyx_t_22 == ((int)-1))) __PYX_ERR(0, 390, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
     if (__pyx_t_22) {
 
 
-      /* "proxy/core/h1.py":389
+      /* "proxy/core/h1.py":391
  *                 return
  *             elif isinstance(event, h11.ConnectionClosed):
  *                 return             # <<<<<<<<<<<<<<
@@ -15587,7 +15630,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
       }
       goto __pyx_L0;
 
-      /* "proxy/core/h1.py":388
+      /* "proxy/core/h1.py":390
  *                 self.handler.on_end()
  *                 return
  *             elif isinstance(event, h11.ConnectionClosed):             # <<<<<<<<<<<<<<
@@ -15598,7 +15641,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
     __pyx_L26:;
   }
 
-  /* "proxy/core/h1.py":362
+  /* "proxy/core/h1.py":364
  *             self.conn.send(h11.EndOfMessage())
  * 
  *     def feed(self, data: bytes) -> None:             # <<<<<<<<<<<<<<
@@ -15630,7 +15673,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":391
+/* "proxy/core/h1.py":393
  *                 return
  * 
  *     def eof(self) -> None:             # <<<<<<<<<<<<<<
@@ -15678,32 +15721,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 391, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 393, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 391, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 393, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "eof", 0) < (0)) __PYX_ERR(0, 391, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "eof", 0) < (0)) __PYX_ERR(0, 393, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("eof", 1, 1, 1, i); __PYX_ERR(0, 391, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("eof", 1, 1, 1, i); __PYX_ERR(0, 393, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 391, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 393, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("eof", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 391, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("eof", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 393, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -15736,14 +15779,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_4eof(CYT
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("eof", 0);
 
-  /* "proxy/core/h1.py":393
+  /* "proxy/core/h1.py":395
  *     def eof(self) -> None:
  *         """The upstream closed: ends a close-delimited body."""
  *         self.conn.receive_data(b"")             # <<<<<<<<<<<<<<
  *         self.feed(b"")
  * 
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 393, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_conn); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 395, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_2 = __pyx_t_3;
   __Pyx_INCREF(__pyx_t_2);
@@ -15753,12 +15796,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_4eof(CYT
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_receive_data, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 393, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 395, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":394
+  /* "proxy/core/h1.py":396
  *         """The upstream closed: ends a close-delimited body."""
  *         self.conn.receive_data(b"")
  *         self.feed(b"")             # <<<<<<<<<<<<<<
@@ -15772,12 +15815,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_4eof(CYT
     PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_mstate_global->__pyx_kp_b__2};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_feed, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 394, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 396, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":391
+  /* "proxy/core/h1.py":393
  *                 return
  * 
  *     def eof(self) -> None:             # <<<<<<<<<<<<<<
@@ -15800,7 +15843,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_4eof(CYT
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":397
+/* "proxy/core/h1.py":399
  * 
  * 
  * def request_parser(handler: Handler, pure: bool, max_head: int = MAX_HEAD_SIZE) -> Any:             # <<<<<<<<<<<<<<
@@ -15817,18 +15860,18 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_22__defaults__(CYTHON_UNUSED 
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__defaults__", 0);
-  __pyx_t_1 = PyTuple_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 397, __pyx_L1_error)
+  __pyx_t_1 = PyTuple_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 399, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_INCREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
   __Pyx_GIVEREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0) != (0)) __PYX_ERR(0, 397, __pyx_L1_error);
-  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 397, __pyx_L1_error)
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0) != (0)) __PYX_ERR(0, 399, __pyx_L1_error);
+  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 399, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 397, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 399, __pyx_L1_error);
   __Pyx_INCREF(Py_None);
   __Pyx_GIVEREF(Py_None);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, Py_None) != (0)) __PYX_ERR(0, 397, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, Py_None) != (0)) __PYX_ERR(0, 399, __pyx_L1_error);
   __pyx_t_1 = 0;
   {
     PyObject *__pyx_temp;
@@ -15895,54 +15938,54 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_handler,&__pyx_mstate_global->__pyx_n_u_pure,&__pyx_mstate_global->__pyx_n_u_max_head,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 397, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 399, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 397, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 399, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 397, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 399, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 397, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 399, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "request_parser", 0) < (0)) __PYX_ERR(0, 397, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "request_parser", 0) < (0)) __PYX_ERR(0, 399, __pyx_L3_error)
       if (!values[2]) values[2] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("request_parser", 0, 2, 3, i); __PYX_ERR(0, 397, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("request_parser", 0, 2, 3, i); __PYX_ERR(0, 399, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 397, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 399, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 397, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 399, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 397, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 399, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
       if (!values[2]) values[2] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
     }
     __pyx_v_handler = values[0];
-    __pyx_v_pure = __Pyx_PyObject_IsTrue(values[1]); if (unlikely((__pyx_v_pure == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 397, __pyx_L3_error)
-    if (__Pyx_PyInt_FromNumber(&values[2], "max_head", 0) < (0)) __PYX_ERR(0, 397, __pyx_L3_error)
+    __pyx_v_pure = __Pyx_PyObject_IsTrue(values[1]); if (unlikely((__pyx_v_pure == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 399, __pyx_L3_error)
+    if (__Pyx_PyInt_FromNumber(&values[2], "max_head", 0) < (0)) __PYX_ERR(0, 399, __pyx_L3_error)
     __pyx_v_max_head = ((PyObject*)values[2]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("request_parser", 0, 2, 3, __pyx_nargs); __PYX_ERR(0, 397, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("request_parser", 0, 2, 3, __pyx_nargs); __PYX_ERR(0, 399, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -15953,7 +15996,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 397, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 399, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_4request_parser(__pyx_self, __pyx_v_handler, __pyx_v_pure, __pyx_v_max_head);
 
   /* function exit code */
@@ -15988,7 +16031,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("request_parser", 0);
 
-  /* "proxy/core/h1.py":398
+  /* "proxy/core/h1.py":400
  * 
  * def request_parser(handler: Handler, pure: bool, max_head: int = MAX_HEAD_SIZE) -> Any:
  *     if pure or httptools is None:             # <<<<<<<<<<<<<<
@@ -16001,7 +16044,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
     __pyx_t_1 = __pyx_v_pure;
     goto __pyx_L4_bool_binop_done;
   }
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 398, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 400, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __pyx_t_3 = (__pyx_t_2 == Py_None);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
@@ -16012,7 +16055,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
   if (__pyx_t_1) {
 
 
-    /* "proxy/core/h1.py":399
+    /* "proxy/core/h1.py":401
  * def request_parser(handler: Handler, pure: bool, max_head: int = MAX_HEAD_SIZE) -> Any:
  *     if pure or httptools is None:
  *         return _H11RequestParser(handler, max_head)             # <<<<<<<<<<<<<<
@@ -16020,7 +16063,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
  * 
 */
     __pyx_t_4 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_H11RequestParser); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 399, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_H11RequestParser); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 401, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_t_6 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -16039,7 +16082,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
       __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_6, (3-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 399, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 401, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     {
@@ -16053,7 +16096,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
     __pyx_t_2 = 0;
     goto __pyx_L0;
 
-    /* "proxy/core/h1.py":398
+    /* "proxy/core/h1.py":400
  * 
  * def request_parser(handler: Handler, pure: bool, max_head: int = MAX_HEAD_SIZE) -> Any:
  *     if pure or httptools is None:             # <<<<<<<<<<<<<<
@@ -16062,7 +16105,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
 */
   }
 
-  /* "proxy/core/h1.py":400
+  /* "proxy/core/h1.py":402
  *     if pure or httptools is None:
  *         return _H11RequestParser(handler, max_head)
  *     return _HttptoolsRequestParser(handler, max_head)             # <<<<<<<<<<<<<<
@@ -16070,7 +16113,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
  * 
 */
   __pyx_t_5 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_HttptoolsRequestParser); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 400, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_HttptoolsRequestParser); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 402, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __pyx_t_6 = 1;
   #if CYTHON_UNPACK_METHODS
@@ -16089,7 +16132,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
     __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_6, (3-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 400, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 402, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
   }
   {
@@ -16103,7 +16146,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
   __pyx_t_2 = 0;
   goto __pyx_L0;
 
-  /* "proxy/core/h1.py":397
+  /* "proxy/core/h1.py":399
  * 
  * 
  * def request_parser(handler: Handler, pure: bool, max_head: int = MAX_HEAD_SIZE) -> Any:             # <<<<<<<<<<<<<<
@@ -16124,7 +16167,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":403
+/* "proxy/core/h1.py":405
  * 
  * 
  * def response_parser(handler: Handler, method: bytes, pure: bool, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> Any:             # <<<<<<<<<<<<<<
@@ -16141,23 +16184,23 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24__defaults__(CYTHON_UNUSED 
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__defaults__", 0);
-  __pyx_t_1 = __Pyx_PyBool_FromLong(((int)0)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 403, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyBool_FromLong(((int)0)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 405, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 403, __pyx_L1_error)
+  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 405, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_INCREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
   __Pyx_GIVEREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0) != (0)) __PYX_ERR(0, 403, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0) != (0)) __PYX_ERR(0, 405, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 403, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 405, __pyx_L1_error);
   __pyx_t_1 = 0;
-  __pyx_t_1 = PyTuple_New(2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 403, __pyx_L1_error)
+  __pyx_t_1 = PyTuple_New(2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 405, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_GIVEREF(__pyx_t_2);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 403, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 405, __pyx_L1_error);
   __Pyx_INCREF(Py_None);
   __Pyx_GIVEREF(Py_None);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, Py_None) != (0)) __PYX_ERR(0, 403, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, Py_None) != (0)) __PYX_ERR(0, 405, __pyx_L1_error);
   __pyx_t_2 = 0;
   {
     PyObject *__pyx_temp;
@@ -16226,55 +16269,55 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_handler,&__pyx_mstate_global->__pyx_n_u_method,&__pyx_mstate_global->__pyx_n_u_pure,&__pyx_mstate_global->__pyx_n_u_max_head,&__pyx_mstate_global->__pyx_n_u_upgrade,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 403, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 405, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 403, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 405, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 403, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 405, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 403, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 405, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 403, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 405, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 403, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 405, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "response_parser", 0) < (0)) __PYX_ERR(0, 403, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "response_parser", 0) < (0)) __PYX_ERR(0, 405, __pyx_L3_error)
       if (!values[3]) values[3] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("response_parser", 0, 3, 5, i); __PYX_ERR(0, 403, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("response_parser", 0, 3, 5, i); __PYX_ERR(0, 405, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 403, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 405, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 403, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 405, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 403, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 405, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 403, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 405, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 403, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 405, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -16282,18 +16325,18 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     }
     __pyx_v_handler = values[0];
     __pyx_v_method = ((PyObject*)values[1]);
-    __pyx_v_pure = __Pyx_PyObject_IsTrue(values[2]); if (unlikely((__pyx_v_pure == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 403, __pyx_L3_error)
-    if (__Pyx_PyInt_FromNumber(&values[3], "max_head", 0) < (0)) __PYX_ERR(0, 403, __pyx_L3_error)
+    __pyx_v_pure = __Pyx_PyObject_IsTrue(values[2]); if (unlikely((__pyx_v_pure == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 405, __pyx_L3_error)
+    if (__Pyx_PyInt_FromNumber(&values[3], "max_head", 0) < (0)) __PYX_ERR(0, 405, __pyx_L3_error)
     __pyx_v_max_head = ((PyObject*)values[3]);
     if (values[4]) {
-      __pyx_v_upgrade = __Pyx_PyObject_IsTrue(values[4]); if (unlikely((__pyx_v_upgrade == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 403, __pyx_L3_error)
+      __pyx_v_upgrade = __Pyx_PyObject_IsTrue(values[4]); if (unlikely((__pyx_v_upgrade == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 405, __pyx_L3_error)
     } else {
       __pyx_v_upgrade = ((int)((int)0));
     }
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("response_parser", 0, 3, 5, __pyx_nargs); __PYX_ERR(0, 403, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("response_parser", 0, 3, 5, __pyx_nargs); __PYX_ERR(0, 405, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -16304,8 +16347,8 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_method), (&PyBytes_Type), 0, "method", 2))) __PYX_ERR(0, 403, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 403, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_method), (&PyBytes_Type), 0, "method", 2))) __PYX_ERR(0, 405, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 405, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_6response_parser(__pyx_self, __pyx_v_handler, __pyx_v_method, __pyx_v_pure, __pyx_v_max_head, __pyx_v_upgrade);
 
   /* function exit code */
@@ -16342,7 +16385,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("response_parser", 0);
 
-  /* "proxy/core/h1.py":404
+  /* "proxy/core/h1.py":406
  * 
  * def response_parser(handler: Handler, method: bytes, pure: bool, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> Any:
  *     if pure or httptools is None:             # <<<<<<<<<<<<<<
@@ -16355,7 +16398,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
     __pyx_t_1 = __pyx_v_pure;
     goto __pyx_L4_bool_binop_done;
   }
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 404, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 406, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __pyx_t_3 = (__pyx_t_2 == Py_None);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
@@ -16366,7 +16409,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
   if (__pyx_t_1) {
 
 
-    /* "proxy/core/h1.py":405
+    /* "proxy/core/h1.py":407
  * def response_parser(handler: Handler, method: bytes, pure: bool, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> Any:
  *     if pure or httptools is None:
  *         return _H11ResponseParser(handler, method, max_head, upgrade)             # <<<<<<<<<<<<<<
@@ -16374,9 +16417,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
  * 
 */
     __pyx_t_4 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_H11ResponseParser); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 405, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_H11ResponseParser); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 407, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
-    __pyx_t_6 = __Pyx_PyBool_FromLong(__pyx_v_upgrade); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 405, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyBool_FromLong(__pyx_v_upgrade); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 407, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __pyx_t_7 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -16396,7 +16439,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 405, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 407, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     {
@@ -16410,7 +16453,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
     __pyx_t_2 = 0;
     goto __pyx_L0;
 
-    /* "proxy/core/h1.py":404
+    /* "proxy/core/h1.py":406
  * 
  * def response_parser(handler: Handler, method: bytes, pure: bool, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> Any:
  *     if pure or httptools is None:             # <<<<<<<<<<<<<<
@@ -16419,7 +16462,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
 */
   }
 
-  /* "proxy/core/h1.py":406
+  /* "proxy/core/h1.py":408
  *     if pure or httptools is None:
  *         return _H11ResponseParser(handler, method, max_head, upgrade)
  *     return _HttptoolsResponseParser(handler, method, max_head)             # <<<<<<<<<<<<<<
@@ -16427,7 +16470,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
  * 
 */
   __pyx_t_5 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 406, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 408, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __pyx_t_7 = 1;
   #if CYTHON_UNPACK_METHODS
@@ -16446,7 +16489,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
     __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_7, (4-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 406, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 408, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
   }
   {
@@ -16460,7 +16503,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
   __pyx_t_2 = 0;
   goto __pyx_L0;
 
-  /* "proxy/core/h1.py":403
+  /* "proxy/core/h1.py":405
  * 
  * 
  * def response_parser(handler: Handler, method: bytes, pure: bool, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> Any:             # <<<<<<<<<<<<<<
@@ -16482,7 +16525,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":417
+/* "proxy/core/h1.py":419
  * 
  * 
  * def forwardable(headers: Headers, upgrade: bool = False) -> Headers:             # <<<<<<<<<<<<<<
@@ -16531,48 +16574,48 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_headers,&__pyx_mstate_global->__pyx_n_u_upgrade,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 417, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 419, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forwardable", 0) < (0)) __PYX_ERR(0, 417, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forwardable", 0) < (0)) __PYX_ERR(0, 419, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forwardable", 0, 1, 2, i); __PYX_ERR(0, 417, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forwardable", 0, 1, 2, i); __PYX_ERR(0, 419, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 419, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
     }
     __pyx_v_headers = values[0];
     if (values[1]) {
-      __pyx_v_upgrade = __Pyx_PyObject_IsTrue(values[1]); if (unlikely((__pyx_v_upgrade == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 417, __pyx_L3_error)
+      __pyx_v_upgrade = __Pyx_PyObject_IsTrue(values[1]); if (unlikely((__pyx_v_upgrade == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 419, __pyx_L3_error)
     } else {
       __pyx_v_upgrade = ((int)((int)0));
     }
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("forwardable", 0, 1, 2, __pyx_nargs); __PYX_ERR(0, 417, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("forwardable", 0, 1, 2, __pyx_nargs); __PYX_ERR(0, 419, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -16595,7 +16638,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 }
 static PyObject *__pyx_gb_5proxy_7_native_7h1parse_11forwardable_2generator1(__pyx_CoroutineObject *__pyx_generator, CYTHON_UNUSED PyThreadState *__pyx_tstate, PyObject *__pyx_sent_value); /* proto */
 
-/* "proxy/core/h1.py":428
+/* "proxy/core/h1.py":430
  *         if n in HOP_BY_HOP:
  *             if n == b"connection":
  *                 named += tuple(t.strip() for t in value.lower().split(b","))             # <<<<<<<<<<<<<<
@@ -16615,7 +16658,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_11forwardable_genexpr(CYTHON_
   if (unlikely(!__pyx_cur_scope)) {
     __pyx_cur_scope = ((struct __pyx_obj_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr *)Py_None);
     __Pyx_INCREF(Py_None);
-    __PYX_ERR(0, 428, __pyx_L1_error)
+    __PYX_ERR(0, 430, __pyx_L1_error)
   } else {
     __Pyx_GOTREF((PyObject *)__pyx_cur_scope);
   }
@@ -16623,7 +16666,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_11forwardable_genexpr(CYTHON_
   __Pyx_INCREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   __Pyx_GIVEREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   {
-    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_5proxy_7_native_7h1parse_11forwardable_2generator1, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_forwardable_locals_genexpr, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse); if (unlikely(!gen)) __PYX_ERR(0, 428, __pyx_L1_error)
+    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_5proxy_7_native_7h1parse_11forwardable_2generator1, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_forwardable_locals_genexpr, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse); if (unlikely(!gen)) __PYX_ERR(0, 430, __pyx_L1_error)
     __Pyx_DECREF(__pyx_cur_scope);
     __Pyx_RefNannyFinishContext();
     return (PyObject *) gen;
@@ -16664,17 +16707,17 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_11forwardable_2generator1(__p
   __pyx_L3_first_run:;
   if (unlikely(__pyx_sent_value != Py_None)) {
     if (unlikely(__pyx_sent_value)) PyErr_SetString(PyExc_TypeError, "can't send non-None value to a just-started generator");
-    __PYX_ERR(0, 428, __pyx_L1_error)
+    __PYX_ERR(0, 430, __pyx_L1_error)
   }
-  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 428, __pyx_L1_error) }
+  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 430, __pyx_L1_error) }
   if (likely(PyList_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) || PyTuple_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) {
     __pyx_t_1 = __pyx_cur_scope->__pyx_genexpr_arg_0; __Pyx_INCREF(__pyx_t_1);
     __pyx_t_2 = 0;
     __pyx_t_3 = NULL;
   } else {
-    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 428, __pyx_L1_error)
+    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 430, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 428, __pyx_L1_error)
+    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 430, __pyx_L1_error)
   }
   for (;;) {
     if (likely(!__pyx_t_3)) {
@@ -16682,7 +16725,7 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_11forwardable_2generator1(__p
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 428, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 430, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -16692,7 +16735,7 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_11forwardable_2generator1(__p
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 428, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 430, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -16703,13 +16746,13 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_11forwardable_2generator1(__p
         #endif
         ++__pyx_t_2;
       }
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 428, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 430, __pyx_L1_error)
     } else {
       __pyx_t_4 = __pyx_t_3(__pyx_t_1);
       if (unlikely(!__pyx_t_4)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 428, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 430, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -16727,7 +16770,7 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_11forwardable_2generator1(__p
       PyObject *__pyx_callargs[2] = {__pyx_t_5, NULL};
       __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_strip, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 428, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 430, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
     __pyx_r = __pyx_t_4;
@@ -16750,7 +16793,7 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_11forwardable_2generator1(__p
     __Pyx_XGOTREF(__pyx_t_1);
     __pyx_t_2 = __pyx_cur_scope->__pyx_t_1;
     __pyx_t_3 = __pyx_cur_scope->__pyx_t_2;
-    if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 428, __pyx_L1_error)
+    if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 430, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   CYTHON_MAYBE_UNUSED_VAR(__pyx_cur_scope);
@@ -16777,7 +16820,7 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_11forwardable_2generator1(__p
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":417
+/* "proxy/core/h1.py":419
  * 
  * 
  * def forwardable(headers: Headers, upgrade: bool = False) -> Headers:             # <<<<<<<<<<<<<<
@@ -16813,7 +16856,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("forwardable", 0);
 
-  /* "proxy/core/h1.py":420
+  /* "proxy/core/h1.py":422
  *     """Headers minus the hop-by-hop ones and those the Connection header names.
  *     A protocol switch (Upgrade, 101) keeps its Connection and Upgrade headers."""
  *     if upgrade:             # <<<<<<<<<<<<<<
@@ -16822,7 +16865,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
 */
   if (__pyx_v_upgrade) {
 
-    /* "proxy/core/h1.py":421
+    /* "proxy/core/h1.py":423
  *     A protocol switch (Upgrade, 101) keeps its Connection and Upgrade headers."""
  *     if upgrade:
  *         return headers             # <<<<<<<<<<<<<<
@@ -16840,7 +16883,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
     }
     goto __pyx_L0;
 
-    /* "proxy/core/h1.py":420
+    /* "proxy/core/h1.py":422
  *     """Headers minus the hop-by-hop ones and those the Connection header names.
  *     A protocol switch (Upgrade, 101) keeps its Connection and Upgrade headers."""
  *     if upgrade:             # <<<<<<<<<<<<<<
@@ -16849,7 +16892,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
 */
   }
 
-  /* "proxy/core/h1.py":422
+  /* "proxy/core/h1.py":424
  *     if upgrade:
  *         return headers
  *     named: tuple[bytes, ...] = ()             # <<<<<<<<<<<<<<
@@ -16859,19 +16902,19 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
   __Pyx_INCREF(__pyx_mstate_global->__pyx_empty_tuple);
   __pyx_v_named = ((PyObject*)__pyx_mstate_global->__pyx_empty_tuple);
 
-  /* "proxy/core/h1.py":423
+  /* "proxy/core/h1.py":425
  *         return headers
  *     named: tuple[bytes, ...] = ()
  *     out = []             # <<<<<<<<<<<<<<
  *     for name, value in headers:
  *         n = name.lower()
 */
-  __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 423, __pyx_L1_error)
+  __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 425, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_v_out = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":424
+  /* "proxy/core/h1.py":426
  *     named: tuple[bytes, ...] = ()
  *     out = []
  *     for name, value in headers:             # <<<<<<<<<<<<<<
@@ -16883,9 +16926,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
     __pyx_t_2 = 0;
     __pyx_t_3 = NULL;
   } else {
-    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_v_headers); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 424, __pyx_L1_error)
+    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_v_headers); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 426, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 424, __pyx_L1_error)
+    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 426, __pyx_L1_error)
   }
   for (;;) {
     if (likely(!__pyx_t_3)) {
@@ -16893,7 +16936,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 424, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 426, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -16903,7 +16946,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 424, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 426, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -16914,13 +16957,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
         #endif
         ++__pyx_t_2;
       }
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 424, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 426, __pyx_L1_error)
     } else {
       __pyx_t_4 = __pyx_t_3(__pyx_t_1);
       if (unlikely(!__pyx_t_4)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 424, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 426, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -16933,7 +16976,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
       if (unlikely(size != 2)) {
         if (size > 2) __Pyx_RaiseTooManyValuesError(2);
         else if (size >= 0) __Pyx_RaiseNeedMoreValuesError(size);
-        __PYX_ERR(0, 424, __pyx_L1_error)
+        __PYX_ERR(0, 426, __pyx_L1_error)
       }
       #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
       if (likely(PyTuple_CheckExact(sequence))) {
@@ -16943,22 +16986,22 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
         __Pyx_INCREF(__pyx_t_6);
       } else {
         __pyx_t_5 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
-        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 424, __pyx_L1_error)
+        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 426, __pyx_L1_error)
         __Pyx_XGOTREF(__pyx_t_5);
         __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
-        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 424, __pyx_L1_error)
+        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 426, __pyx_L1_error)
         __Pyx_XGOTREF(__pyx_t_6);
       }
       #else
-      __pyx_t_5 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 424, __pyx_L1_error)
+      __pyx_t_5 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 426, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
-      __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 424, __pyx_L1_error)
+      __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 426, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
       #endif
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     } else {
       Py_ssize_t index = -1;
-      __pyx_t_7 = PyObject_GetIter(__pyx_t_4); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 424, __pyx_L1_error)
+      __pyx_t_7 = PyObject_GetIter(__pyx_t_4); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 426, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_7);
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __pyx_t_8 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_7);
@@ -16966,7 +17009,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
       __Pyx_GOTREF(__pyx_t_5);
       index = 1; __pyx_t_6 = __pyx_t_8(__pyx_t_7); if (unlikely(!__pyx_t_6)) goto __pyx_L6_unpacking_failed;
       __Pyx_GOTREF(__pyx_t_6);
-      if (__Pyx_IternextUnpackEndCheck(__pyx_t_8(__pyx_t_7), 2) < (0)) __PYX_ERR(0, 424, __pyx_L1_error)
+      if (__Pyx_IternextUnpackEndCheck(__pyx_t_8(__pyx_t_7), 2) < (0)) __PYX_ERR(0, 426, __pyx_L1_error)
       __pyx_t_8 = NULL;
       __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
       goto __pyx_L7_unpacking_done;
@@ -16974,7 +17017,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
       __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
       __pyx_t_8 = NULL;
       if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
-      __PYX_ERR(0, 424, __pyx_L1_error)
+      __PYX_ERR(0, 426, __pyx_L1_error)
       __pyx_L7_unpacking_done:;
     }
     __Pyx_XDECREF_SET(__pyx_v_name, __pyx_t_5);
@@ -16982,7 +17025,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
     __Pyx_XDECREF_SET(__pyx_v_value, __pyx_t_6);
     __pyx_t_6 = 0;
 
-    /* "proxy/core/h1.py":425
+    /* "proxy/core/h1.py":427
  *     out = []
  *     for name, value in headers:
  *         n = name.lower()             # <<<<<<<<<<<<<<
@@ -16996,38 +17039,38 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
       PyObject *__pyx_callargs[2] = {__pyx_t_6, NULL};
       __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_lower, __pyx_callargs+__pyx_t_9, (1-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 425, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 427, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
     __Pyx_XDECREF_SET(__pyx_v_n, __pyx_t_4);
     __pyx_t_4 = 0;
 
-    /* "proxy/core/h1.py":426
+    /* "proxy/core/h1.py":428
  *     for name, value in headers:
  *         n = name.lower()
  *         if n in HOP_BY_HOP:             # <<<<<<<<<<<<<<
  *             if n == b"connection":
  *                 named += tuple(t.strip() for t in value.lower().split(b","))
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_HOP_BY_HOP); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 426, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_HOP_BY_HOP); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 428, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_10 = (__Pyx_PySequence_ContainsTF(__pyx_v_n, __pyx_t_4, Py_EQ)); if (unlikely((__pyx_t_10 < 0))) __PYX_ERR(0, 426, __pyx_L1_error)
+    __pyx_t_10 = (__Pyx_PySequence_ContainsTF(__pyx_v_n, __pyx_t_4, Py_EQ)); if (unlikely((__pyx_t_10 < 0))) __PYX_ERR(0, 428, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     if (__pyx_t_10) {
 
 
-      /* "proxy/core/h1.py":427
+      /* "proxy/core/h1.py":429
  *         n = name.lower()
  *         if n in HOP_BY_HOP:
  *             if n == b"connection":             # <<<<<<<<<<<<<<
  *                 named += tuple(t.strip() for t in value.lower().split(b","))
  *             continue
 */
-      __pyx_t_10 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_v_n, __pyx_mstate_global->__pyx_n_b_connection, Py_EQ); if (unlikely((__pyx_t_10 < 0))) __PYX_ERR(0, 427, __pyx_L1_error)
+      __pyx_t_10 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_v_n, __pyx_mstate_global->__pyx_n_b_connection, Py_EQ); if (unlikely((__pyx_t_10 < 0))) __PYX_ERR(0, 429, __pyx_L1_error)
       if (__pyx_t_10) {
 
 
-        /* "proxy/core/h1.py":428
+        /* "proxy/core/h1.py":430
  *         if n in HOP_BY_HOP:
  *             if n == b"connection":
  *                 named += tuple(t.strip() for t in value.lower().split(b","))             # <<<<<<<<<<<<<<
@@ -17041,7 +17084,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
           PyObject *__pyx_callargs[2] = {__pyx_t_7, NULL};
           __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_lower, __pyx_callargs+__pyx_t_9, (1-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
-          if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 428, __pyx_L1_error)
+          if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 430, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_5);
         }
         __pyx_t_6 = __pyx_t_5;
@@ -17052,23 +17095,23 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
           __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_split, __pyx_callargs+__pyx_t_9, (2-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
           __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 428, __pyx_L1_error)
+          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 430, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_4);
         }
-        __pyx_t_5 = __pyx_pf_5proxy_7_native_7h1parse_11forwardable_genexpr(NULL, __pyx_t_4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 428, __pyx_L1_error)
+        __pyx_t_5 = __pyx_pf_5proxy_7_native_7h1parse_11forwardable_genexpr(NULL, __pyx_t_4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 430, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_5);
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        __pyx_t_4 = __Pyx_PySequence_Tuple(__pyx_t_5); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 428, __pyx_L1_error)
+        __pyx_t_4 = __Pyx_PySequence_Tuple(__pyx_t_5); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 430, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
         __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-        __pyx_t_5 = PyNumber_InPlaceAdd(__pyx_v_named, __pyx_t_4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 428, __pyx_L1_error)
+        __pyx_t_5 = PyNumber_InPlaceAdd(__pyx_v_named, __pyx_t_4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 430, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_5);
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (!(likely(PyTuple_CheckExact(__pyx_t_5)) || __Pyx_RaiseUnexpectedTypeError("tuple", __pyx_t_5))) __PYX_ERR(0, 428, __pyx_L1_error)
+        if (!(likely(PyTuple_CheckExact(__pyx_t_5)) || __Pyx_RaiseUnexpectedTypeError("tuple", __pyx_t_5))) __PYX_ERR(0, 430, __pyx_L1_error)
         __Pyx_DECREF_SET(__pyx_v_named, ((PyObject*)__pyx_t_5));
         __pyx_t_5 = 0;
 
-        /* "proxy/core/h1.py":427
+        /* "proxy/core/h1.py":429
  *         n = name.lower()
  *         if n in HOP_BY_HOP:
  *             if n == b"connection":             # <<<<<<<<<<<<<<
@@ -17077,7 +17120,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
 */
       }
 
-      /* "proxy/core/h1.py":429
+      /* "proxy/core/h1.py":431
  *             if n == b"connection":
  *                 named += tuple(t.strip() for t in value.lower().split(b","))
  *             continue             # <<<<<<<<<<<<<<
@@ -17086,7 +17129,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
 */
       goto __pyx_L4_continue;
 
-      /* "proxy/core/h1.py":426
+      /* "proxy/core/h1.py":428
  *     for name, value in headers:
  *         n = name.lower()
  *         if n in HOP_BY_HOP:             # <<<<<<<<<<<<<<
@@ -17095,26 +17138,26 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
 */
     }
 
-    /* "proxy/core/h1.py":430
+    /* "proxy/core/h1.py":432
  *                 named += tuple(t.strip() for t in value.lower().split(b","))
  *             continue
  *         out.append((name, value))             # <<<<<<<<<<<<<<
  *     if named:
  *         out = [(n, v) for n, v in out if n.lower() not in named]
 */
-    __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 430, __pyx_L1_error)
+    __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 432, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_INCREF(__pyx_v_name);
     __Pyx_GIVEREF(__pyx_v_name);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_name) != (0)) __PYX_ERR(0, 430, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_name) != (0)) __PYX_ERR(0, 432, __pyx_L1_error);
     __Pyx_INCREF(__pyx_v_value);
     __Pyx_GIVEREF(__pyx_v_value);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_v_value) != (0)) __PYX_ERR(0, 430, __pyx_L1_error);
-    __pyx_t_11 = __Pyx_PyList_Append(__pyx_v_out, __pyx_t_5); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 430, __pyx_L1_error)
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_v_value) != (0)) __PYX_ERR(0, 432, __pyx_L1_error);
+    __pyx_t_11 = __Pyx_PyList_Append(__pyx_v_out, __pyx_t_5); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 432, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
 
-    /* "proxy/core/h1.py":424
+    /* "proxy/core/h1.py":426
  *     named: tuple[bytes, ...] = ()
  *     out = []
  *     for name, value in headers:             # <<<<<<<<<<<<<<
@@ -17125,7 +17168,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":431
+  /* "proxy/core/h1.py":433
  *             continue
  *         out.append((name, value))
  *     if named:             # <<<<<<<<<<<<<<
@@ -17134,14 +17177,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
 */
   {
     Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_v_named);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 431, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 433, __pyx_L1_error)
     __pyx_t_10 = (__pyx_temp != 0);
   }
 
   if (__pyx_t_10) {
 
 
-    /* "proxy/core/h1.py":432
+    /* "proxy/core/h1.py":434
  *         out.append((name, value))
  *     if named:
  *         out = [(n, v) for n, v in out if n.lower() not in named]             # <<<<<<<<<<<<<<
@@ -17149,7 +17192,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
  * 
 */
     { /* enter inner scope */
-      __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 432, __pyx_L14_error)
+      __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 434, __pyx_L14_error)
       __Pyx_GOTREF(__pyx_t_1);
       __pyx_t_5 = __pyx_v_out; __Pyx_INCREF(__pyx_t_5);
       __pyx_t_2 = 0;
@@ -17157,13 +17200,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_5);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 432, __pyx_L14_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 434, __pyx_L14_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
         __pyx_t_4 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_5, __pyx_t_2, __Pyx_ReferenceSharing_OwnStrongReference);
         ++__pyx_t_2;
-        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 432, __pyx_L14_error)
+        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 434, __pyx_L14_error)
         __Pyx_GOTREF(__pyx_t_4);
         if ((likely(PyTuple_CheckExact(__pyx_t_4))) || (PyList_CheckExact(__pyx_t_4))) {
           PyObject* sequence = __pyx_t_4;
@@ -17171,7 +17214,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
           if (unlikely(size != 2)) {
             if (size > 2) __Pyx_RaiseTooManyValuesError(2);
             else if (size >= 0) __Pyx_RaiseNeedMoreValuesError(size);
-            __PYX_ERR(0, 432, __pyx_L14_error)
+            __PYX_ERR(0, 434, __pyx_L14_error)
           }
           #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
           if (likely(PyTuple_CheckExact(sequence))) {
@@ -17181,22 +17224,22 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
             __Pyx_INCREF(__pyx_t_7);
           } else {
             __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
-            if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 432, __pyx_L14_error)
+            if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 434, __pyx_L14_error)
             __Pyx_XGOTREF(__pyx_t_6);
             __pyx_t_7 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
-            if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 432, __pyx_L14_error)
+            if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 434, __pyx_L14_error)
             __Pyx_XGOTREF(__pyx_t_7);
           }
           #else
-          __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 432, __pyx_L14_error)
+          __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 434, __pyx_L14_error)
           __Pyx_GOTREF(__pyx_t_6);
-          __pyx_t_7 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 432, __pyx_L14_error)
+          __pyx_t_7 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 434, __pyx_L14_error)
           __Pyx_GOTREF(__pyx_t_7);
           #endif
           __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
         } else {
           Py_ssize_t index = -1;
-          __pyx_t_12 = PyObject_GetIter(__pyx_t_4); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 432, __pyx_L14_error)
+          __pyx_t_12 = PyObject_GetIter(__pyx_t_4); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 434, __pyx_L14_error)
           __Pyx_GOTREF(__pyx_t_12);
           __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
           __pyx_t_8 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_12);
@@ -17204,7 +17247,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
           __Pyx_GOTREF(__pyx_t_6);
           index = 1; __pyx_t_7 = __pyx_t_8(__pyx_t_12); if (unlikely(!__pyx_t_7)) goto __pyx_L17_unpacking_failed;
           __Pyx_GOTREF(__pyx_t_7);
-          if (__Pyx_IternextUnpackEndCheck(__pyx_t_8(__pyx_t_12), 2) < (0)) __PYX_ERR(0, 432, __pyx_L14_error)
+          if (__Pyx_IternextUnpackEndCheck(__pyx_t_8(__pyx_t_12), 2) < (0)) __PYX_ERR(0, 434, __pyx_L14_error)
           __pyx_t_8 = NULL;
           __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
           goto __pyx_L18_unpacking_done;
@@ -17212,7 +17255,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
           __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
           __pyx_t_8 = NULL;
           if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
-          __PYX_ERR(0, 432, __pyx_L14_error)
+          __PYX_ERR(0, 434, __pyx_L14_error)
           __pyx_L18_unpacking_done:;
         }
         __Pyx_XDECREF_SET(__pyx_8genexpr2__pyx_v_n, __pyx_t_6);
@@ -17226,23 +17269,23 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
           PyObject *__pyx_callargs[2] = {__pyx_t_7, NULL};
           __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_lower, __pyx_callargs+__pyx_t_9, (1-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
-          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 432, __pyx_L14_error)
+          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 434, __pyx_L14_error)
           __Pyx_GOTREF(__pyx_t_4);
         }
-        __pyx_t_10 = (__Pyx_PySequence_ContainsTF(__pyx_t_4, __pyx_v_named, Py_NE)); if (unlikely((__pyx_t_10 < 0))) __PYX_ERR(0, 432, __pyx_L14_error)
+        __pyx_t_10 = (__Pyx_PySequence_ContainsTF(__pyx_t_4, __pyx_v_named, Py_NE)); if (unlikely((__pyx_t_10 < 0))) __PYX_ERR(0, 434, __pyx_L14_error)
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
         if (__pyx_t_10) {
 
-          __pyx_t_4 = PyTuple_New(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 432, __pyx_L14_error)
+          __pyx_t_4 = PyTuple_New(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 434, __pyx_L14_error)
           __Pyx_GOTREF(__pyx_t_4);
           __Pyx_INCREF(__pyx_8genexpr2__pyx_v_n);
           __Pyx_GIVEREF(__pyx_8genexpr2__pyx_v_n);
-          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 0, __pyx_8genexpr2__pyx_v_n) != (0)) __PYX_ERR(0, 432, __pyx_L14_error);
+          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 0, __pyx_8genexpr2__pyx_v_n) != (0)) __PYX_ERR(0, 434, __pyx_L14_error);
           __Pyx_INCREF(__pyx_8genexpr2__pyx_v_v);
           __Pyx_GIVEREF(__pyx_8genexpr2__pyx_v_v);
-          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 1, __pyx_8genexpr2__pyx_v_v) != (0)) __PYX_ERR(0, 432, __pyx_L14_error);
+          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 1, __pyx_8genexpr2__pyx_v_v) != (0)) __PYX_ERR(0, 434, __pyx_L14_error);
           __Pyx_GIVEREF(__pyx_t_4);
-          if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_t_1, __pyx_t_4))) __PYX_ERR(0, 432, __pyx_L14_error)
+          if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_t_1, __pyx_t_4))) __PYX_ERR(0, 434, __pyx_L14_error)
           __pyx_t_4 = 0;
         }
       }
@@ -17259,7 +17302,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
     __Pyx_DECREF_SET(__pyx_v_out, ((PyObject*)__pyx_t_1));
     __pyx_t_1 = 0;
 
-    /* "proxy/core/h1.py":431
+    /* "proxy/core/h1.py":433
  *             continue
  *         out.append((name, value))
  *     if named:             # <<<<<<<<<<<<<<
@@ -17268,7 +17311,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
 */
   }
 
-  /* "proxy/core/h1.py":433
+  /* "proxy/core/h1.py":435
  *     if named:
  *         out = [(n, v) for n, v in out if n.lower() not in named]
  *     return out             # <<<<<<<<<<<<<<
@@ -17286,7 +17329,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
   }
   goto __pyx_L0;
 
-  /* "proxy/core/h1.py":417
+  /* "proxy/core/h1.py":419
  * 
  * 
  * def forwardable(headers: Headers, upgrade: bool = False) -> Headers:             # <<<<<<<<<<<<<<
@@ -17318,7 +17361,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":436
+/* "proxy/core/h1.py":438
  * 
  * 
  * def encode_head(first_line: bytes, headers: Headers) -> bytes:             # <<<<<<<<<<<<<<
@@ -17366,39 +17409,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_first_line,&__pyx_mstate_global->__pyx_n_u_headers,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 436, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 438, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 436, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 438, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 436, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 438, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "encode_head", 0) < (0)) __PYX_ERR(0, 436, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "encode_head", 0) < (0)) __PYX_ERR(0, 438, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("encode_head", 1, 2, 2, i); __PYX_ERR(0, 436, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("encode_head", 1, 2, 2, i); __PYX_ERR(0, 438, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 436, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 438, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 436, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 438, __pyx_L3_error)
     }
     __pyx_v_first_line = ((PyObject*)values[0]);
     __pyx_v_headers = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("encode_head", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 436, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("encode_head", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 438, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -17409,7 +17452,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_first_line), (&PyBytes_Type), 0, "first_line", 2))) __PYX_ERR(0, 436, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_first_line), (&PyBytes_Type), 0, "first_line", 2))) __PYX_ERR(0, 438, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_10encode_head(__pyx_self, __pyx_v_first_line, __pyx_v_headers);
 
   /* function exit code */
@@ -17449,22 +17492,22 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("encode_head", 0);
 
-  /* "proxy/core/h1.py":437
+  /* "proxy/core/h1.py":439
  * 
  * def encode_head(first_line: bytes, headers: Headers) -> bytes:
  *     parts = [first_line]             # <<<<<<<<<<<<<<
  *     for name, value in headers:
  *         parts.append(name + b": " + value)
 */
-  __pyx_t_1 = PyList_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 437, __pyx_L1_error)
+  __pyx_t_1 = PyList_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 439, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_INCREF(__pyx_v_first_line);
   __Pyx_GIVEREF(__pyx_v_first_line);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, __pyx_v_first_line) != (0)) __PYX_ERR(0, 437, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, __pyx_v_first_line) != (0)) __PYX_ERR(0, 439, __pyx_L1_error);
   __pyx_v_parts = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":438
+  /* "proxy/core/h1.py":440
  * def encode_head(first_line: bytes, headers: Headers) -> bytes:
  *     parts = [first_line]
  *     for name, value in headers:             # <<<<<<<<<<<<<<
@@ -17476,9 +17519,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
     __pyx_t_2 = 0;
     __pyx_t_3 = NULL;
   } else {
-    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_v_headers); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 438, __pyx_L1_error)
+    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_v_headers); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 440, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 438, __pyx_L1_error)
+    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 440, __pyx_L1_error)
   }
   for (;;) {
     if (likely(!__pyx_t_3)) {
@@ -17486,7 +17529,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 438, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 440, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -17496,7 +17539,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 438, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 440, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -17507,13 +17550,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
         #endif
         ++__pyx_t_2;
       }
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 438, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 440, __pyx_L1_error)
     } else {
       __pyx_t_4 = __pyx_t_3(__pyx_t_1);
       if (unlikely(!__pyx_t_4)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 438, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 440, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -17526,7 +17569,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
       if (unlikely(size != 2)) {
         if (size > 2) __Pyx_RaiseTooManyValuesError(2);
         else if (size >= 0) __Pyx_RaiseNeedMoreValuesError(size);
-        __PYX_ERR(0, 438, __pyx_L1_error)
+        __PYX_ERR(0, 440, __pyx_L1_error)
       }
       #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
       if (likely(PyTuple_CheckExact(sequence))) {
@@ -17536,22 +17579,22 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
         __Pyx_INCREF(__pyx_t_6);
       } else {
         __pyx_t_5 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
-        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 438, __pyx_L1_error)
+        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 440, __pyx_L1_error)
         __Pyx_XGOTREF(__pyx_t_5);
         __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
-        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 438, __pyx_L1_error)
+        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 440, __pyx_L1_error)
         __Pyx_XGOTREF(__pyx_t_6);
       }
       #else
-      __pyx_t_5 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 438, __pyx_L1_error)
+      __pyx_t_5 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 440, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
-      __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 438, __pyx_L1_error)
+      __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 440, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
       #endif
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     } else {
       Py_ssize_t index = -1;
-      __pyx_t_7 = PyObject_GetIter(__pyx_t_4); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 438, __pyx_L1_error)
+      __pyx_t_7 = PyObject_GetIter(__pyx_t_4); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 440, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_7);
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __pyx_t_8 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_7);
@@ -17559,7 +17602,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
       __Pyx_GOTREF(__pyx_t_5);
       index = 1; __pyx_t_6 = __pyx_t_8(__pyx_t_7); if (unlikely(!__pyx_t_6)) goto __pyx_L5_unpacking_failed;
       __Pyx_GOTREF(__pyx_t_6);
-      if (__Pyx_IternextUnpackEndCheck(__pyx_t_8(__pyx_t_7), 2) < (0)) __PYX_ERR(0, 438, __pyx_L1_error)
+      if (__Pyx_IternextUnpackEndCheck(__pyx_t_8(__pyx_t_7), 2) < (0)) __PYX_ERR(0, 440, __pyx_L1_error)
       __pyx_t_8 = NULL;
       __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
       goto __pyx_L6_unpacking_done;
@@ -17567,7 +17610,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
       __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
       __pyx_t_8 = NULL;
       if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
-      __PYX_ERR(0, 438, __pyx_L1_error)
+      __PYX_ERR(0, 440, __pyx_L1_error)
       __pyx_L6_unpacking_done:;
     }
     __Pyx_XDECREF_SET(__pyx_v_name, __pyx_t_5);
@@ -17575,23 +17618,23 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
     __Pyx_XDECREF_SET(__pyx_v_value, __pyx_t_6);
     __pyx_t_6 = 0;
 
-    /* "proxy/core/h1.py":439
+    /* "proxy/core/h1.py":441
  *     parts = [first_line]
  *     for name, value in headers:
  *         parts.append(name + b": " + value)             # <<<<<<<<<<<<<<
  *     parts.append(b"\r\n")
  *     return b"\r\n".join(parts)
 */
-    __pyx_t_4 = PyNumber_Add(__pyx_v_name, __pyx_mstate_global->__pyx_kp_b__9); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 439, __pyx_L1_error)
+    __pyx_t_4 = PyNumber_Add(__pyx_v_name, __pyx_mstate_global->__pyx_kp_b__9); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 441, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_6 = __Pyx_PyNumber_Add_object_object(__pyx_t_4, __pyx_v_value); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 439, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyNumber_Add_object_object(__pyx_t_4, __pyx_v_value); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 441, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_9 = __Pyx_PyList_Append(__pyx_v_parts, __pyx_t_6); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 439, __pyx_L1_error)
+    __pyx_t_9 = __Pyx_PyList_Append(__pyx_v_parts, __pyx_t_6); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 441, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
-    /* "proxy/core/h1.py":438
+    /* "proxy/core/h1.py":440
  * def encode_head(first_line: bytes, headers: Headers) -> bytes:
  *     parts = [first_line]
  *     for name, value in headers:             # <<<<<<<<<<<<<<
@@ -17601,24 +17644,24 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "proxy/core/h1.py":440
+  /* "proxy/core/h1.py":442
  *     for name, value in headers:
  *         parts.append(name + b": " + value)
  *     parts.append(b"\r\n")             # <<<<<<<<<<<<<<
  *     return b"\r\n".join(parts)
  * 
 */
-  __pyx_t_9 = __Pyx_PyList_Append(__pyx_v_parts, __pyx_mstate_global->__pyx_kp_b__5); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 440, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyList_Append(__pyx_v_parts, __pyx_mstate_global->__pyx_kp_b__5); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 442, __pyx_L1_error)
 
 
-  /* "proxy/core/h1.py":441
+  /* "proxy/core/h1.py":443
  *         parts.append(name + b": " + value)
  *     parts.append(b"\r\n")
  *     return b"\r\n".join(parts)             # <<<<<<<<<<<<<<
  * 
  * 
 */
-  __pyx_t_1 = __Pyx_PyBytes_Join(__pyx_mstate_global->__pyx_kp_b__5, __pyx_v_parts); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 441, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyBytes_Join(__pyx_mstate_global->__pyx_kp_b__5, __pyx_v_parts); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 443, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -17631,7 +17674,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "proxy/core/h1.py":436
+  /* "proxy/core/h1.py":438
  * 
  * 
  * def encode_head(first_line: bytes, headers: Headers) -> bytes:             # <<<<<<<<<<<<<<
@@ -17657,7 +17700,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
   return __pyx_r;
 }
 
-/* "proxy/core/h1.py":444
+/* "proxy/core/h1.py":446
  * 
  * 
  * def encode_chunk(data: bytes) -> bytes:             # <<<<<<<<<<<<<<
@@ -17704,32 +17747,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_data,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 444, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 446, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 444, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 446, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "encode_chunk", 0) < (0)) __PYX_ERR(0, 444, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "encode_chunk", 0) < (0)) __PYX_ERR(0, 446, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("encode_chunk", 1, 1, 1, i); __PYX_ERR(0, 444, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("encode_chunk", 1, 1, 1, i); __PYX_ERR(0, 446, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 444, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 446, __pyx_L3_error)
     }
     __pyx_v_data = ((PyObject*)values[0]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("encode_chunk", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 444, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("encode_chunk", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 446, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -17740,7 +17783,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 444, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 446, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_12encode_chunk(__pyx_self, __pyx_v_data);
 
   /* function exit code */
@@ -17771,26 +17814,26 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_12encode_chunk(CYTHON_UNUSED 
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("encode_chunk", 0);
 
-  /* "proxy/core/h1.py":445
+  /* "proxy/core/h1.py":447
  * 
  * def encode_chunk(data: bytes) -> bytes:
  *     return b"%x\r\n%s\r\n" % (len(data), data)             # <<<<<<<<<<<<<<
  * 
  * 
 */
-  __pyx_t_1 = __Pyx_PyBytes_GET_SIZE(__pyx_v_data); if (unlikely(__pyx_t_1 == ((Py_ssize_t)-1))) __PYX_ERR(0, 445, __pyx_L1_error)
-  __pyx_t_2 = PyLong_FromSsize_t(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 445, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyBytes_GET_SIZE(__pyx_v_data); if (unlikely(__pyx_t_1 == ((Py_ssize_t)-1))) __PYX_ERR(0, 447, __pyx_L1_error)
+  __pyx_t_2 = PyLong_FromSsize_t(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 447, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
 
-  __pyx_t_3 = PyTuple_New(2); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 445, __pyx_L1_error)
+  __pyx_t_3 = PyTuple_New(2); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 447, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __Pyx_GIVEREF(__pyx_t_2);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_3, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 445, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_3, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 447, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_data);
   __Pyx_GIVEREF(__pyx_v_data);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_3, 1, __pyx_v_data) != (0)) __PYX_ERR(0, 445, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_3, 1, __pyx_v_data) != (0)) __PYX_ERR(0, 447, __pyx_L1_error);
   __pyx_t_2 = 0;
-  __pyx_t_2 = PyNumber_Remainder(__pyx_mstate_global->__pyx_kp_b_x_s, __pyx_t_3); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 445, __pyx_L1_error)
+  __pyx_t_2 = PyNumber_Remainder(__pyx_mstate_global->__pyx_kp_b_x_s, __pyx_t_3); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 447, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   {
@@ -17804,7 +17847,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_12encode_chunk(CYTHON_UNUSED 
   __pyx_t_2 = 0;
   goto __pyx_L0;
 
-  /* "proxy/core/h1.py":444
+  /* "proxy/core/h1.py":446
  * 
  * 
  * def encode_chunk(data: bytes) -> bytes:             # <<<<<<<<<<<<<<
@@ -18515,14 +18558,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_5proxy_7_native_7h1parse___pyx_scope_
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_obj_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr", 0);
   /*--- Exttype __pyx_obj_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr)) __PYX_ERR(0, 319, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr)) __PYX_ERR(0, 321, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr = &__pyx_type_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr) < (0)) __PYX_ERR(0, 319, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr) < (0)) __PYX_ERR(0, 321, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct__genexpr);
@@ -18548,14 +18591,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_5proxy_7_native_7h1parse___pyx_scope_
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_obj_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr", 0);
   /*--- Exttype __pyx_obj_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr)) __PYX_ERR(0, 428, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr)) __PYX_ERR(0, 430, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr = &__pyx_type_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr) < (0)) __PYX_ERR(0, 428, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr) < (0)) __PYX_ERR(0, 430, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_5proxy_7_native_7h1parse___pyx_scope_struct_1_genexpr);
@@ -18950,7 +18993,7 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
  * try:
  *     import httptools             # <<<<<<<<<<<<<<
  * except ImportError:  # pragma: no cover - httptools is a dependency; the twin still works
- *     httptools = None
+ *     httptools = None  # type: ignore[assignment]
 */
       __pyx_t_7 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_httptools, 0, 0, NULL, 0); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 30, __pyx_L2_error)
       __pyx_t_2 = __pyx_t_7;
@@ -18978,7 +19021,7 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
  * try:
  *     import httptools
  * except ImportError:  # pragma: no cover - httptools is a dependency; the twin still works             # <<<<<<<<<<<<<<
- *     httptools = None
+ *     httptools = None  # type: ignore[assignment]
  * 
 */
     __pyx_t_8 = __Pyx_PyErr_ExceptionMatches(((PyObject *)(((PyTypeObject*)PyExc_ImportError))));
@@ -18992,7 +19035,7 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
       /* "proxy/core/h1.py":32
  *     import httptools
  * except ImportError:  # pragma: no cover - httptools is a dependency; the twin still works
- *     httptools = None             # <<<<<<<<<<<<<<
+ *     httptools = None  # type: ignore[assignment]             # <<<<<<<<<<<<<<
  * 
  * Headers = list[tuple[bytes, bytes]]
 */
@@ -19026,7 +19069,7 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
   }
 
   /* "proxy/core/h1.py":34
- *     httptools = None
+ *     httptools = None  # type: ignore[assignment]
  * 
  * Headers = list[tuple[bytes, bytes]]             # <<<<<<<<<<<<<<
  * 
@@ -19752,7 +19795,7 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
  * 
  *     def on_headers_complete(self) -> None:             # <<<<<<<<<<<<<<
  *         p = self.parser
- *         head = ResponseHead(p.get_status_code(), self.reason, p.get_http_version().encode(), self.headers)
+ *         assert p is not None
 */
   __pyx_t_11 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 198, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
@@ -19767,107 +19810,107 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
   if (__Pyx_SetNameInClass(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_on_headers_complete, __pyx_t_4) < (0)) __PYX_ERR(0, 198, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":207
+  /* "proxy/core/h1.py":208
  *         self.handler.on_head(head)
  * 
  *     def on_body(self, body: bytes) -> None:             # <<<<<<<<<<<<<<
  *         self.handler.on_body(body)
  * 
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 207, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 208, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_body, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 207, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 207, __pyx_L1_error)
-  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_9on_body, 0, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser_on_body, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[22])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 207, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_body, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 208, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 208, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_9on_body, 0, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser_on_body, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[22])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 208, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_11);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_11, __pyx_t_4);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (__Pyx_SetNameInClass(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_on_body, __pyx_t_11) < (0)) __PYX_ERR(0, 207, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_on_body, __pyx_t_11) < (0)) __PYX_ERR(0, 208, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
 
-  /* "proxy/core/h1.py":210
+  /* "proxy/core/h1.py":211
  *         self.handler.on_body(body)
  * 
  *     def on_message_complete(self) -> None:             # <<<<<<<<<<<<<<
  *         if self.in_body:
  *             self.in_body = False
 */
-  __pyx_t_11 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 210, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 211, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
-  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 210, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_11on_message_complete, 0, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser_on_mess, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[23])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 210, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 211, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_11on_message_complete, 0, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser_on_mess, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[23])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 211, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_11);
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-  if (__Pyx_SetNameInClass(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_on_message_complete, __pyx_t_4) < (0)) __PYX_ERR(0, 210, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_on_message_complete, __pyx_t_4) < (0)) __PYX_ERR(0, 211, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":215
+  /* "proxy/core/h1.py":216
  *             self.handler.on_end()
  * 
  *     def eof(self) -> None:             # <<<<<<<<<<<<<<
  *         """The upstream closed: that ends a close-delimited body (llhttp has no finish call here)."""
  *         if self.in_body:
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 215, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 216, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 215, __pyx_L1_error)
-  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_13eof, 0, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser_eof, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[24])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 215, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 216, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_13eof, 0, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser_eof, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[24])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 216, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_11);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_11, __pyx_t_4);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (__Pyx_SetNameInClass(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_eof, __pyx_t_11) < (0)) __PYX_ERR(0, 215, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_eof, __pyx_t_11) < (0)) __PYX_ERR(0, 216, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
 
-  /* "proxy/core/h1.py":221
+  /* "proxy/core/h1.py":222
  *             self.handler.on_end()
  * 
  *     def feed(self, data: bytes) -> None:             # <<<<<<<<<<<<<<
  *         if self.manual is not None:
  *             self._feed_manual(data)
 */
-  __pyx_t_11 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 221, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 222, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
-  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_data, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 221, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 221, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_15feed, 0, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser_feed, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[25])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 221, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_data, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 222, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 222, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_15feed, 0, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser_feed, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[25])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 222, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_11);
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-  if (__Pyx_SetNameInClass(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_feed, __pyx_t_4) < (0)) __PYX_ERR(0, 221, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_feed, __pyx_t_4) < (0)) __PYX_ERR(0, 222, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":236
+  /* "proxy/core/h1.py":238
  *             raise ParseError(502, f"malformed response: {exc}") from None
  * 
  *     def _feed_manual(self, data: bytes) -> None:             # <<<<<<<<<<<<<<
  *         assert self.manual is not None
  *         if self.done_head:
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 236, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 238, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_data, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 236, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 236, __pyx_L1_error)
-  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_17_feed_manual, 0, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser__feed_m, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[26])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 236, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_data, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 238, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 238, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_17_feed_manual, 0, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser__feed_m, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[26])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 238, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_11);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_11, __pyx_t_4);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (__Pyx_SetNameInClass(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_feed_manual, __pyx_t_11) < (0)) __PYX_ERR(0, 236, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_feed_manual, __pyx_t_11) < (0)) __PYX_ERR(0, 238, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
 
   /* "proxy/core/h1.py":171
@@ -19886,329 +19929,329 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
 
-  /* "proxy/core/h1.py":263
+  /* "proxy/core/h1.py":265
  * 
  * 
  * def parse_response_head(raw: bytes) -> ResponseHead:             # <<<<<<<<<<<<<<
  *     lines = raw.split(b"\r\n")
  *     parts = lines[0].split(b" ", 2)
 */
-  __pyx_t_12 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 263, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 265, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_raw, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 263, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_ResponseHead) < (0)) __PYX_ERR(0, 263, __pyx_L1_error)
-  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_3parse_response_head, 0, __pyx_mstate_global->__pyx_n_u_parse_response_head, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[27])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 263, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_raw, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 265, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_ResponseHead) < (0)) __PYX_ERR(0, 265, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_3parse_response_head, 0, __pyx_mstate_global->__pyx_n_u_parse_response_head, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[27])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 265, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_11);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_11, __pyx_t_12);
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_parse_response_head, __pyx_t_11) < (0)) __PYX_ERR(0, 263, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_parse_response_head, __pyx_t_11) < (0)) __PYX_ERR(0, 265, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
 
-  /* "proxy/core/h1.py":280
+  /* "proxy/core/h1.py":282
  * 
  * 
  * class _H11RequestParser:             # <<<<<<<<<<<<<<
  *     """Requests, on h11. A fresh h11 connection per message: we only parse with
  *     it (the proxy writes its own bytes), and h11 will not start a new cycle
 */
-  __pyx_t_11 = __Pyx_Py3MetaclassPrepare((PyObject *) NULL, __pyx_mstate_global->__pyx_empty_tuple, __pyx_mstate_global->__pyx_n_u_H11RequestParser, __pyx_mstate_global->__pyx_n_u_H11RequestParser, (PyObject *) NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_kp_u_Requests_on_h11_A_fresh_h11_conn); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 280, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_Py3MetaclassPrepare((PyObject *) NULL, __pyx_mstate_global->__pyx_empty_tuple, __pyx_mstate_global->__pyx_n_u_H11RequestParser, __pyx_mstate_global->__pyx_n_u_H11RequestParser, (PyObject *) NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_kp_u_Requests_on_h11_A_fresh_h11_conn); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 282, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
 
-  /* "proxy/core/h1.py":285
+  /* "proxy/core/h1.py":287
  *     before a response has been sent through it."""
  * 
  *     def __init__(self, handler: Handler, max_head: int = MAX_HEAD_SIZE) -> None:             # <<<<<<<<<<<<<<
  *         self.handler = handler
  *         self.max_head = max_head
 */
-  __pyx_t_12 = __Pyx_PyDict_NewPresized(3); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 285, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyDict_NewPresized(3); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 287, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_handler, __pyx_mstate_global->__pyx_n_u_Handler) < (0)) __PYX_ERR(0, 285, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_max_head, __pyx_mstate_global->__pyx_n_u_int) < (0)) __PYX_ERR(0, 285, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 285, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_17_H11RequestParser_1__init__, 0, __pyx_mstate_global->__pyx_n_u_H11RequestParser___init, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[28])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 285, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_handler, __pyx_mstate_global->__pyx_n_u_Handler) < (0)) __PYX_ERR(0, 287, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_max_head, __pyx_mstate_global->__pyx_n_u_int) < (0)) __PYX_ERR(0, 287, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 287, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_17_H11RequestParser_1__init__, 0, __pyx_mstate_global->__pyx_n_u_H11RequestParser___init, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[28])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 287, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 285, __pyx_L1_error)
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 285, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 287, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 287, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_2, NULL, 1) < (0)) __PYX_ERR(0, 285, __pyx_L1_error)
+  if (__Pyx_PyInt_FromNumber(&__pyx_t_2, NULL, 1) < (0)) __PYX_ERR(0, 287, __pyx_L1_error)
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_4)->arg0 = ((PyObject*)__pyx_t_2);
   __Pyx_GIVEREF(__pyx_t_2);
   __pyx_t_2 = 0;
   __Pyx_CyFunction_SetDefaultsGetter(__pyx_t_4, __pyx_pf_5proxy_7_native_7h1parse_18__defaults__);
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_12);
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-  if (__Pyx_SetNameInClass(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_init, __pyx_t_4) < (0)) __PYX_ERR(0, 285, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_init, __pyx_t_4) < (0)) __PYX_ERR(0, 287, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":290
+  /* "proxy/core/h1.py":292
  *         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
  * 
  *     def feed(self, data: bytes) -> None:             # <<<<<<<<<<<<<<
  *         self.conn.receive_data(data)
  *         self._pump()
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 290, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 292, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_data, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 290, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 290, __pyx_L1_error)
-  __pyx_t_12 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_17_H11RequestParser_3feed, 0, __pyx_mstate_global->__pyx_n_u_H11RequestParser_feed, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[29])); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 290, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_data, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 292, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 292, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_17_H11RequestParser_3feed, 0, __pyx_mstate_global->__pyx_n_u_H11RequestParser_feed, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[29])); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 292, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_12);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_12, __pyx_t_4);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (__Pyx_SetNameInClass(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_feed, __pyx_t_12) < (0)) __PYX_ERR(0, 290, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_feed, __pyx_t_12) < (0)) __PYX_ERR(0, 292, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
 
-  /* "proxy/core/h1.py":294
+  /* "proxy/core/h1.py":296
  *         self._pump()
  * 
  *     def _pump(self) -> None:             # <<<<<<<<<<<<<<
  *         while True:
  *             try:
 */
-  __pyx_t_12 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 294, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 296, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 294, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump, 0, __pyx_mstate_global->__pyx_n_u_H11RequestParser__pump, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[30])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 294, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 296, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump, 0, __pyx_mstate_global->__pyx_n_u_H11RequestParser__pump, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[30])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 296, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_12);
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-  if (__Pyx_SetNameInClass(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_pump, __pyx_t_4) < (0)) __PYX_ERR(0, 294, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_pump, __pyx_t_4) < (0)) __PYX_ERR(0, 296, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":280
+  /* "proxy/core/h1.py":282
  * 
  * 
  * class _H11RequestParser:             # <<<<<<<<<<<<<<
  *     """Requests, on h11. A fresh h11 connection per message: we only parse with
  *     it (the proxy writes its own bytes), and h11 will not start a new cycle
 */
-  __pyx_t_4 = __Pyx_Py3ClassCreate(((PyObject*)&PyType_Type), __pyx_mstate_global->__pyx_n_u_H11RequestParser, __pyx_mstate_global->__pyx_empty_tuple, __pyx_t_11, NULL, 0, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 280, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_Py3ClassCreate(((PyObject*)&PyType_Type), __pyx_mstate_global->__pyx_n_u_H11RequestParser, __pyx_mstate_global->__pyx_empty_tuple, __pyx_t_11, NULL, 0, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 282, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_H11RequestParser, __pyx_t_4) < (0)) __PYX_ERR(0, 280, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_H11RequestParser, __pyx_t_4) < (0)) __PYX_ERR(0, 282, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
 
-  /* "proxy/core/h1.py":345
+  /* "proxy/core/h1.py":347
  * 
  * 
  * class _H11ResponseParser:             # <<<<<<<<<<<<<<
  *     def __init__(self, handler: Handler, method: bytes, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> None:
  *         self.handler = handler
 */
-  __pyx_t_11 = __Pyx_Py3MetaclassPrepare((PyObject *) NULL, __pyx_mstate_global->__pyx_empty_tuple, __pyx_mstate_global->__pyx_n_u_H11ResponseParser, __pyx_mstate_global->__pyx_n_u_H11ResponseParser, (PyObject *) NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, (PyObject *) NULL); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 345, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_Py3MetaclassPrepare((PyObject *) NULL, __pyx_mstate_global->__pyx_empty_tuple, __pyx_mstate_global->__pyx_n_u_H11ResponseParser, __pyx_mstate_global->__pyx_n_u_H11ResponseParser, (PyObject *) NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, (PyObject *) NULL); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 347, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
 
-  /* "proxy/core/h1.py":346
+  /* "proxy/core/h1.py":348
  * 
  * class _H11ResponseParser:
  *     def __init__(self, handler: Handler, method: bytes, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> None:             # <<<<<<<<<<<<<<
  *         self.handler = handler
  *         self.method = method
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(5); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 346, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(5); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 348, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_handler, __pyx_mstate_global->__pyx_n_u_Handler) < (0)) __PYX_ERR(0, 346, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_method, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 346, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_max_head, __pyx_mstate_global->__pyx_n_u_int) < (0)) __PYX_ERR(0, 346, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_upgrade, __pyx_mstate_global->__pyx_n_u_bool) < (0)) __PYX_ERR(0, 346, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 346, __pyx_L1_error)
-  __pyx_t_12 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_18_H11ResponseParser_1__init__, 0, __pyx_mstate_global->__pyx_n_u_H11ResponseParser___init, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[31])); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 346, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_handler, __pyx_mstate_global->__pyx_n_u_Handler) < (0)) __PYX_ERR(0, 348, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_method, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 348, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_max_head, __pyx_mstate_global->__pyx_n_u_int) < (0)) __PYX_ERR(0, 348, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_upgrade, __pyx_mstate_global->__pyx_n_u_bool) < (0)) __PYX_ERR(0, 348, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 348, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_18_H11ResponseParser_1__init__, 0, __pyx_mstate_global->__pyx_n_u_H11ResponseParser___init, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[31])); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 348, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_12);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_12, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 346, __pyx_L1_error)
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 346, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_12, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 348, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 348, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_2, NULL, 1) < (0)) __PYX_ERR(0, 346, __pyx_L1_error)
+  if (__Pyx_PyInt_FromNumber(&__pyx_t_2, NULL, 1) < (0)) __PYX_ERR(0, 348, __pyx_L1_error)
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_12)->arg0 = ((PyObject*)__pyx_t_2);
   __Pyx_GIVEREF(__pyx_t_2);
   __pyx_t_2 = 0;
   __Pyx_CyFunction_SetDefaultsGetter(__pyx_t_12, __pyx_pf_5proxy_7_native_7h1parse_20__defaults__);
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_12, __pyx_t_4);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (__Pyx_SetNameInClass(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_init, __pyx_t_12) < (0)) __PYX_ERR(0, 346, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_init, __pyx_t_12) < (0)) __PYX_ERR(0, 348, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
 
-  /* "proxy/core/h1.py":362
+  /* "proxy/core/h1.py":364
  *             self.conn.send(h11.EndOfMessage())
  * 
  *     def feed(self, data: bytes) -> None:             # <<<<<<<<<<<<<<
  *         self.conn.receive_data(data)
  *         while True:
 */
-  __pyx_t_12 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 362, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 364, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_data, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 362, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 362, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_18_H11ResponseParser_3feed, 0, __pyx_mstate_global->__pyx_n_u_H11ResponseParser_feed, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[32])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 362, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_data, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 364, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 364, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_18_H11ResponseParser_3feed, 0, __pyx_mstate_global->__pyx_n_u_H11ResponseParser_feed, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[32])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 364, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_12);
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-  if (__Pyx_SetNameInClass(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_feed, __pyx_t_4) < (0)) __PYX_ERR(0, 362, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_feed, __pyx_t_4) < (0)) __PYX_ERR(0, 364, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":391
+  /* "proxy/core/h1.py":393
  *                 return
  * 
  *     def eof(self) -> None:             # <<<<<<<<<<<<<<
  *         """The upstream closed: ends a close-delimited body."""
  *         self.conn.receive_data(b"")
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 391, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 393, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 391, __pyx_L1_error)
-  __pyx_t_12 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_18_H11ResponseParser_5eof, 0, __pyx_mstate_global->__pyx_n_u_H11ResponseParser_eof, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[33])); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 391, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_None) < (0)) __PYX_ERR(0, 393, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_18_H11ResponseParser_5eof, 0, __pyx_mstate_global->__pyx_n_u_H11ResponseParser_eof, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[33])); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 393, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_12);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_12, __pyx_t_4);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (__Pyx_SetNameInClass(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_eof, __pyx_t_12) < (0)) __PYX_ERR(0, 391, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_eof, __pyx_t_12) < (0)) __PYX_ERR(0, 393, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
 
-  /* "proxy/core/h1.py":345
+  /* "proxy/core/h1.py":347
  * 
  * 
  * class _H11ResponseParser:             # <<<<<<<<<<<<<<
  *     def __init__(self, handler: Handler, method: bytes, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> None:
  *         self.handler = handler
 */
-  __pyx_t_12 = __Pyx_Py3ClassCreate(((PyObject*)&PyType_Type), __pyx_mstate_global->__pyx_n_u_H11ResponseParser, __pyx_mstate_global->__pyx_empty_tuple, __pyx_t_11, NULL, 0, 0); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 345, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_Py3ClassCreate(((PyObject*)&PyType_Type), __pyx_mstate_global->__pyx_n_u_H11ResponseParser, __pyx_mstate_global->__pyx_empty_tuple, __pyx_t_11, NULL, 0, 0); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 347, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_12);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_H11ResponseParser, __pyx_t_12) < (0)) __PYX_ERR(0, 345, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_H11ResponseParser, __pyx_t_12) < (0)) __PYX_ERR(0, 347, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
 
-  /* "proxy/core/h1.py":397
+  /* "proxy/core/h1.py":399
  * 
  * 
  * def request_parser(handler: Handler, pure: bool, max_head: int = MAX_HEAD_SIZE) -> Any:             # <<<<<<<<<<<<<<
  *     if pure or httptools is None:
  *         return _H11RequestParser(handler, max_head)
 */
-  __pyx_t_11 = __Pyx_PyDict_NewPresized(4); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 397, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyDict_NewPresized(4); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 399, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
-  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_handler, __pyx_mstate_global->__pyx_n_u_Handler) < (0)) __PYX_ERR(0, 397, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_pure, __pyx_mstate_global->__pyx_n_u_bool) < (0)) __PYX_ERR(0, 397, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_max_head, __pyx_mstate_global->__pyx_n_u_int) < (0)) __PYX_ERR(0, 397, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_Any) < (0)) __PYX_ERR(0, 397, __pyx_L1_error)
-  __pyx_t_12 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_5request_parser, 0, __pyx_mstate_global->__pyx_n_u_request_parser, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[34])); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 397, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_handler, __pyx_mstate_global->__pyx_n_u_Handler) < (0)) __PYX_ERR(0, 399, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_pure, __pyx_mstate_global->__pyx_n_u_bool) < (0)) __PYX_ERR(0, 399, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_max_head, __pyx_mstate_global->__pyx_n_u_int) < (0)) __PYX_ERR(0, 399, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_Any) < (0)) __PYX_ERR(0, 399, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_5request_parser, 0, __pyx_mstate_global->__pyx_n_u_request_parser, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[34])); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 399, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_12);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_12, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 397, __pyx_L1_error)
-  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 397, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_12, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 399, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 399, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_4, NULL, 1) < (0)) __PYX_ERR(0, 397, __pyx_L1_error)
+  if (__Pyx_PyInt_FromNumber(&__pyx_t_4, NULL, 1) < (0)) __PYX_ERR(0, 399, __pyx_L1_error)
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_12)->arg0 = ((PyObject*)__pyx_t_4);
   __Pyx_GIVEREF(__pyx_t_4);
   __pyx_t_4 = 0;
   __Pyx_CyFunction_SetDefaultsGetter(__pyx_t_12, __pyx_pf_5proxy_7_native_7h1parse_22__defaults__);
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_12, __pyx_t_11);
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_request_parser, __pyx_t_12) < (0)) __PYX_ERR(0, 397, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_request_parser, __pyx_t_12) < (0)) __PYX_ERR(0, 399, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
 
-  /* "proxy/core/h1.py":403
+  /* "proxy/core/h1.py":405
  * 
  * 
  * def response_parser(handler: Handler, method: bytes, pure: bool, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> Any:             # <<<<<<<<<<<<<<
  *     if pure or httptools is None:
  *         return _H11ResponseParser(handler, method, max_head, upgrade)
 */
-  __pyx_t_12 = __Pyx_PyDict_NewPresized(6); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 403, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyDict_NewPresized(6); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 405, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_handler, __pyx_mstate_global->__pyx_n_u_Handler) < (0)) __PYX_ERR(0, 403, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_method, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 403, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_pure, __pyx_mstate_global->__pyx_n_u_bool) < (0)) __PYX_ERR(0, 403, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_max_head, __pyx_mstate_global->__pyx_n_u_int) < (0)) __PYX_ERR(0, 403, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_upgrade, __pyx_mstate_global->__pyx_n_u_bool) < (0)) __PYX_ERR(0, 403, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_Any) < (0)) __PYX_ERR(0, 403, __pyx_L1_error)
-  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_7response_parser, 0, __pyx_mstate_global->__pyx_n_u_response_parser, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[35])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 403, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_handler, __pyx_mstate_global->__pyx_n_u_Handler) < (0)) __PYX_ERR(0, 405, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_method, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 405, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_pure, __pyx_mstate_global->__pyx_n_u_bool) < (0)) __PYX_ERR(0, 405, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_max_head, __pyx_mstate_global->__pyx_n_u_int) < (0)) __PYX_ERR(0, 405, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_upgrade, __pyx_mstate_global->__pyx_n_u_bool) < (0)) __PYX_ERR(0, 405, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_Any) < (0)) __PYX_ERR(0, 405, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_7response_parser, 0, __pyx_mstate_global->__pyx_n_u_response_parser, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[35])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 405, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_11);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_11, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 403, __pyx_L1_error)
-  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 403, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_11, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 405, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 405, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_4, NULL, 1) < (0)) __PYX_ERR(0, 403, __pyx_L1_error)
+  if (__Pyx_PyInt_FromNumber(&__pyx_t_4, NULL, 1) < (0)) __PYX_ERR(0, 405, __pyx_L1_error)
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_11)->arg0 = ((PyObject*)__pyx_t_4);
   __Pyx_GIVEREF(__pyx_t_4);
   __pyx_t_4 = 0;
   __Pyx_CyFunction_SetDefaultsGetter(__pyx_t_11, __pyx_pf_5proxy_7_native_7h1parse_24__defaults__);
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_11, __pyx_t_12);
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_response_parser, __pyx_t_11) < (0)) __PYX_ERR(0, 403, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_response_parser, __pyx_t_11) < (0)) __PYX_ERR(0, 405, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
 
-  /* "proxy/core/h1.py":414
+  /* "proxy/core/h1.py":416
  * # Content-Length and Transfer-Encoding stay: the proxy keeps each message's framing
  * # (it re-encodes chunks as it forwards them), so those headers remain true.
  * HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"})             # <<<<<<<<<<<<<<
  * 
  * 
 */
-  __pyx_t_11 = PySet_New(0); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 414, __pyx_L1_error)
+  __pyx_t_11 = PySet_New(0); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 416, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
-  if (PySet_Add(__pyx_t_11, __pyx_mstate_global->__pyx_n_b_connection) < (0)) __PYX_ERR(0, 414, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_11, __pyx_mstate_global->__pyx_kp_b_keep_alive) < (0)) __PYX_ERR(0, 414, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_11, __pyx_mstate_global->__pyx_kp_b_proxy_connection) < (0)) __PYX_ERR(0, 414, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_11, __pyx_mstate_global->__pyx_n_b_te) < (0)) __PYX_ERR(0, 414, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_11, __pyx_mstate_global->__pyx_n_b_trailer) < (0)) __PYX_ERR(0, 414, __pyx_L1_error)
-  if (PySet_Add(__pyx_t_11, __pyx_mstate_global->__pyx_n_b_upgrade) < (0)) __PYX_ERR(0, 414, __pyx_L1_error)
-  __pyx_t_12 = __Pyx_PyFrozenSet_New(__pyx_t_11); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 414, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_11, __pyx_mstate_global->__pyx_n_b_connection) < (0)) __PYX_ERR(0, 416, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_11, __pyx_mstate_global->__pyx_kp_b_keep_alive) < (0)) __PYX_ERR(0, 416, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_11, __pyx_mstate_global->__pyx_kp_b_proxy_connection) < (0)) __PYX_ERR(0, 416, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_11, __pyx_mstate_global->__pyx_n_b_te) < (0)) __PYX_ERR(0, 416, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_11, __pyx_mstate_global->__pyx_n_b_trailer) < (0)) __PYX_ERR(0, 416, __pyx_L1_error)
+  if (PySet_Add(__pyx_t_11, __pyx_mstate_global->__pyx_n_b_upgrade) < (0)) __PYX_ERR(0, 416, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyFrozenSet_New(__pyx_t_11); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 416, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_HOP_BY_HOP, __pyx_t_12) < (0)) __PYX_ERR(0, 414, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_HOP_BY_HOP, __pyx_t_12) < (0)) __PYX_ERR(0, 416, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
 
-  /* "proxy/core/h1.py":417
+  /* "proxy/core/h1.py":419
  * 
  * 
  * def forwardable(headers: Headers, upgrade: bool = False) -> Headers:             # <<<<<<<<<<<<<<
  *     """Headers minus the hop-by-hop ones and those the Connection header names.
  *     A protocol switch (Upgrade, 101) keeps its Connection and Upgrade headers."""
 */
-  __pyx_t_12 = __Pyx_PyBool_FromLong(((int)0)); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 417, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyBool_FromLong(((int)0)); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 419, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   {
     PyObject* __pyx_temp[1] = {__pyx_t_12};
-    __pyx_t_11 = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 417, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 419, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_11);
   }
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-  __pyx_t_12 = __Pyx_PyDict_NewPresized(3); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 417, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyDict_NewPresized(3); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 419, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_headers, __pyx_mstate_global->__pyx_n_u_Headers) < (0)) __PYX_ERR(0, 417, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_upgrade, __pyx_mstate_global->__pyx_n_u_bool) < (0)) __PYX_ERR(0, 417, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_Headers) < (0)) __PYX_ERR(0, 417, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_9forwardable, 0, __pyx_mstate_global->__pyx_n_u_forwardable, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[36])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 417, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_headers, __pyx_mstate_global->__pyx_n_u_Headers) < (0)) __PYX_ERR(0, 419, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_upgrade, __pyx_mstate_global->__pyx_n_u_bool) < (0)) __PYX_ERR(0, 419, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_Headers) < (0)) __PYX_ERR(0, 419, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_9forwardable, 0, __pyx_mstate_global->__pyx_n_u_forwardable, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[36])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 419, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
@@ -20217,58 +20260,58 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_12);
   __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_forwardable, __pyx_t_4) < (0)) __PYX_ERR(0, 417, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_forwardable, __pyx_t_4) < (0)) __PYX_ERR(0, 419, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":436
+  /* "proxy/core/h1.py":438
  * 
  * 
  * def encode_head(first_line: bytes, headers: Headers) -> bytes:             # <<<<<<<<<<<<<<
  *     parts = [first_line]
  *     for name, value in headers:
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 436, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 438, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_first_line, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 436, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_headers, __pyx_mstate_global->__pyx_n_u_Headers) < (0)) __PYX_ERR(0, 436, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 436, __pyx_L1_error)
-  __pyx_t_12 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_11encode_head, 0, __pyx_mstate_global->__pyx_n_u_encode_head, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[37])); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 436, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_first_line, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 438, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_headers, __pyx_mstate_global->__pyx_n_u_Headers) < (0)) __PYX_ERR(0, 438, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 438, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_11encode_head, 0, __pyx_mstate_global->__pyx_n_u_encode_head, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[37])); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 438, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_12);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_12, __pyx_t_4);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_encode_head, __pyx_t_12) < (0)) __PYX_ERR(0, 436, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_encode_head, __pyx_t_12) < (0)) __PYX_ERR(0, 438, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
 
-  /* "proxy/core/h1.py":444
+  /* "proxy/core/h1.py":446
  * 
  * 
  * def encode_chunk(data: bytes) -> bytes:             # <<<<<<<<<<<<<<
  *     return b"%x\r\n%s\r\n" % (len(data), data)
  * 
 */
-  __pyx_t_12 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 444, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 446, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_data, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 444, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 444, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_13encode_chunk, 0, __pyx_mstate_global->__pyx_n_u_encode_chunk, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[38])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 444, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_data, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 446, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 446, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_13encode_chunk, 0, __pyx_mstate_global->__pyx_n_u_encode_chunk, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[38])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 446, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_12);
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_encode_chunk, __pyx_t_4) < (0)) __PYX_ERR(0, 444, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_encode_chunk, __pyx_t_4) < (0)) __PYX_ERR(0, 446, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/core/h1.py":448
+  /* "proxy/core/h1.py":450
  * 
  * 
  * LAST_CHUNK = b"0\r\n\r\n"             # <<<<<<<<<<<<<<
 */
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_LAST_CHUNK, __pyx_mstate_global->__pyx_kp_b_0) < (0)) __PYX_ERR(0, 448, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_LAST_CHUNK, __pyx_mstate_global->__pyx_kp_b_0) < (0)) __PYX_ERR(0, 450, __pyx_L1_error)
 
   /* "proxy/core/h1.py":1
  * """HTTP/1.1 message parsing, sans-IO, with a fast and a pure implementation.             # <<<<<<<<<<<<<<
@@ -20325,7 +20368,7 @@ static int __Pyx_InitCachedBuiltins(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   __pyx_builtin_super = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_super); if (!__pyx_builtin_super) __PYX_ERR(0, 41, __pyx_L1_error)
-  __pyx_builtin_sum = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_sum); if (!__pyx_builtin_sum) __PYX_ERR(0, 319, __pyx_L1_error)
+  __pyx_builtin_sum = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_sum); if (!__pyx_builtin_sum) __PYX_ERR(0, 321, __pyx_L1_error)
 
   /* Cached unbound methods */
   __pyx_mstate->__pyx_umethod_PyDict_Type_items.type = (PyObject*)&PyDict_Type;
@@ -20410,7 +20453,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[3]);
 
-  /* "proxy/core/h1.py":265
+  /* "proxy/core/h1.py":267
  * def parse_response_head(raw: bytes) -> ResponseHead:
  *     lines = raw.split(b"\r\n")
  *     parts = lines[0].split(b" ", 2)             # <<<<<<<<<<<<<<
@@ -20419,12 +20462,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_kp_b__6, __pyx_mstate_global->__pyx_int_2};
-    __pyx_mstate_global->__pyx_tuple[4] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[4])) __PYX_ERR(0, 265, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[4] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[4])) __PYX_ERR(0, 267, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[4]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[4]);
 
-  /* "proxy/core/h1.py":267
+  /* "proxy/core/h1.py":269
  *     parts = lines[0].split(b" ", 2)
  *     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
  *         raise ParseError(502, "malformed response status line")             # <<<<<<<<<<<<<<
@@ -20433,12 +20476,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_int_502, __pyx_mstate_global->__pyx_kp_u_malformed_response_status_line};
-    __pyx_mstate_global->__pyx_tuple[5] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[5])) __PYX_ERR(0, 267, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[5] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[5])) __PYX_ERR(0, 269, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[5]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[5]);
 
-  /* "proxy/core/h1.py":272
+  /* "proxy/core/h1.py":274
  *         name, sep, value = line.partition(b":")
  *         if not sep or not name or name != name.strip():
  *             raise ParseError(502, "malformed response header")             # <<<<<<<<<<<<<<
@@ -20447,12 +20490,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_int_502, __pyx_mstate_global->__pyx_kp_u_malformed_response_header};
-    __pyx_mstate_global->__pyx_tuple[6] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[6])) __PYX_ERR(0, 272, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[6] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[6])) __PYX_ERR(0, 274, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[6]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[6]);
 
-  /* "proxy/core/h1.py":288
+  /* "proxy/core/h1.py":290
  *         self.handler = handler
  *         self.max_head = max_head
  *         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)             # <<<<<<<<<<<<<<
@@ -20461,12 +20504,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_max_incomplete_event_size};
-    __pyx_mstate_global->__pyx_tuple[7] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[7])) __PYX_ERR(0, 288, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[7] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[7])) __PYX_ERR(0, 290, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[7]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[7]);
 
-  /* "proxy/core/h1.py":351
+  /* "proxy/core/h1.py":353
  *         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)
  *         # h11 frames the response by the request it saw: tell it (the bytes are discarded).
  *         headers = [(b"host", b"x")]             # <<<<<<<<<<<<<<
@@ -20475,12 +20518,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_n_b_host, __pyx_mstate_global->__pyx_n_b_x};
-    __pyx_mstate_global->__pyx_tuple[8] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[8])) __PYX_ERR(0, 351, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[8] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[8])) __PYX_ERR(0, 353, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[8]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[8]);
 
-  /* "proxy/core/h1.py":353
+  /* "proxy/core/h1.py":355
  *         headers = [(b"host", b"x")]
  *         if upgrade:
  *             headers += [(b"connection", b"upgrade"), (b"upgrade", b"proxied")]             # <<<<<<<<<<<<<<
@@ -20489,18 +20532,18 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_n_b_connection, __pyx_mstate_global->__pyx_n_b_upgrade};
-    __pyx_mstate_global->__pyx_tuple[9] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[9])) __PYX_ERR(0, 353, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[9] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[9])) __PYX_ERR(0, 355, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[9]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[9]);
   {
     PyObject* __pyx_temp[2] = {__pyx_mstate_global->__pyx_n_b_upgrade, __pyx_mstate_global->__pyx_n_b_proxied};
-    __pyx_mstate_global->__pyx_tuple[10] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[10])) __PYX_ERR(0, 353, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[10] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[10])) __PYX_ERR(0, 355, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[10]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[10]);
 
-  /* "proxy/core/h1.py":358
+  /* "proxy/core/h1.py":360
  *         else:
  *             target = b"/"
  *         self.conn.send(h11.Request(method=method, target=target, headers=headers))             # <<<<<<<<<<<<<<
@@ -20509,7 +20552,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[3] = {__pyx_mstate_global->__pyx_n_u_method, __pyx_mstate_global->__pyx_n_u_target, __pyx_mstate_global->__pyx_n_u_headers};
-    __pyx_mstate_global->__pyx_tuple[11] = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_mstate_global->__pyx_tuple[11])) __PYX_ERR(0, 358, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[11] = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_mstate_global->__pyx_tuple[11])) __PYX_ERR(0, 360, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[11]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[11]);
@@ -20607,30 +20650,30 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
     const struct { const unsigned int length: 8; } str_length_index[] = {{1},{1},{179},{196},{20},{114},{77},{8},{7},{6},{2},{22},{9},{19},{25},{30},{20},{15},{16},{22},{25},{26},{36},{3},{6},{10},{16},{4},{12},{10},{7},{15},{14},{15},{7},{23},{15},{17},{17},{18},{21},{10},{13},{21},{9},{4},{6},{10},{19},{8},{19},{7},{11},{20},{8},{12},{21},{6},{17},{6},{15},{1},{17},{26},{23},{40},{22},{18},{27},{22},{23},{23},{32},{30},{28},{31},{33},{43},{43},{30},{24},{33},{37},{28},{29},{32},{34},{44},{44},{34},{20},{12},{17},{11},{7},{8},{8},{8},{13},{10},{15},{8},{11},{12},{9},{8},{12},{13},{5},{6},{8},{6},{4},{18},{4},{4},{5},{5},{5},{7},{18},{5},{6},{4},{10},{14},{4},{9},{6},{12},{11},{3},{8},{3},{17},{5},{3},{4},{9},{4},{10},{11},{28},{7},{7},{16},{10},{15},{3},{7},{4},{9},{7},{12},{9},{7},{3},{7},{5},{4},{10},{6},{4},{5},{5},{6},{8},{25},{6},{1},{4},{5},{4},{10},{7},{6},{7},{9},{19},{19},{9},{6},{3},{1},{19},{6},{9},{5},{3},{21},{4},{3},{9},{6},{12},{9},{14},{15},{4},{6},{6},{4},{4},{3},{10},{5},{6},{11},{3},{5},{3},{5},{1},{6},{11},{5},{13},{6},{7},{3},{1},{5},{6},{7}};
-    const struct { const unsigned int length: 10; } bytes_length_index[] = {{0},{2},{4},{1},{8},{1},{1},{5},{3},{1},{2},{7},{4},{7},{7},{5},{10},{14},{4},{10},{7},{16},{2},{7},{17},{7},{1},{3},{2},{2},{140},{23},{132},{53},{63},{224},{68},{28},{25},{558},{5},{35},{145},{139},{370},{25},{49},{7},{18},{7},{69},{34},{92},{110},{14},{153},{120},{48},{47},{266},{25},{28},{85},{99},{21}};
+    const struct { const unsigned int length: 10; } bytes_length_index[] = {{0},{2},{4},{1},{8},{1},{1},{5},{3},{1},{2},{7},{4},{7},{7},{5},{10},{14},{4},{10},{7},{16},{2},{7},{17},{7},{1},{3},{2},{2},{140},{23},{132},{53},{63},{224},{68},{28},{25},{558},{5},{35},{145},{150},{370},{25},{49},{7},{18},{7},{69},{34},{92},{110},{14},{153},{120},{48},{47},{266},{25},{28},{85},{108},{21}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (3259 bytes) */
-static const char cstring[] = "x\332\255WK[\323\332\032\226cUD\020* x\333\246\270\021/XO\005o\340\343~j\251\026D\240\264\210\327\035\323f\225F\323\244MRnz\236s\206\035f\270\206\031f\230a\207\035v\270\206\035\356\237p~\302\371\326Zii\013\270\3679\317Q\233d\335\276\365~\357w5\374\333\212n!\301\312K\226\020\333\263\362\272&(\246 #U\311 C\262\220\272\047\230\226\241d-d\320M\232\260\026_\2737\373dV\2204Y0\320W\224\265L\301,g\262\252d\232\310\024\364\234\220)+\252\245h\202\265WDfXX\314\t{zY\320\020\222\005K\027\212\260\257\375\200\225G\232`\"\213~\010S\222\246\351\226d)\272&\302qE\333\232\022d\305\200K\224mDO\277\224T\023\205\327Q\251\214L\313\234\026\000n>\022\t\013Q!g 3O\007BV\3274z\002\326\212\200\272\200LS\332Bs\302\016\202\355\240OQ2L$\354(V\276O\200?\212%\334\242w\027\r}wO\3301\024\013P)\240\225\276\243\t\231=\030\335\236f\332R\331;\212\252\n\000\021H\221\014K\220@\255\035!\273\227U\021\223\225A9\335@0\r`\212\272\006\327\344%\023f\231\212\032\325\321\320\313[y\020\337\251\203\252\346-\253\010s\374T\307\244\220\210G\027\030\200\330\352\312J<\226n\t7\005\t.c\352\310\200\024\356\322\3449\206\203\037\025\262\214N\270\037\250Se\306\260\301\257\005V\300\326r8\rS>A\202\t\224d\363 \n\230\260\364\254\256\232\363\302\227/\006*H\212\006\226\370\362E\310\203\024f1\316\213 \345\250[P\256\362H\222\303\222,\213p\037\222\025S\312\250\2404}ne\025m[R\025\231\332\305\002\022\356\251H\333\262\362\212\311\327\345\202\244\002i\005$7\261\315\t\355SM\036\341\002d\034\261\000\206\260\312\246\240*\032:\274:\327\322\305\327\216\031\371~\026\214t?\037\t\027\367\232tP\361@\222.\250\222\261\205\332g\221a\266/t\300i[\261\312E\025}\314\350\272:-(`\351\037\302\212\256\241iN\024\274`\341sT\333\213-/\306W\322\261\226\207\266}\251:\230qA\262\244\270&\257\346\336p\243$V\327\304\027\357Ex%\300\270*2\374W\030\002$\243\313{mC\244\311m#\n0\301A&\300\025\326\250\223\0301IU3R\366[\3340t\343`\272k\270Q\3342\340 \235\360\235\224\317\363\tN\000\237Y\324(\337,\\%\265\271\264\034M\245\305Xbc\345\365\233\350;\221:\257\230Z\374\020\177\263\370*""\221\026S\233\213\351XB\\[_M\257\306V\227W\342\361\005q!\232\216R\262\326\242\033\251\370\002\223\314\020\035|\205E\021\\\320\022\3055\337\232\353\250\000~\326\034\261=>T\377EUo\373l\th\202l\276\371\276\203\357\326\306T|\375m|\235\303\005\214M\300)\346E\374\331\332+\212\211H\244\203\252C\023\007{\017\257\024\313\205\3421\323\341g\252\236\205\224\367<\274\2054\264[<Bp\016\362*\237m\267\314\341\231.\004\035KH\317\0351\313%\203\321\301\311U\263K\277#\247\333\3568f\035\002\010Y\307\255\376\344\302\246\277\377d\231\207\344\237n0\305\254^\200X\265\320O\266\372)\361\257l-\033j\373j\247\021\216\236?\222\246\316\r\214\212\202\244\225\245c\245s\253\035\263\326Me\307\342\021\\v\257\037&\363\350\035G\263\331\275\367gtv\357\345\371\034B}o\027~\013\320y\210+h\027\342:\047\212~w\200h\310\261\376A\204\304\013\365\272\300&hy\331e\341(\353Y\372\312\2255\366nF)-d\354\215,\211\037\247\003].\253Lb\301\320!\211B\263\203\330\202&\025\330t\321@Pb\331g\t\314\321\2346U\335b\373 \277S\351\355\026S(-P\351\241\013B<\274\271\337\227yf\225\212EH\326P5L\311\334\323\262\212\036n\3556\251ah\261`u#+\225M\224\315\227\265o\354\201\344,-s\240\217h\031R\026\321T\236\245e\203=d\332\367\034\364>~\265\025y\265\225\241\256\310\220c\271\331`QF\374)r\311\374\233/\322\177\264Z\346\301\301\020M\255M\233\344\241\260\241mDi\316Ru\231\312TrN\321\344\234b\000\017\024\037\324\204\035\311\220iqo\373<\224\312r\206T\200\266\302\037\201!E\332\263\210\333\340T\000\237\216y\217B\277|\000\024$tay^\346(Z\372\023Me\037\371\356\330.\"\337t2\205\373;\240WLY\331R\230\313\230_u\005\024GE\021\232\223m\304i\242\360\351\017\214\273C\273\rj\315\202\264\313\210\241oEk\2710#\202]\315aj\3241\350O\006},\372\343[\374`\343\005\332\217\233V\370\034\021GG\204K+*x\272\001O)\262\246Ol\266#L\010\2332\340\t\352\201\366\364\003V\213\254\343\t\2037\323\026:\234\217\260m\305\262\001\335\375\016\374\023\031\027\006\222@8\364\331\01061\223\266\332>\277\027\022\271\370\326\215\255\241e@\357ch\006\375_B\321Dj\316\244\356\203\340\323\222QN*\253\200B""\205\026\221)\320fG\330\317\217\224\013f\031\372t\313bm\024x\235\302\035\016\321fy\007\034]\001\213l1P\374\277\004~\024\001\023\333\320X\226\021{\230\276\321\007\372\350_arw\240o\322\034\350\233\276\377w:\216\204#ss\315\376\231\266$\211tz\355~$\334\n+\032D\335\241\3437\252y\335\264\250\237\334c~B\351T\220\314X\275wp\004\320R\240\240\206!i&\204\315=\026R\007hww\347\"\216T\215\220\023\243\366\047\047\370G\340|Ej\004\006*\311F h\007\033|\330[9]Q\354R\243\267\277\262`\237\266\245F\357\271\312\203J\312\356i\364\217\332)\334\203\203\215\201\301\212i\207\032\375\027m\204\0379\027\234\307\356\204\273\350%=\251\265r\031Ob\303\031urn\264m7H?Wyj\047\360\262\333\353\005\274\327U\263\026\"\047\306\354}\007.?G\316]\30138\353\004\235)7HN\\\302\227\234\333\344\356\263j\364\337\247O\234\352\375\027 \032\254\224\032\201\353\030\036}\225\320O\221\016V\014{\330\2166\206.\341Q\234w\244F\377\000]}lO\330/1\034=C\305\235\257d\354\223\366\214-\343\033x\303\371\325\311\272A\367\246w\322{\\\rQ\240@\323U\274J\356\316W\037\221h\212\244\322\364X\271\022\253\354\343a\034\0054dPpz\234Kn\210\201\237pB\316S7\n\207\310\325iw\271\332\323\010\364W\242\224\333\026\316\201\312\246\035\2657\360\004~\351L8\321F\340le\314\356\241\314Sh\223v\t\367\220\023\327\360\007\247D\317\306*\333v\222r\326_\211\333A\216\034\350\016R\030f%\304\224yag\361\010\200\0179\017\234\217^\217w\265\232\252\005j\361z\260>QO\220\364\006U\362+\330l\024\203\2341\300\000`z\355SL.,!\373\t\236\305\373\240w\210\3223[\261\030\035\223\330t&\035\323\375\325\315y\321F\377\005\373\016\216\322K\250\005v\354\014>\215\221\363\310e\260\237\001\350\2238\202\343`\266I\247\354F\335\267\336\214\047y;\325L\355L\255\\\217\223\344:YO\003\024\262\361\201|\370\010\372\221ka\267@\346_\327\037\221\344\027\362E!\312>\331\377~\230\334\020\210\274\355>\361\346\252IF\360\r\047\342,\272\357\274$\t\214\332\311?\030\336R\243\177\310>\207#\364\325\213\317\340\222\277F)\273\206%\314\234\203\262\027\"L\375\336\263\324\023\206\306q\000\020_\001\347\354\037\266g\310""\305\260+QW\031&W\037x7\310\303D=@\201\177$\037?5\206.\332_\301\312\343\344\366\363\252T\375Q\217P\347\332\206@\000\255\033C\301\266\021\270i\360*~\352,\270\247\334dch\330\236\265\313\370\215;\354\306\310\375\227\265l}\244\276A\326E\"fH\006\021\224k\214\\\3067A\362\250#\201\275\207F ,b\370\273\033rg\\\205<N\222$0\366\226\212\2114F\306\361)\374\031\226\036\202\211\203]s\021~U\25112\352\343\331\307A<\345\014\203\203\001x\031\234\346\241\323\353\366y!\272q\306\226\000\325\242\263\356\230\344\316<\231_#k`\237\267\344\355&\305s\307\211:\033\340\013Cc\366w\360\251\207\356Yo\324S\252\345\332*u\177\2061\001[\222\255+\257c\313\231\245fo\214\214\331\026\\4\340\246 \202\"\215\361_p\216\013\003\200\301+\340!\257\234\031\210\303\226\214\r\256\316\241\265WN\244\203;\267\324N\224\005g\316\203\035\200\260+\007T\377_\270k\007\022$\201q\210E\372\240\016\364\n\316\364\366\223~\010w:|\003)\220\016o\271\260\345\022\276\014\210\251_\r\331gh&\343a\262G\306\251SA\354\334\204\360\033\301I\274\305T\236\207$\311\227gih\215\3301\270\275e\263 \265\3307x\321t\305vMS\037\035\204\270\234\307\031\047\300MJ\375q\224\334L\324{Z\261I&\036{\245j\177-\332\002D\243c\327\336\201\270\007`\003p?\317\201\377#N\016\360\006\376\235Rv\321\316\222Kw\341\253\023e\013\312\223jO\365j-\331\202\322\026\214?\t\277\226^\220\361\253\237\352\301c\343\214n\315\361\204\304|o\245\032\252F\272\374~\314\376\001\331\"\356\376\342\225\253\213\265\215\372}\362\3763\371\374;\371=K\262\337\310\2672)ow\271\363C<\340\244\334\236\243\235\255\3357\376{\321\263\366.$\324\273n\332\033\361R\325SU\261\036\375\363k\376R\234\004\273\275\3660\343\375\225\2274\371\261\330\246\243\204\315^+`L\352\023\314O\276CEZpz\3322=\t\\\245\267\323\327\022\210f\347\022\260\004Fe\365\211\004~\301\232\273\344\371K\257\360\003\374\226_\314\005\347\234\027\254\234Ny\027\274\310\361\227\\\307\377p\023\340_P\031\327+{\254\267\000\021K\266\344\277\330\0162\375\214<[\256/\223w\357;W\351\3535\257\377\376k\311\226\311\345\273\3563\357{m\nj`\210\003\nA\246x\345\376V""\275U\273Q\373L\326\241\346\200\251d*\373\237$\374\234<_\251\253P\231\376\262l\253:_\333\252\047\353\322\317\244\363n\343\206\235\364\013\024\t\010N\237\033\362\345\301\210\010\021\022yQ\273Y\037$\233p\246DJF\307e>\2631\226\210g\034\205\334_\254\007\377\350\275\000E\177\021\047\251x\360\3711\333\300\327\335\363\236Z\013\265]H+ }p?\030\205\214o\342[ \345\261{\313\233\252\216\327\306!\270\332\341\235\202\226$\004\255W\301\215\264\001#\211\017>+\235\230\226yN\\\262\025\274\355l\272\013\336Y\362t\211S\275d\347\261\354\334\002\253_\256>%\013\233d\363]\207\321\2722h\363\325$d\306{D\236\276\256G:\356T\310\365\210\027\364BmWC:>n\277\277\243\2337\022\0109\227!a\365\322L\372\004?v\374v\247\304s\353\023P^j\246\225$Kk\276\304\363\025\331\236\242\335\023\r%z\302\260Y*\202\206\026\302z\317\371\033\264\215\007\271\313\3573\241w\231`\325\263\307\035q7\275\027<\225\226\241\365K\3431\3307\002\325\327\027g\332\277\302\321\000\024\262\000\004B\314+\361F\246\027v\005\351g\037\276\355\260\334\306:\2047,ksx>w~X6\363\275\211\357:i\2705\005\355\365R\265\225\327\203\3150\005\342&\234;nw\304\2010\022\230t\222\215\343\232*\266F\333\354\036\226\303\207\241\034\001%\3169w\326\265\274G\325 \231{]\177P\337$i0\370\047\362\351scp\250\255 Dk\301\266\324\323\312$\355B\007+? \221E\311\265{,M\276\257J\3447\336\233\274g\371U\"R\346ph\266\034\250\014\251\345$T\203}/x\324\025\274\200s\006\376\003\376\251h\261";
-    PyObject *data = __Pyx_DecompressString(cstring, 3259, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (3262 bytes) */
+static const char cstring[] = "x\332\255W\313[\023K\026\2271*\"(\021\020|];x\021\037\030\047\202/\364\363~1D\003\"\020\010\342\363\266\235t\205\2646\235\320\335\341\245\363\315,\263\354e-{\331\313^f\231e\226\265\314\362\376\t\363\047\3149U\235\020^\336;\363\215\232\356\256:U\247~\365;O\243\277\315\025m\"\331\005\305\226\022\333v\241hH\232%\251D\327\262\304Tl\242oK\226mj9\233\230\270\310\220\026\222\013w\047\036OH\212\241J&\371Jr\266%Y\345lNW,\213XR1/e\313\232nk\206do\227\210\025\225\246\363\322v\261,\031\204\250\222]\224J\260\256}\203] \206d\021\033?\244Q\3050\212\266bkEC\206\355\232\261:*\251\232\t\207h\033\004w\277Tt\213D\027\311z\231X\2665&\001\334B,\026\225\342R\336$V\001\007R\256h\030\270\003d%@\275F,KY%\223\322&\201\345p\237\222bZD\332\324\354B\227\004\1774[\272\211g\227\314\342\326\266\264ij6\240\322\340V\305MC\312n\303\350\326\030\277-\352\336\324t]\002\210@\212b\332\222\002\327\332\224r\3339\235p]Y\222/\232\004\246\001L\251h\3001\005\305\202Y~E\003\357h\026\313\253\005P\277\367\016\272^\260\355\022\314\211]{&\245T2>\305\001$\346\347\346\222\211LK\271%)p\030\277\216\nH\341,C\235\3448\304V)\307\351\204\363\201:]\345\014\233\342X`\005l\255F30\025\020$Y@I\256\000\252\200\t\273\230+\352\326S\351\313\027\223\254)\232\001\226\370\362E*\200\026n1\301\213\244\344\321-\220\253\002Q\324\250\242\2522\234GT\315R\262:\\\032\237\2539\315\330PtME\273\330@\302]\235\030\253vA\263\204\\]St m\215\250Ml\223R\373T\223G8\200\230\207\010\300\020v\331\222t\315 \007\245\223\255\273\004\267\343F\276\227\003#\335+\304\242\245\355&\035\250\036H*J\272b\256\222\366YbZ\355\202=p\332$v\271\244\223\217\331bQ\037\2234\260\364\017i\256h\2201A\024\274@\3609nl\047f\247\223s\231D\313C\333\276\364\"\230qJ\261\225\244\241\316\347\337\010\243\244\346\027\344\027\357ex\245\300\270:1\203W\024\002$[T\267\333\206\304P\333F\0100%@\246\300\025\026\320I\314\204\242\353Y%\367-i\232Eswz\337p\271\264j\302F\234\010\234T\314\213\tA\200\230\2316\220o\036\256\212\336\024\315\306\2272r\"\265<\367\372M\374\235\214\316+/M\177H\276\231~\225\312""\310K+\323\231DJ^X\234\317\314\047\346g\347\222\311)y*\236\211#Y\013\361\345\245\344\024\327\314\021\355~Ee\031\\\320\226\345\205\300\232\213d\r\374\2549\342k\002\250\301\013\257\336\366\331R\320\004\331|\213u\273\337\255\205K\311\305\267\311E\001\02706\001/q/\022\317\326ZYN\305b{\250:0\261\273\366\240\244T^+\0351\035}\246\027s\220\362\236GW\211A\266J\207(\316C^\025\263\355\22698\263\017\301\036\021)\346\017\231\025\232\301\350\340\344\272\265\357~\207N\267\235q\204\034\002\210\330GI\177r`\323\337\177\"\026!\371\247\013,9W\\\203X\265\311O\226\006)\361\257,-\233z\273t\257\021\016\237?\224\246\275\0138\025k\212QV\216\324.\254v\204l?\225{\204\207p\271_~\220\314\303W\034\316\346\376\265?\243s\377Z\221\317!\324\267\267\3407\005\235\207<G\266 \256\363\262\034t\007\004C\216\367\0172$^\250\327k|\002\313\313\026\017G\265\230\303W\276l\360w3J\261\220\3617\261\025\261\035\007E\265\254s\215kf\021\222(4;\204\013\014e\215O\227L\002%\226\177\256\2039\232\323\226^\264\371:\310\357\250\275\335b\032\322\002\225\036\272 \"\302[\370}YdV\245T\202d\rU\303R\254m#\247\025\243\255\325\026\032\006\213\005\257\0339\245l\221\\\241l|\343\017\242\346\260\314\301}d\333Tr\004Sy\016\313\006\177\250\330\367\354\366>A\265\225E\265U\241\256\250\220c\205\331@\250\022\361\224\205f\361-\204\370\017\253e\001\034\214`jm\332\244\000\205\215l\020\2449\207\327\345WF\315y\315P\363\232\t< >\250\t\233\212\251bqo\373<\220\312\362\246\262\006mE0\002C\312\330\263\310\033\340T\000\037\307\242G\301\257\000\000\202\204.\254 \312\034\242\305\237li;$p\307v\025\205\246\223i\302\337\001\275f\251\332\252\306]\306\372Z\324\340\342\244$Cs\262A\004M\010\037\177`\334M\3546\320\232k\312\026\047\006\337\232\321raN\004?Z\3004\3201\360\247\302}l\374\211%A\260\211\002\035\304M+|\016\211\243C\302\245\025\025\"\335\200\247\224x\323\0477\333\021\256\204O\231\360\204\353\301\355\361\003\244%\336\361D\301\233\261\205\216\026b|Y\251lBw\277\t\377d\316\205I\024P\016}6\201E\334\244\255\266/\350\205d\241\276ubkh\233\320\373\230\206\211\377K(""YD\317[\350>\004>m\225\344\225\262\016(th\021\371\005\332\354\010\353\305\226\362\232U\206>\335\266y\033\005^\247\t\207#\330,o\202\243k`\221U\016J\374\227 \210\"`b\003\032\3132\341\017+0zO\027\376\225F\266z\272F\254\236\256\261{\177\307q,\032\233\234l\366\317\330\222\2442\231\205{\261h+\2540\210\366\207N\320\250\026\212\226\215~r\227\373\t\322\251\021\225\263zww\013\240E\240p\rS1,\010\233\273<\244v\321nmM\306\\\245\032c\307\006\234On\370\217\320\331\212\322\010\365T\322\215P\330\t7\304\260\263r\262\2429\353\215\316\356\312\224s\322Q\032\235g*\367+KNG\243{\300Y\242\0354\334\3509W\261\234H\243\373\202C\350C\367\274\373\310\033\366\246\375\264\257\264$\227\350\0105\335\0017\357\305\333V\203\3663\225\047N\212\316z\235~\310\177]\265j\021vl\320\331q\341\3603\354\314e:Nsn\330\035\365\302\354\330Ez\321\275\305\356<\253\306\377}\362\330\211\316\177\001\242s\225\365F\350\032\205GW%\362S\244\347*\246\323\347\304\033\275\027\351\000-\270J\243\273\007\245\217\234a\347%\205\255\247P\335\331J\3269\356\214;*\275N\227\335_\335\234\027\366n\370\307\375G\325\010\002\005\232\256\320yv\347i\365!\213/\261\245\014n+W\022\225\035\332G\343\200\206\235\223\334\016\367\242\027\341\340\207\335\210\373\304\213\303&ve\314\233\255v4B\335\2258r\333\302\331SYq\342\3162\035\246/\335a7\336\010\235\256\014:\035\310<B\033q\326i\007;v\225~p\327qo\242\262\341\244\221\263\356J\322\t\013\344@w\030aX\225\010\277\314\013\047G\373\001|\304\275\357~\364;\374+\325\245Z\250\226\254\207\353\303\365\024\313,\343%\277\202\315\006(\350\031\004\014\000\246\3239\301\365\202\2108\217\351\004\335\201{G\220\236\211\212\315\351\030\241\226;\342Z\336\257^\336\2177\272\317;\267i\034\017A\013l:Yz\222\022\367\241\307a?\003\320\307i\214&\301l#n\331\213{o\375q_\3617\253\331\332\251Z\271\236d\351E\266\230\001(l\371\003\373\360\021\356\307\256F\2755\366\364u\375!K\177a_4\246\355\260\235\357\007\311\215\200\312[\336c\177\262\232\346\004_wc\356\264\367\316O\263\320\200\223\376\203\343]ot\367:gh\014_\235\364\024]\017dH\331U\252P""\356\034\310^\204\361\353w\236FO\350\035\242!@|\031\234\263\273\317\031g\027\242\236\202\256\322\307\256\334\367\257\263\007\251z\010\201\177d\037?5z/8_\301\312C\354\326\363\252R\375Q\217\241sm@ \300\255\033\275\341\266\021\270i\370\n}\342Ny\047\274t\243\267\317\231p\312\364\215\327\347%\330\275\227\265\\\275\277\276\314\026e&gY\2260\222o\364_\2427@\363\200\253\200\275{\373!,\022\364\273\027\361\306=\215=J\26340\366\026\325\304\032\375C\364\004\375\014\242\007`\342\360\276\271\2308j\275\321?\020\340\331\241a:\352\366\201\203\001x\025\234\346\201\333\351u\371\021\\8\356(\200j\332]t-v\373){\272\300\026\300>o\331\333\025\304s\333\215\273\313\340\013\275\203\316w\360\251\007\336i\177\300\327\252\345\332<\272?\307\230\202%\351\326\221\327\250\355N\240\331\033\375\203\216\r\007\365xK\020A\261\306\320/4/\224\001\300\360e\360\220W\3568\304aK\307\262\270\316\001\331+7\266\207;o\275\235(\033\366\234\005;\000a\227w\251\376\277p\327\016$\314BC\020\213\370@\007z\005{:\273Y7\204;\016\337@\n\304\341M\017\226\\\244\227\0001\372U\257s\n3\231\010\223m6\204N\005\261s\003\302\257\237\246\351*\277\362SH\222B<\201\241\325\357$\340\364\226\315\302h\261o\360\302t\305W\215\241\217\236\203\270|J\263nH\230\024\375q\200\335H\325;Z\261\311\206\037\371\353\325\356Z\274\005\010\243c\313\331\204\270\007`=p\276\022(\265!\346\037!\310\377\021\262\300z\235\376\216\354]pr\354\342\035\370\332\013\270\205\352q\265\243z\245\226n\241j\213\313\237Db\353\212\220\374\253\237\352\341#C\016\227\346En\342n8W\215Tc\373B`\320\371\001\211#\351\375\342\227\253\323\265\345\372=\366\3763\373\374;\373=\307r\337\330\2672+o\354\363\354\007\264\307]\362:\016\367\273v7\371\357UO8[\220[\357x\031\277\337_\252\236\250\312\365\370\237\037\363\227B&\274\337\201\0172\336]y\211y\220\2079\216R\016\177\315\2011\321=\270\313|\207\3424\345v\264%}\026\272\202\247\343k\006T\363})\020\201Qy\251b\241_\250\341\315\370\201\350\025\275O\337\212\203\205\342\274\373\202W\326Q\377\274\037;\372\220k\364\037^\n\374\013\212\344be\233\267\031""\240b\306Q\202\027_\301\306\236\261g\263\365Y\366\356\375^)\276^\213V x\3158*\273t\307{\346\177\257\215B9\214\010@\021H\032\257\274\337\2527k\327k\237\331\"\224\0370\225\212\272\377\311\242\317\331\363\271\272\016E\352/\353\266\253Ok\253\365t]\371\231v\321x\\w\322A\255b!\311\355\362\"\201>\0301)\306b/j7\352\347\330\n\354Yg\353\346\236\303\002f\023<\047\217\273\032\2737]\017\377\321y\036\352\3774M\243z\360\371A\307\244\327\274\263\276^\213\264\035\210\305\020\037\302\017\006 \371[\364&hy\344\335\364G\253C\265!\010\256vx\047\240;\211@\027\266\346\305\332\200\261\324\207\200\225\275\230fEz\234q4\272\341\256xS\376i\366dFP=\343\024\250\352\336\004\253_\252>aS+l\345\335\036\243\355K\246\315W\223\220q\377!{\362\272\036\333s\246\306\256\305\374\260\037i;\0322\363Q\353\203\025\373yc\241\210{\t\022V{&\014:\t13N\225fZI\363\264\026h<[Q\235Ql\2440\224p\207\351\360T\004\275-\204\365\266\3737\350 wsW\320rB\0333\314\013i\207\327\357\255\370/D*-C\027\230\241\203\260\256\037\nq\240\316r~\205\255!\250i!\010\204\204\277.z\232NX\025\306\317.z\313\345\271\2157\013ox\326\026\360\002\356\202\260l\246~\213\336q3p\352\022t\3323\325V^\0177\303\024\210\033vo{\373#\016\224\261\320\210\233n\034\325_q\031v\334\035<\207\367Ae\002J\3343\336\204g\373\017\253a6\371\272~\277\276\3022`\360O\354\323\347\306\271\336\266\202\020\257\205\333RO+\223\264+\305\336}\220\362\217\037\220\321\342\354\352]\236/\337W\025\366\233\350W\336\363D\2530%{0F[\236T\206\034s\034\312\302\216\037>\354,Q\324\005\025\377\001#\326p\035";
+    PyObject *data = __Pyx_DecompressString(cstring, 3262, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (4342 bytes) */
-static const char cstring[] = "\377.?Note t\377hat Cyth\377on is de\377liberate\377ly stric\367ter!\001n PE\377P-484 an\377d reject\377s subcla\377sses of \377builtin \377types. I\377f you ne\177ed to p%\000\376%\tthen se\375t\200\000e \047ann\377otation_\376<\000ing\047 di\355rb\000iv\242\000o F\377alse.Req\177uests, \254\000\377h11. A f\337resh \n\000 c\247onn.\001\310\000p\263\000m\377essage: \363we,\000\315\000pars\377e with\n \177   it (\202\000\377 proxy w\327rit\304\000i\323\000owon by\013\000),\351\002>X\001will \240\000\222 \337art a\324\000w \337cycleG\002be\317fore\024\000\212\000po\375nd\000has be\372\336\002n\340\001rough\374q\000\266\013llhttp\342\325\000s1\002\323\003\016\004 HE\373AD\352\"CONNEwCT U\005s aj\000Z\312\002d\247\000 h\221@:\317\002\306J\003 c\312\"}\000\366 ld\272\335\"r\265# me\351@d\337.The \232$ s\346\220 ch\243@\207 toc\377ols; ``r\337emain\207@``? holds\244B\223\"\347 af\223a\250!hea\277d.add_\274@e?disabl\362\000\002\001\377gcinvali\375d\224Atent-l\377engthise\275n\"\001dmal\262 mL\233`\225\004: \007\t\214# ]\001\353er\006\020s\254`us oline%\017: \304\005\354\327\004\340B/c\242@/h1\347.py\207%\274\001 to\177o large\n\t\307ers\r\t\202\n\017\010tu\377ple[bool\367, i\347@| No\307ne,\273c\004\000\026\000]A\377nyCLIENT\371C\231\204\006\000\007Close\377dDataEnd\367OfM\260\204\003HOP_\367BY_\004\000Hand\367ler\000\004.on_\357body\004\010end\244\022\010\215AH\222@\274\000H\330`P\376\360\204\001rCallba\177ckError\r\007\376\000\014Upgrade\3003\001\342\205\0048\003\013\003\234\204\003J\003In\274\266A\252\206\002alRe\267\204\003L\377AST_CHUN\337KMAX_\271\204\001_S\377IZEMIGHT\377_SWITCH_\377PROTOCOL\377NEED_DAT\375A\251!PAUSED\370\245\002\234\002\000\007.__in\177it__Pro\225\204\002?Remote\006\005\312\002\000\215\207\004\224\207\004\367\001\000\0108\006\235\005\245\005\"\003\370\360\205\003\253!a\006SERVE\021R\251\003\241\000\251\005S\237\205\002\000\003\215\006\037__H11\236*\000\016\"\007\376\033\r._pump_\376\001\023.<local\377s>.genex{prG\017feedz\003\360\216I\000\017s""\014\273I.eof\374\036\020T\003ttptoo\303ls\321\014\002\022\333\010\t\024re\037set_H(\023V\030\350\204\005\316#\025on_\234\207\003\000\036s_\377complete81\030\255\213\004\007!url\304\t\367+\260\263\047\343*\307\204\005!\025._\321Bm\017anuaE\026\260CK\024\254M\000\342J\265\207\004e\026\27022\r\213\212\003\2703^\r\370\2639\212\r\312\212\003__Pyx\376\001\000Dict_Ne\177xtRef__\227\217\004\337e____\354\217\002_g\277etitem\014\002osnt&\000\030\001doc\037\001gfun\003\002\266\207\003__\305\214\001\2367\001meta9\003F\000m\357odulM\002mro\377_entries\356]\001namd\002pre\227paro\002q\214@\017\005s\367lot#\002test\364\216\000\246Ii\341arout\247ine\331\206\003\362\204\003u\324\211\003a\377ppendarg\377sasyncio\027.co\047\004s\321\212\001\302\213\001\364\217\002\377causechu\273nk\000\002edc\343\214\001_\377in_trace\222\307\212\001c\263\213\001\000\002d\364\220\001\362\220\007c\356\213!nt_\350\215\003dat\347ado\213\000\303\215\002nco\027dee\001\002_T\003\006\003\027\003\357dend\210\217\001heokfe\246\213\001_\215Dhi\337 \213ve\343!c\363\207\001\366\207\002V\001f?indfir\205 \203\216\001\177forward\377\216\001\374\000\010\272\210\016framin\351g\322\210\004\306@_\200\221\001_ve\037rsion\014\001\236\220\003\026\001<\216d\263\001h11h\205\215\003\360\217\001>\364\217\001_size\210\204\0047\t\365h\263\210\005i\246\215\003inti\337sdigi\256bsj\377oinkeep_\037alive\217\220\003\302\217\001\306\217\001r\332@w\352\217\001\374\205\001max\327\207\002\026\004\001in\264\207\006e\205!v\002\305\221\003\371n\254a\260adnext\262\000\001_\036\002\242\216\004on\331`dp\240\210\004\245\210\006\256\210\006\214\210\007on_\356\207\r\373on\373$on_ur\025l\325`p\277\224\002_\336\223\005\367\210\002\322\224\002\337rpart\336\000on\336\005\001spop\322\224\002._\377native.h\3751\371\224\002purera\365w\000\000_\273\205\001srea\377sonreceiGve_\251a\356\222\006\252\223\004_Y\003\374i\006\006\006tretur\375n\372@ripsel\353fs\273ae\010\000tde\377faultspl\263it\241\222\003\275Hst,\004u\377msupertt~\366\221\001ttheir\354b\377et""hrowtr?ailing\220\002\215\227\003\376\277\205\004urlvval\353ue\000\002s\261d\r\n\r\377\n\r\n %x\r\n\177%s\r\n,/0\016\001?1.1:: \271\225\004\314\225\001\177HTTP/1.\316\205\006\347ose\252\205\016\242\224\004hos\345t\244a-\243b\242\227\001ied\232\250\227\002-\340\227\007te\244\002\304\000r\177ansfer-\332\205\002\367ing\355\206\004xx:1\377\240a\2701\320\000\025\220\377\\\240\021\340\004\016\210a\377\330\004\r\210Q\330\004\021\367\220\021\330\t\003\010\210\006\210\377i\220q\330\010\014\210D\377\220\006\220a\330\010\013\210\3772\210S\220\001\330\014\025\377\220S\230\001\230\021\330\r\377\017\210s\220!\330\014\026\377\220e\2306\240\022\2407\377\250\"\250I\260Q\260a\376\021\006\032\230%\230r\240\025\317\240f\250A#\010j\000\013\210\3779\220H\230L\250\010\260\377\004\260K\270s\300!\320\337\000\027\220z\240z\000\013\320\377\013\033\2303\230c\240\021\377\240\047\250\021\320\000\031\230\377\031\240)\320+<\270A\277\360\006\000\005\010\200\217\000\017\277\210q\330\004\037\230\002\000\n\357\210!\330\004\217\030\017\210r\377\220\023\220A\330\020\031\230\377\025\230h\240a\330\014\r~\304\0017\220\"\220F\2308\000\375\007K\001\016\210b\220\003\220\3773\220d\230#\230U\240\377$\240c\250\021\250&\260o\003\2607\270Z\000\013\210\244 \377\034\230O\320+;\2706\377\320AS\320ST\330\004\377\007\200u\210C\210z\230\377\023\230A\330\010\017\320\017\277 \240\001\240\031\250*\001\320\377\013\"\240!\2409\250A\377\320\000\034\320\034,\250L\177\270\001\330\004\014\210A\330!\376\311&\r\210W\220A\220U\377\230\"\230F\240\"\240A\177\330\004\t\210\027\220\001\366!\377\013\2107\220%\220q\230\177\001\320\000\035\230Z\240\344\000\235\014f\000v\220Q\375 D\000E\343\220\021\264\003\354 \245@\007\200s\373\210!/\000\"\220B\220c\373\230\024\272\000!\2402\240[\377\260\001\260\034\270S\300\004\377\300E\310\021\310\"\310H\377\320TU\330\010\016\210j\226\261@\025\230\346@\027\323@\262 \010\363\220\005S\002\030\000e\2208\230\3274\230z\365\000!\343A4\210\375t\212\"%\230s\240%\240\377s\250$\250f\260A\330?\014\022\220*\230Aa""\001\361\000\377\210w\220b\230\006\230e\267\2406\250\260A\210<\262\000\003\357\2301\230E\264@%\240u\377\250A\250V\2603\260a\377\260w\270b\300\007\300u\377\310E\320QR\320RT~\210\000\320UZ\320Z[\335\000\377\320\035.\250m\320;K\377\3106\320Q`\320`i\277\320iz\320z{\313/!\376\207`)\2508\260:\270Q\373\330\004\233`#\2401\240I\377\250X\260Q\320\004\025\220\277Q\340\010\013\2104\215`\014\277\020\220\013\2301\330\004\000\010\357\230\007\230q\025\004\014\210E\237\220\035\230a\230\302\204\002\272!!\333\320\004\373\001\010\t\206a\020\030\333\230\004\257\000\033\250\332\000\023\220\2773\320\026.\250a\247a\023\377\320\0342\260#\3205H\373\310\004\265\001[\320[\\\330\357\020\026\220j\343@\030\320)\277>\270a\270|\310h\000\017\337\210v\220S\230\363\000\330\020\367\021\330\014\005\006\360\006\000\021\377\034\2309\240D\250\005\250\377Q\330\020\023\2204\220u\377\230M\250\023\250C\320/\377F\300c\310\024\310U\320\377R_\320_b\320be\377\320ef\330\024\032\230&\356\275`\025\240a\355@\020\024\220\377H\230C\230{\250!\250\3773\250i\3207Q\320Q\357U\320UVC\0011\330\024_\030\230\005\230]\030\0005\340@\365\021\005\0141e\003q\330\024\025\376\211\004z\230\021\230\047\240\023\374\336`\272\000d\230!\2305\240\337\010\250\n\260!\220\0013\220\375a\223\000I\240R\240s\320\177*;\320;P\320P\235@\357V\320VW\214\001*\240A\367\240U\250&\000\027\220{\240\377!\2405\250\t\260\025\260\237i\270u\300O\373\204\001\237\002H\372 \000Qj\006\037\230t\2404\276\363A\330\024\027\220tf\000\r\377\250S\260\003\2601\330\030\367\036\230fG\003\2501\330\021=\033\237`G\2403\240\343 \344\001qH\023\004\314\000\013\016G\2401\257*\373\250q\235)t\2505\260\016\036\205@q\330\020\033\341\047\367\200B\231\t?\021\320\004\030\230\001\000\002\204\211\001\377G\2201\330\010\014\320\014w \240\001\223\211\001M\230\021\n\002;(\250 \000\031\230\032\257\000\324a\267\020\220\007\306\210\001\240!\243\205\001y\373\320\030\321a\014\022\220&\230\177\001\230\024\230Q\230g\326!\257\250;\260a\030\0044\327\205\001\024\217\220C\220q\300a\256C\331@\026o\220k\240""\021\252\210\002\017\210B\000\375,\240\204\001\017\210t\220;\230\347b\240\004\315C\214\204\001\025\320&\367H\310\001\223\206\006\320\"7\260\177q\270\014\300A\320\004\212\004\276\232\205\001x\220w\230a\227\205\001\rd}\000\376\210\003\t\246\205\001v/\017\210\321a\367#\230^\313@\020\026\220c\207\320\031+\325@\321\211\001\234\007\240\207\004\320\377\"8\270\001\270\034\300Q\340\202\006\202\206\010\344\205\030\342\205\003\325\000<\270AG\270\\\310\316\205\t\332\205\013\217\206\001f\213\210\003>\367bN\270!\2701\272\047\363\204\002\377\027\220|\2401\240E\250\377\036\260u\270I\300U\310\377/\320Y]\320]^\320\377^c\320ck\320ku\357\320uv\330\301\204\0135\230\r\217\240S\250\001\327s\265\204\t)/4\377\220x\230s\240+\250T\377\260\024\260S\270\005\270_3\310AE\037\203\205\"\021\330\247\204\014\207\204\004\376\362\210\nF\220!\320\004\032\230\267*\240A\320\216\001H\220\002\002N\363\230#\217b\301\211\002{\230\"\230\373D\240\304g\240!\320\004\034\367\230H\240\313`\034\230J\240\375a2\003H\230A\230Q\320\375\004\233\214\002\320\004\036\230n\250\373J\260\024\004G\2302\230Vv\203\205\001\014\210S\003f\240B\312\215\002\277\047\260\022\2601\330L\026\037\377\230}\250H\260A\330\010\337\r\210R\210y\327\217\002\010\014\263\210J\361\217\001\002\002\320\004\037\000\320\377,<\320<L\310L\320\047XY\330\021\n\237\220\001K\244\220\003\000\004\377J\220d\320\032+\250<\377\260{\300\047\310\021\310!\376\301\220\001N\230!\2309\240G\377\250?\270(\300#\300]_\320R`\320`\203`dX\001\377\177\320.>\320>N\310\357l\320Z[3&t\270;?\300g\310Q\310aB\031\350\217\003\357#\220Q\330\233\214\003\320\004 \317\240\n\250!\254\004\013\000\320 \3771\3201B\300&\310\017\377\320W`\320`q\320q\271r\305\010\374\004H\220C\204\212\0023\377\240i\320/I\310\021\340\377\010\022\220\"\220I\230Q\376\221\222\0011\330\014\027\220r\230\177\037\250\016\260l\300!f\010\326\232\215\001\014\025x\000\010\203\215\001\025\220\377a\220s\230(\240!\240\3777\250(\260\047\270\030\300\367\030\310\021\222\n\005\220U\230\177!\2303\230m\2501\216\010\307\320HZ\217$\324&""\204bL\230\376\200\211\002J\220i\230v\240W\177\250D\260\t\3209J\345#\377J\220h\230d\240(\250\377\047\260\032\2709\320DW\247\320WX\250J\263\211\014\210\303\211\003\210\374\301@\214\"3\2606\3209K\373\3101\373\ni\320\0371\260s\021\260\306Bt\004G\2201\030\025\374\226\004\250-\320\004!\240\032\250\3751\274\220\001t\2208\2307\240\270\350\220\004\366\211\002\016\0013\230a\317\207\005Q\362\247\223\002\014\222\001\272\221\001d\220\047\230\331\025\304\217\003\355\217\001r\220\356\216\002s\220\377!\2204\220y\240\002\240q$\321\214\001\265\210\004\341\223\004\017\320\017\211\223\001\3775\250\001\250\024\250W\260\375B\355\212\003u\220A\220T\230\377\027\240\001\240\024\240R\240\375q\352\221\003s\220$\220j\240\377\004\240D\250\004\250H\260wC\260q\303\220\003\010\240\001\201\213\001\277\020\220\n\230)\240\355\217\002q>\253\210\001M\240\021\240!\230\004\265$\323H\220\222\206\002\270\222\003x\346@+\240\375Ts\000S\260\004\260J\270ka\330\371\213\004\021\364\206\003G\230\336@\357\"\240*\250\342\205\rM\230\021\017\320\004%\240\322b\300\221\022\027\002\215\227\001\273\001\330\277\221\001\023\220;\331\221\001\240\377\013\2504\250t\2606\270\377\021\320:K\3102\310W\373\320T\356@\\\320\\]\330;\017\020\221\214\010A\300\021\360\207\010\254\004\374j\004N\004\017\210|\2301\230\357A\320\035-\242\211\002Y\270a\353\320?\226\220\003Y\266\212\002a\320a\361b\363\206\010\360\206\004\270fu\230D\240\177\003\2404\240z\260\021\240\210\n\034\261\004\273\216\003\210H\220\377\000";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 4342, 6765);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (4355 bytes) */
+static const char cstring[] = "\377.?Note t\377hat Cyth\377on is de\377liberate\377ly stric\367ter!\001n PE\377P-484 an\377d reject\377s subcla\377sses of \377builtin \377types. I\377f you ne\177ed to p%\000\376%\tthen se\375t\200\000e \047ann\377otation_\376<\000ing\047 di\355rb\000iv\242\000o F\377alse.Req\177uests, \254\000\377h11. A f\337resh \n\000 c\247onn.\001\310\000p\263\000m\377essage: \363we,\000\315\000pars\377e with\n \177   it (\202\000\377 proxy w\327rit\304\000i\323\000owon by\013\000),\351\002>X\001will \240\000\222 \337art a\324\000w \337cycleG\002be\317fore\024\000\212\000po\375nd\000has be\372\336\002n\340\001rough\374q\000\266\013llhttp\342\325\000s1\002\323\003\016\004 HE\373AD\352\"CONNEwCT U\005s aj\000Z\312\002d\247\000 h\221@:\317\002\306J\003 c\312\"}\000\366 ld\272\335\"r\265# me\351@d\337.The \232$ s\346\220 ch\243@\207 toc\377ols; ``r\337emain\207@``? holds\244B\223\"\347 af\223a\250!hea\277d.add_\274@e?disabl\362\000\002\001\377gcinvali\375d\224Atent-l\377engthise\275n\"\001dmal\262 mL\233`\225\004: \007\t\214# ]\001\353er\006\020s\254`us oline%\017: \304\005\354\327\004\340B/c\242@/h1\347.py\207%\274\001 to\177o large\n\t\307ers\r\t\202\n\017\010tu\377ple[bool\367, i\347@| No\307ne,\273c\004\000\026\000]A\377nyCLIENT\371C\231\204\006\000\007Close\377dDataEnd\367OfM\260\204\003HOP_\367BY_\004\000Hand\367ler\000\004.on_\357body\004\010end\244\022\010\215AH\222@\274\000H\330`P\376\360\204\001rCallba\177ckError\r\007\376\000\014Upgrade\3003\001\342\205\0048\003\013\003\234\204\003J\003In\274\266A\252\206\002alRe\267\204\003L\377AST_CHUN\337KMAX_\271\204\001_S\377IZEMIGHT\377_SWITCH_\377PROTOCOL\377NEED_DAT\375A\251!PAUSED\370\245\002\234\002\000\007.__in\177it__Pro\225\204\002?Remote\006\005\312\002\000\215\207\004\224\207\004\367\001\000\0108\006\235\005\245\005\"\003\370\360\205\003\253!a\006SERVE\021R\251\003\241\000\251\005S\237\205\002\000\003\215\006\037__H11\236*\000\016\"\007\376\033\r._pump_\376\001\023.<local\377s>.genex{prG\017feedz\003\360\216I\000\017s""\014\273I.eof\374\036\020T\003ttptoo\303ls\321\014\002\022\333\010\t\024re\037set_H(\023V\030\350\204\005\316#\025on_\234\207\003\000\036s_\377complete81\030\255\213\004\007!url\304\t\367+\260\263\047\343*\307\204\005!\025._\321Bm\017anuaE\026\260CK\024\254M\000\342J\265\207\004e\026\27022\r\213\212\003\2703^\r\370\2639\212\r\312\212\003__Pyx\376\001\000Dict_Ne\177xtRef__\227\217\004\337e____\354\217\002_g\277etitem\014\002osnt&\000\030\001doc\037\001gfun\003\002\266\207\003__\305\214\001\2367\001meta9\003F\000m\357odulM\002mro\377_entries\356]\001namd\002pre\227paro\002q\214@\017\005s\367lot#\002test\364\216\000\246Ii\341arout\247ine\331\206\003\362\204\003u\324\211\003a\377ppendarg\377sasyncio\027.co\047\004s\321\212\001\302\213\001\364\217\002\377causechu\273nk\000\002edc\343\214\001_\377in_trace\222\307\212\001c\263\213\001\000\002d\364\220\001\362\220\007c\356\213!nt_\350\215\003dat\347ado\213\000\303\215\002nco\027dee\001\002_T\003\006\003\027\003\357dend\210\217\001heokfe\246\213\001_\215Dhi\337 \213ve\343!c\363\207\001\366\207\002V\001f?indfir\205 \203\216\001\177forward\377\216\001\374\000\010\272\210\016framin\351g\322\210\004\306@_\200\221\001_ve\037rsion\014\001\236\220\003\026\001<\216d\263\001h11h\205\215\003\360\217\001>\364\217\001_size\210\204\0047\t\365h\263\210\005i\246\215\003inti\337sdigi\256bsj\377oinkeep_\037alive\217\220\003\302\217\001\306\217\001r\332@w\352\217\001\374\205\001max\327\207\002\026\004\001in\264\207\006e\205!v\002\305\221\003\371n\254a\260adnext\262\000\001_\036\002\242\216\004on\331`dp\240\210\004\245\210\006\256\210\006\214\210\007on_\356\207\r\373on\373$on_ur\025l\325`p\277\224\002_\336\223\005\367\210\002\322\224\002\337rpart\336\000on\336\005\001spop\322\224\002._\377native.h\3751\371\224\002purera\365w\000\000_\273\205\001srea\377sonreceiGve_\251a\356\222\006\252\223\004_Y\003\374i\006\006\006tretur\375n\372@ripsel\353fs\273ae\010\000tde\377faultspl\263it\241\222\003\275Hst,\004u\377msupertt~\366\221\001ttheir\354b\377et""hrowtr?ailing\220\002\215\227\003\376\277\205\004urlvval\353ue\000\002s\261d\r\n\r\377\n\r\n %x\r\n\177%s\r\n,/0\016\001?1.1:: \271\225\004\314\225\001\177HTTP/1.\316\205\006\347ose\252\205\016\242\224\004hos\345t\244a-\243b\242\227\001ied\232\250\227\002-\340\227\007te\244\002\304\000r\177ansfer-\332\205\002\367ing\355\206\004xx:1\377\240a\2701\320\000\025\220\377\\\240\021\340\004\016\210a\377\330\004\r\210Q\330\004\021\367\220\021\330\t\003\010\210\006\210\377i\220q\330\010\014\210D\377\220\006\220a\330\010\013\210\3772\210S\220\001\330\014\025\377\220S\230\001\230\021\330\r\377\017\210s\220!\330\014\026\377\220e\2306\240\022\2407\377\250\"\250I\260Q\260a\376\021\006\032\230%\230r\240\025\317\240f\250A#\010j\000\013\210\3779\220H\230L\250\010\260\377\004\260K\270s\300!\320\337\000\027\220z\240z\000\013\320\377\013\033\2303\230c\240\021\377\240\047\250\021\320\000\031\230\377\031\240)\320+<\270A\277\360\006\000\005\010\200\217\000\017\277\210q\330\004\037\230\002\000\n\357\210!\330\004\217\030\017\210r\377\220\023\220A\330\020\031\230\377\025\230h\240a\330\014\r~\304\0017\220\"\220F\2308\000\375\007K\001\016\210b\220\003\220\3773\220d\230#\230U\240\377$\240c\250\021\250&\260o\003\2607\270Z\000\013\210\244 \377\034\230O\320+;\2706\377\320AS\320ST\330\004\377\007\200u\210C\210z\230\377\023\230A\330\010\017\320\017\277 \240\001\240\031\250*\001\320\377\013\"\240!\2409\250A\377\320\000\034\320\034,\250L\177\270\001\330\004\014\210A\330!\376\311&\r\210W\220A\220U\377\230\"\230F\240\"\240A\177\330\004\t\210\027\220\001\366!\377\013\2107\220%\220q\230\177\001\320\000\035\230Z\240\344\000\235\014f\000v\220Q\375 D\000E\343\220\021\264\003\354 \245@\007\200s\373\210!/\000\"\220B\220c\373\230\024\272\000!\2402\240[\377\260\001\260\034\270S\300\004\377\300E\310\021\310\"\310H\377\320TU\330\010\016\210j\226\261@\025\230\346@\027\323@\262 \010\363\220\005S\002\030\000e\2208\230\3274\230z\365\000!\343A4\210\375t\212\"%\230s\240%\240\377s\250$\250f\260A\330?\014\022\220*\230Aa""\001\361\000\377\210w\220b\230\006\230e\267\2406\250\260A\210<\262\000\003\357\2301\230E\264@%\240u\377\250A\250V\2603\260a\377\260w\270b\300\007\300u\377\310E\320QR\320RT~\210\000\320UZ\320Z[\335\000\377\320\035.\250m\320;K\377\3106\320Q`\320`i\277\320iz\320z{\313/!\376\207`)\2508\260:\270Q\373\330\004\233`#\2401\240I\377\250X\260Q\320\004\025\220\277Q\340\010\013\2104\215`\014\277\020\220\013\2301\330\004\000\010\357\230\007\230q\025\004\014\210E\237\220\035\230a\230\302\204\002\272!!\333\320\004\373\001\010\t\206a\020\030\333\230\004\257\000\033\250\332\000\023\220\2773\320\026.\250a\247a\023\377\320\0342\260#\3205H\373\310\004\265\001[\320[\\\330\357\020\026\220j\343@\030\320)\277>\270a\270|\310h\000\017\337\210v\220S\230\363\000\330\020\367\021\330\014\005\006\360\006\000\021\377\034\2309\240D\250\005\250\377Q\330\020\023\2204\220u\377\230M\250\023\250C\320/\377F\300c\310\024\310U\320\377R_\320_b\320be\377\320ef\330\024\032\230&\356\275`\025\240a\355@\020\024\220\377H\230C\230{\250!\250\3773\250i\3207Q\320Q\357U\320UVC\0011\330\024_\030\230\005\230]\030\0005\340@\365\021\005\0141e\003q\330\024\025\376\211\004z\230\021\230\047\240\023\374\336`\272\000d\230!\2305\240\337\010\250\n\260!\220\0013\220\375a\223\000I\240R\240s\320\177*;\320;P\320P\235@\357V\320VW\214\001*\240A\367\240U\250&\000\027\220{\240\377!\2405\250\t\260\025\260\237i\270u\300O\373\204\001\237\002H\372 \000Qj\006\037\230t\2404\276\363A\330\024\027\220tf\000\r\377\250S\260\003\2601\330\030\367\036\230fG\003\2501\330\021=\033\237`G\2403\240\343 \344\001qH\023\004\314\000\013\016G\2401\257*\373\250q\235)t\2505\260\016\036\205@q\330\020\033\341\047\367\200B\231\t?\021\320\004\030\230\001\000\002\204\211\001\377G\2201\330\010\014\320\014w \240\001\223\211\001M\230\021\n\002;(\250 \000\031\230\032\257\000\324a\267\020\220\007\306\210\001\240!\243\205\001y\373\320\030\321a\014\022\220&\230\177\001\230\024\230Q\230g\326!\257\250;\260a\030\0044\327\205\001\024\217\220C\220q\300a\256C\331@\026o\220k\240""\021\252\210\002\017\210B\000\375,\240\204\001\017\210t\220;\230\347b\240\004\315C\214\204\001\025\320&\367H\310\001\223\206\006\320\"7\260\177q\270\014\300A\320\004\212\004\276\232\205\001x\220w\230a\227\205\001\r\270}\000\376\210\003G\0018\2307\241\001\t\354\261\205\001\201\200/\017\210\334a#\230^\376\326@\020\026\220c\320\031+\360\340@\334\211\001\247\007\253\207\004\320\"8\270\037\001\270\034\300Q\215\006\215\206\010\357\205\030\374\355\205\003\340\000<\270A\270\\\310\310\331\205\t\345\205\013\232\206\001f\226\210\003\202\204\002N\270\347!\2701\305\047\376\204\002\027\220|\377\2401\240E\250\036\260u\377\270I\300U\310/\320Y\377]\320]^\320^c\320\377ck\320ku\320uv\375\330\314\204\0135\230\r\240S\250\361\001\342s\300\204\t)/4\220x\230\377s\240+\250T\260\024\260\177S\270\005\270_\310AE\037\306\216\205\"\021\330\262\204\014\222\204\004\375\210\nF\220\377!\320\004\032\230*\240Av\333\216\001H\220\002\002N\230#\232b~\314\211\002{\230\"\230D\240\317g\377\240!\320\004\034\230H\240\276\326`\034\230J\240a2\003H\277\230A\230Q\320\004\246\214\002\320\177\004\036\230n\250J\260\024\004\337G\2302\230V\216\205\001\014\210\356S\003f\240B\325\215\002\047\260\022\367\2601\330L\026\037\230}\250\377H\260A\330\010\r\210R{\210y\342\217\002\010\014\210J\374\217\001\366\002\002\320\004\037\000\320,<\320\377<L\310L\320XY\330\344\021\n\252\220\001K\257\220\003\000\004J\220d\377\320\032+\250<\260{\300\337\047\310\021\310!\314\220\001N\230\377!\2309\240G\250?\270\377(\300#\300]\320R`\353\320`\203`dX\001\177\320.\377>\320>N\310l\320Z\375[3&t\270;\300g\310\347Q\310aB\031\363\217\003#\220Q\375\330\246\214\003\320\004 \240\n\250\371!\254\004\013\000\320 1\3201\377B\300&\310\017\320W`?\320`q\320qr\305\010\374\004\367H\220C\217\212\0023\240i\320\377/I\310\021\340\010\022\220\337\"\220I\230Q\234\222\0011\330\377\014\027\220r\230\037\250\016\317\260l\300!f\010\245\215\001\014\025\372x\000\010\216\215\001\025\220a\220s\377\230(\240!\2407\250(\377\260\047\270\030\300\030\310\021\376\222\n\005\220U\230!""\2303\357\230m\2501\216\010\320HZ\330\217$\324&\204bL\230\213\211\002J\220\377i\230v\240W\250D\260\357\t\3209J\345#J\220h\377\230d\240(\250\047\260\032\377\2709\320DW\320WX\224\250J\276\211\014\210\316\211\003\210\301@\214\"3\177\2606\3209K\3101\373\n\177i\320\0371\260\021\260\306B\216t\004G\2201\030\025\226\004\250-\320\277\004!\240\032\2501\307\220\001tq\220\203\211\004\303\217\004\226\211\0033\230a\317\207\005\345Q\262\223\002\014\222\001\305\221\001d\220\047\263\230\025\317\217\003\370\217\001r\220\371\216\002s\377\220!\2204\220y\240\002\343\240$\334\214\001\265\210\004\354\223\004\017\320\017\376\224\223\0015\250\001\250\024\250W\373\260B\370\212\003u\220A\220T\377\230\027\240\001\240\024\240R\373\240q\365\221\003s\220$\220j\377\240\004\240D\250\004\250H\357\260C\260q\316\220\003\010\240\001~\214\213\001\020\220\n\230)\240\370\217\002}q\253\210\001M\240\021\240!\230\004\246\265$H\220\222\206\002\303\222\003x\346@+\373\240Ts\000S\260\004\260J\327\270a\330\204\214\004\021\364\206\003G\230\336\336@\"\240*\250\342\205\rM\230\037\021\320\004%\240\322b\313\221\022\027\002v\230\227\001\001\330\312\221\001\023\220;\344\221\001\377\240\013\2504\250t\2606\377\270\021\320:K\3102\310\367W\320T\356@\\\320\\]w\330\017\020\234\214\010A\300\021\360\207\010\320\254\004j\004N\004\270\226\001\027\326a\017\210\377|\2301\230A\320\035-\276\253\211\002Y\270a\320?\252\220\003Y\036\277\212\002a\320ab\374\206\010\371\206\004\301f\377u\230D\240\003\2404\240\307z\260\021\251\210\n\272\004\317\216\003\210H\001\220\210 ";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 4355, 6785);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (6765 bytes) */
-static const char bytes[] = ".?Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.Requests, on h11. A fresh h11 connection per message: we only parse with\n    it (the proxy writes its own bytes), and h11 will not start a new cycle\n    before a response has been sent through it.Requests, on llhttp.Responses, on llhttp. HEAD and CONNECT responses are parsed by hand:\n    llhttp cannot be told the request method.The message switched protocols; ``remaining`` holds the bytes after its head.add_notedisableenablegcinvalid content-lengthisenabledmalformed request: malformed response headermalformed response status linemalformed response: protocol switchproxy/core/h1.pyrequest head too largerequest headers too largeresponse headers too largetuple[bool, int | None, bytes, bool]AnyCLIENTConnectionConnectionClosedDataEndOfMessageHOP_BY_HOPHandlerHandler.on_bodyHandler.on_endHandler.on_headHeadersHttpParserCallbackErrorHttpParserErrorHttpParserUpgradeHttpRequestParserHttpResponseParserInformationalResponseLAST_CHUNKMAX_HEAD_SIZEMIGHT_SWITCH_PROTOCOLNEED_DATANonePAUSEDParseErrorParseError.__init__ProtocolRemoteProtocolErrorRequestRequestHeadRequestHead.__init__ResponseResponseHeadResponseHead.__init__SERVERSWITCHED_PROTOCOLSwitchSwitch.__init____H11RequestParser_H11RequestParser.__init___H11RequestParser._pump_H11RequestParser._pump.<locals>.genexpr_H11RequestParser.feed_H11ResponseParser_H11ResponseParser.__init___H11ResponseParser.eof_H11ResponseParser.feed_HttptoolsRequestParser_HttptoolsRequestParser.__init___HttptoolsRequestParser._reset_HttptoolsRequestParser.feed_HttptoolsRequestParser.on_body_HttptoolsRequestParser.on_header_HttptoolsRequestParser.on_headers_complete_HttptoolsRequestParser.on_message_complete_HttptoolsRequestParser.on_url_HttptoolsResponseParser_HttptoolsResponseParser.__init___HttptoolsResponseParser._feed_manual_HttptoolsResponseParser.eof_Httptool""sResponseParser.feed_HttptoolsResponseParser.on_body_HttptoolsResponseParser.on_header_HttptoolsResponseParser.on_headers_complete_HttptoolsResponseParser.on_message_complete_HttptoolsResponseParser.on_status__Pyx_PyDict_NextRef__annotate____class_getitem____context____doc____func____init____main____metaclass____module____mro_entries____name____prepare____qualname____slots____test___feed_manual_is_coroutine_pump_reset_upgradeappendargsasyncio.coroutinesbodyboolbytescausechunkchunkedcline_in_tracebackcloseclosedconnconnectioncontent_lengthdatadone_headencodeencode_chunkencode_headendendswitheoferror_status_hinteventexcfeedfeed_datafindfirst_lineforwardableforwardable.<locals>.genexprframinggenexprget_http_versionget_methodget_status_codeh11handlerheadhead_sizeheadershttp_versionhttptoolsin_bodyintisdigititemsjoinkeep_alivelengthlinelineslowermanualmax_headmax_incomplete_event_sizemethodnnamenamednextnext_eventon_bodyon_endon_headon_headeron_headers_completeon_message_completeon_statuson_urloutpparse_response_headparserpartitionpartspopproxy._native.h1parsepurerawraw_itemsreasonreceive_dataremainingrequest_parserresponse_parserrestreturnrstripselfsendsepsetdefaultsplitstatusstatus_codestrstripsumsuperttargettheir_statethrowtrailing_datatypingupgradeurlvvaluevaluesversion\r\n\r\n\r\n %x\r\n%s\r\n,/0\r\n\r\n1.1:: CONNECTHEADHTTP/1.chunkedcloseconnectioncontent-lengthhostkeep-aliveproxiedproxy-connectiontetrailertransfer-encodingupgradexx:1\240a\2701\320\000\025\220\\\240\021\340\004\016\210a\330\004\r\210Q\330\004\021\220\021\330\004\016\210a\330\004\010\210\006\210i\220q\330\010\014\210D\220\006\220a\330\010\013\2102\210S\220\001\330\014\025\220S\230\001\230\021\330\r\017\210s\220!\330\014\026\220e\2306\240\022\2407\250\"\250I\260Q\260a\330\r\017\210s\220!\330\014\032\230%\230r\240\025\240f\250A\330\r\017\210s\220!\330\014\026\220a\330\004\013\2109\220H\230L\250\010\260\004\260K\270s\300!\320\000\027\220z\240\021\330\004\013\320\013\033\2303\230c\240\021\240\047\250""\021\320\000\031\230\031\240)\320+<\270A\360\006\000\005\010\200q\330\010\017\210q\330\004\037\230q\330\004\n\210!\330\004\010\210\006\210i\220q\330\010\014\210D\220\006\220a\330\010\013\2102\210S\220\001\330\014\017\210r\220\023\220A\330\020\031\230\025\230h\240a\330\014\r\330\010\013\2107\220\"\220F\230!\330\004\007\200q\330\010\016\210b\220\003\2203\220d\230#\230U\240$\240c\250\021\250&\260\003\2607\270!\330\004\013\2101\320\000\034\230O\320+;\2706\320AS\320ST\330\004\007\200u\210C\210z\230\023\230A\330\010\017\320\017 \240\001\240\031\250!\330\004\013\320\013\"\240!\2409\250A\320\000\034\320\034,\250L\270\001\330\004\014\210A\210Q\330\004\010\210\006\210i\220q\330\010\r\210W\220A\220U\230\"\230F\240\"\240A\330\004\t\210\027\220\001\220\021\330\004\013\2107\220%\220q\230\001\320\000\035\230Z\240q\330\004\014\210C\210v\220Q\220a\330\004\014\210E\220\021\220\"\220F\230!\2306\240\021\330\004\007\200s\210!\2107\220\"\220B\220c\230\024\230U\240!\2402\240[\260\001\260\034\270S\300\004\300E\310\021\310\"\310H\320TU\330\010\016\210j\230\001\230\025\230a\330\004\027\220q\330\004\010\210\010\220\005\220Q\220a\330\010\016\210e\2208\2304\230z\250\021\250!\330\010\013\2104\210t\2203\220d\230%\230s\240%\240s\250$\250f\260A\330\014\022\220*\230A\230U\240!\330\010\017\210w\220b\230\006\230e\2406\250\021\330\004\013\210<\220q\230\003\2301\230E\240\021\240%\240u\250A\250V\2603\260a\260w\270b\300\007\300u\310E\320QR\320RT\320TU\320UZ\320Z[\320\000\035\320\035.\250m\320;K\3106\320Q`\320`i\320iz\320z{\330\004\007\200u\210C\210z\230\023\230A\330\010\017\320\017!\240\021\240)\2508\260:\270Q\330\004\013\320\013#\2401\240I\250X\260Q\320\004\025\220Q\340\010\013\2104\210q\330\014\020\220\013\2301\330\014\020\220\010\230\007\230q\320\004\025\220Q\340\010\014\210E\220\035\230a\230q\330\010\014\210E\220\021\220!\320\004\027\220q\330\010\t\330\014\r\330\020\030\230\004\230E\240\033\250A\330\014\023\2203\320\026.\250a\330\020\031\230\023\320\0342\260#\3205H\310\004\310E\320Q[\320[\\\330\020""\026\220j\240\001\240\030\320)>\270a\270|\3101\330\014\017\210v\220S\230\003\2301\330\020\021\330\014\017\210v\220S\230\003\2301\360\006\000\021\034\2309\240D\250\005\250Q\330\020\023\2204\220u\230M\250\023\250C\320/F\300c\310\024\310U\320R_\320_b\320be\320ef\330\024\032\230&\240\001\240\025\240a\240q\330\020\024\220H\230C\230{\250!\2503\250i\3207Q\320QU\320UV\330\020\023\2201\330\024\030\230\005\230]\250!\2505\260\001\260\021\330\020\023\2201\330\024\030\230\005\230]\250!\2501\330\020\023\2204\220q\330\024\025\330\020\021\330\014\017\210z\230\021\230\047\240\023\240A\330\020\026\220d\230!\2305\240\010\250\n\260!\330\020\023\2203\220a\220u\230I\240R\240s\320*;\320;P\320PR\320RV\320VW\330\024\032\230*\240A\240U\250!\330\020\027\220{\240!\2405\250\t\260\025\260i\270u\300O\320ST\330\020\024\220H\230H\240A\240Q\330\020\023\2204\220q\330\024\037\230t\2404\240u\250A\330\024\027\220t\2305\240\r\250S\260\003\2601\330\030\036\230f\240A\240U\250!\2501\330\021\033\2301\230G\2403\240a\330\020\024\220H\230H\240A\240U\250!\2505\260\001\330\021\033\2301\230G\2403\240a\330\020\024\220H\230G\2401\330\020\023\2204\220u\230M\250\023\250C\250q\330\024\032\230&\240\001\240\025\240a\240t\2505\260\016\270a\270q\330\020\033\2309\240D\250\005\250Q\330\020\024\220H\230C\230{\250!\2503\250i\3207Q\320QU\320UV\330\020\023\2201\330\024\030\230\005\230]\250!\2505\260\001\260\021\330\020\023\2201\330\024\030\230\005\230]\250!\2501\330\020\023\2204\220q\330\024\025\330\021\033\2301\230G\2403\240a\330\020\021\320\004\030\230\001\320\004\030\230\001\330\010\014\210G\2201\330\010\014\320\014 \240\001\330\010\014\210M\230\021\330\010\014\320\014(\250\001\320\004\031\230\032\2401\330\010\t\330\014\020\220\007\220z\240\021\240!\330\010\017\210y\320\030.\250a\330\014\022\220&\230\001\230\024\230Q\230g\240U\250!\250;\260a\330\010\017\210y\320\0304\260A\330\014\024\220C\220q\330\014\017\210z\230\021\230\047\240\021\330\020\026\220k\240\021\330\014\r\330\010\017\210y\320\030,\250A\330\014\017\210t\220;\230b""\240\004\240A\330\020\026\220j\240\001\240\025\320&H\310\001\330\014\022\220*\230A\230U\320\"7\260q\270\014\300A\320\004\031\230\032\2401\330\010\013\2104\210x\220w\230a\330\014\020\220\r\230Q\230a\330\014\r\330\010\t\330\014\020\220\007\220z\240\021\240!\330\010\017\210y\320\030.\250a\330\014\022\220&\230\001\230\024\230Q\230g\240U\250!\250;\260a\330\010\017\210y\320\0304\260A\330\014\017\210z\230\021\230#\230^\2501\330\020\026\220c\320\031+\2501\330\014\r\330\010\017\210y\320\030,\250A\330\014\022\220*\230A\230U\320\"8\270\001\270\034\300Q\320\004\031\230\032\2401\330\010\014\210E\220\035\230a\230q\330\010\t\330\014\r\330\020\030\230\004\230E\240\033\250A\330\014\023\2203\320\026.\250a\330\020\026\220j\240\001\240\025\320&<\270A\270\\\310\021\330\014\017\210v\220S\230\003\2301\330\020\021\330\014\017\210v\220S\230\003\2301\330\020\026\220f\230A\230U\240!\2404\240u\250N\270!\2701\330\014\017\210z\230\021\230\047\240\023\240A\330\020\027\220|\2401\240E\250\036\260u\270I\300U\310/\320Y]\320]^\320^c\320ck\320ku\320uv\330\020\024\220H\230H\240A\240Q\330\020\023\2205\230\r\240S\250\001\330\024\032\230&\240\001\240\025\240a\240t\2505\260\016\270a\270q\330\021\033\2301\230G\2403\240a\330\020\027\220|\2401\240E\250\036\260u\270I\300U\310/\320Y]\320]^\320^c\320ck\320ku\320uv\330\020\024\220H\230H\240A\240Q\330\020\023\2204\220x\230s\240+\250T\260\024\260S\270\005\270_\310A\330\024\032\230&\240\001\240\025\240a\240t\2505\260\016\270a\270q\330\021\033\2301\230G\2403\240a\330\020\024\220H\230H\240A\240U\250!\2505\260\001\330\021\033\2301\230G\2403\240a\330\020\024\220H\230G\2401\330\020\021\330\021\033\2301\230G\2403\240a\330\020\021\320\004\031\230\032\2401\330\010\014\210E\220\035\230a\230q\330\010\014\210F\220!\320\004\032\230*\240A\330\010\014\210H\220A\330\010\014\210N\230#\230Q\230a\330\010\013\2104\210{\230\"\230D\240\001\330\014\022\220*\230A\230U\240!\320\004\034\230H\240A\320\004\034\230J\240a\330\010\014\210H\220H\230A\230Q\320\004\035\230Z\240q\320\004\036\230n""\250J\260a\330\010\014\210H\220G\2302\230V\2401\330\010\014\210N\230#\230Q\230f\240B\240c\250\021\250\047\260\022\2601\330\010\013\2104\210{\230\"\230D\240\001\330\014\022\220*\230A\230U\240!\320\004\037\230}\250H\260A\330\010\r\210R\210y\230\001\230\021\330\010\014\210J\220a\330\010\014\210J\220a\320\004\037\230}\320,<\320<L\310L\320XY\330\010\014\210J\220a\330\010\014\210J\220a\330\010\014\210K\220q\330\010\014\210K\220q\330\010\014\210J\220d\320\032+\250<\260{\300\047\310\021\310!\330\010\014\210N\230!\2309\240G\250?\270(\300#\300]\320R`\320`c\320cd\320\004\037\230\177\320.>\320>N\310l\320Z[\330\010\014\210J\220a\330\010\014\210J\220a\330\010\014\210K\220q\330\010\014\210K\220q\330\010\014\210J\220d\320\032+\250<\260t\270;\300g\310Q\310a\330\010\014\210N\230!\2309\240G\250?\270(\300#\300]\320R`\320`c\320cd\330\010\013\2107\220#\220Q\330\014\020\220\013\2301\320\004 \240\n\250!\330\010\014\210K\220q\320\004 \320 1\3201B\300&\310\017\320W`\320`q\320qr\330\010\014\210K\220q\330\010\014\210J\220a\330\010\014\210H\220C\220{\240!\2403\240i\320/I\310\021\340\010\022\220\"\220I\230Q\330\010\013\2101\330\014\027\220r\230\037\250\016\260l\300!\330\010\013\2107\220#\220Q\330\014\025\220Q\340\014\025\220Q\330\010\014\210E\220\025\220a\220s\230(\240!\2407\250(\260\047\270\030\300\030\310\021\330\010\013\2107\220#\220Q\330\014\020\220\005\220U\230!\2303\230m\2501\320\004 \320 1\3201B\300&\320HZ\320Z[\330\010\014\210K\220q\330\010\014\210J\220a\330\010\014\210L\230\001\330\010\014\210J\220i\230v\240W\250D\260\t\3209J\310!\330\010\014\210J\220h\230d\240(\250\047\260\032\2709\320DW\320WX\320XY\330\010\014\210J\220a\330\010\014\320\014 \240\001\330\010\014\210M\230\021\330\010\014\210M\230\021\330\010\014\210K\220q\320\004 \320 3\2606\3209K\3101\330\010\014\210K\220q\330\010\014\210J\220i\320\0371\260\021\260!\330\010\014\210L\230\001\330\010\014\210G\2201\320\004 \320 3\2606\3209K\3101\330\010\014\210K\220q\330\010\014\210L\230\001\330\010\014\210H\220C\220{\240!\2403\240i\320/I""\310\021\320\004!\240\032\2501\330\010\017\210t\2208\2307\240!\330\010\013\2104\210q\330\014\017\210t\2208\2303\230a\330\020\026\220f\230A\230Q\330\014\r\330\010\014\210K\220q\330\010\016\210d\220\047\230\025\230a\230q\330\010\013\2104\210r\220\021\330\014\017\210s\220!\2204\220y\240\002\240$\240a\330\020\026\220j\240\001\240\025\240a\330\014\r\330\010\017\320\017\"\240!\2405\250\001\250\024\250W\260B\260a\330\010\017\210u\220A\220T\230\027\240\001\240\024\240R\240q\330\010\013\2104\210s\220$\220j\240\004\240D\250\004\250H\260C\260q\330\014\020\220\010\230\010\240\001\240\021\330\014\020\220\n\230)\2401\330\014\017\210q\330\020\024\220M\240\021\240!\330\014\r\330\010\014\210M\230\021\330\010\014\210H\220H\230A\230Q\330\010\013\2104\210x\220s\230+\240T\250\024\250S\260\004\260J\270a\330\014\022\220&\230\001\230\021\330\010\014\210H\220G\2301\320\004\"\240*\250A\330\010\r\210R\210y\230\001\230\021\330\010\014\210M\230\021\320\004%\240Q\330\010\013\2104\210q\330\014\020\220\013\2301\330\014\020\220\010\230\007\230q\320\004%\240Q\330\010\014\210D\220\001\330\010\t\330\014\023\220;\230a\230q\240\013\2504\250t\2606\270\021\320:K\3102\310W\320TX\320X\\\320\\]\330\017\020\330\014\022\220*\230A\230U\320\"A\300\021\330\010\014\210H\220A\330\010\014\210H\220H\230A\230Q\320\004%\240Q\330\010\014\210D\220\001\330\010\017\210|\2301\230A\320\035-\250T\260\024\260Y\270a\320?P\320PR\320RY\320Y]\320]a\320ab\330\010\014\210J\220a\330\010\014\210K\220q\330\010\014\210M\230\021\330\010\014\210K\220u\230D\240\003\2404\240z\260\021\330\010\014\210H\220H\230A\230Q\320\004%\240Q\330\010\014\210G\2201\330\010\014\210H\220G\2301";
+    #else /* compression: none (6785 bytes) */
+static const char bytes[] = ".?Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.Requests, on h11. A fresh h11 connection per message: we only parse with\n    it (the proxy writes its own bytes), and h11 will not start a new cycle\n    before a response has been sent through it.Requests, on llhttp.Responses, on llhttp. HEAD and CONNECT responses are parsed by hand:\n    llhttp cannot be told the request method.The message switched protocols; ``remaining`` holds the bytes after its head.add_notedisableenablegcinvalid content-lengthisenabledmalformed request: malformed response headermalformed response status linemalformed response: protocol switchproxy/core/h1.pyrequest head too largerequest headers too largeresponse headers too largetuple[bool, int | None, bytes, bool]AnyCLIENTConnectionConnectionClosedDataEndOfMessageHOP_BY_HOPHandlerHandler.on_bodyHandler.on_endHandler.on_headHeadersHttpParserCallbackErrorHttpParserErrorHttpParserUpgradeHttpRequestParserHttpResponseParserInformationalResponseLAST_CHUNKMAX_HEAD_SIZEMIGHT_SWITCH_PROTOCOLNEED_DATANonePAUSEDParseErrorParseError.__init__ProtocolRemoteProtocolErrorRequestRequestHeadRequestHead.__init__ResponseResponseHeadResponseHead.__init__SERVERSWITCHED_PROTOCOLSwitchSwitch.__init____H11RequestParser_H11RequestParser.__init___H11RequestParser._pump_H11RequestParser._pump.<locals>.genexpr_H11RequestParser.feed_H11ResponseParser_H11ResponseParser.__init___H11ResponseParser.eof_H11ResponseParser.feed_HttptoolsRequestParser_HttptoolsRequestParser.__init___HttptoolsRequestParser._reset_HttptoolsRequestParser.feed_HttptoolsRequestParser.on_body_HttptoolsRequestParser.on_header_HttptoolsRequestParser.on_headers_complete_HttptoolsRequestParser.on_message_complete_HttptoolsRequestParser.on_url_HttptoolsResponseParser_HttptoolsResponseParser.__init___HttptoolsResponseParser._feed_manual_HttptoolsResponseParser.eof_Httptool""sResponseParser.feed_HttptoolsResponseParser.on_body_HttptoolsResponseParser.on_header_HttptoolsResponseParser.on_headers_complete_HttptoolsResponseParser.on_message_complete_HttptoolsResponseParser.on_status__Pyx_PyDict_NextRef__annotate____class_getitem____context____doc____func____init____main____metaclass____module____mro_entries____name____prepare____qualname____slots____test___feed_manual_is_coroutine_pump_reset_upgradeappendargsasyncio.coroutinesbodyboolbytescausechunkchunkedcline_in_tracebackcloseclosedconnconnectioncontent_lengthdatadone_headencodeencode_chunkencode_headendendswitheoferror_status_hinteventexcfeedfeed_datafindfirst_lineforwardableforwardable.<locals>.genexprframinggenexprget_http_versionget_methodget_status_codeh11handlerheadhead_sizeheadershttp_versionhttptoolsin_bodyintisdigititemsjoinkeep_alivelengthlinelineslowermanualmax_headmax_incomplete_event_sizemethodnnamenamednextnext_eventon_bodyon_endon_headon_headeron_headers_completeon_message_completeon_statuson_urloutpparse_response_headparserpartitionpartspopproxy._native.h1parsepurerawraw_itemsreasonreceive_dataremainingrequest_parserresponse_parserrestreturnrstripselfsendsepsetdefaultsplitstatusstatus_codestrstripsumsuperttargettheir_statethrowtrailing_datatypingupgradeurlvvaluevaluesversion\r\n\r\n\r\n %x\r\n%s\r\n,/0\r\n\r\n1.1:: CONNECTHEADHTTP/1.chunkedcloseconnectioncontent-lengthhostkeep-aliveproxiedproxy-connectiontetrailertransfer-encodingupgradexx:1\240a\2701\320\000\025\220\\\240\021\340\004\016\210a\330\004\r\210Q\330\004\021\220\021\330\004\016\210a\330\004\010\210\006\210i\220q\330\010\014\210D\220\006\220a\330\010\013\2102\210S\220\001\330\014\025\220S\230\001\230\021\330\r\017\210s\220!\330\014\026\220e\2306\240\022\2407\250\"\250I\260Q\260a\330\r\017\210s\220!\330\014\032\230%\230r\240\025\240f\250A\330\r\017\210s\220!\330\014\026\220a\330\004\013\2109\220H\230L\250\010\260\004\260K\270s\300!\320\000\027\220z\240\021\330\004\013\320\013\033\2303\230c\240\021\240\047\250""\021\320\000\031\230\031\240)\320+<\270A\360\006\000\005\010\200q\330\010\017\210q\330\004\037\230q\330\004\n\210!\330\004\010\210\006\210i\220q\330\010\014\210D\220\006\220a\330\010\013\2102\210S\220\001\330\014\017\210r\220\023\220A\330\020\031\230\025\230h\240a\330\014\r\330\010\013\2107\220\"\220F\230!\330\004\007\200q\330\010\016\210b\220\003\2203\220d\230#\230U\240$\240c\250\021\250&\260\003\2607\270!\330\004\013\2101\320\000\034\230O\320+;\2706\320AS\320ST\330\004\007\200u\210C\210z\230\023\230A\330\010\017\320\017 \240\001\240\031\250!\330\004\013\320\013\"\240!\2409\250A\320\000\034\320\034,\250L\270\001\330\004\014\210A\210Q\330\004\010\210\006\210i\220q\330\010\r\210W\220A\220U\230\"\230F\240\"\240A\330\004\t\210\027\220\001\220\021\330\004\013\2107\220%\220q\230\001\320\000\035\230Z\240q\330\004\014\210C\210v\220Q\220a\330\004\014\210E\220\021\220\"\220F\230!\2306\240\021\330\004\007\200s\210!\2107\220\"\220B\220c\230\024\230U\240!\2402\240[\260\001\260\034\270S\300\004\300E\310\021\310\"\310H\320TU\330\010\016\210j\230\001\230\025\230a\330\004\027\220q\330\004\010\210\010\220\005\220Q\220a\330\010\016\210e\2208\2304\230z\250\021\250!\330\010\013\2104\210t\2203\220d\230%\230s\240%\240s\250$\250f\260A\330\014\022\220*\230A\230U\240!\330\010\017\210w\220b\230\006\230e\2406\250\021\330\004\013\210<\220q\230\003\2301\230E\240\021\240%\240u\250A\250V\2603\260a\260w\270b\300\007\300u\310E\320QR\320RT\320TU\320UZ\320Z[\320\000\035\320\035.\250m\320;K\3106\320Q`\320`i\320iz\320z{\330\004\007\200u\210C\210z\230\023\230A\330\010\017\320\017!\240\021\240)\2508\260:\270Q\330\004\013\320\013#\2401\240I\250X\260Q\320\004\025\220Q\340\010\013\2104\210q\330\014\020\220\013\2301\330\014\020\220\010\230\007\230q\320\004\025\220Q\340\010\014\210E\220\035\230a\230q\330\010\014\210E\220\021\220!\320\004\027\220q\330\010\t\330\014\r\330\020\030\230\004\230E\240\033\250A\330\014\023\2203\320\026.\250a\330\020\031\230\023\320\0342\260#\3205H\310\004\310E\320Q[\320[\\\330\020""\026\220j\240\001\240\030\320)>\270a\270|\3101\330\014\017\210v\220S\230\003\2301\330\020\021\330\014\017\210v\220S\230\003\2301\360\006\000\021\034\2309\240D\250\005\250Q\330\020\023\2204\220u\230M\250\023\250C\320/F\300c\310\024\310U\320R_\320_b\320be\320ef\330\024\032\230&\240\001\240\025\240a\240q\330\020\024\220H\230C\230{\250!\2503\250i\3207Q\320QU\320UV\330\020\023\2201\330\024\030\230\005\230]\250!\2505\260\001\260\021\330\020\023\2201\330\024\030\230\005\230]\250!\2501\330\020\023\2204\220q\330\024\025\330\020\021\330\014\017\210z\230\021\230\047\240\023\240A\330\020\026\220d\230!\2305\240\010\250\n\260!\330\020\023\2203\220a\220u\230I\240R\240s\320*;\320;P\320PR\320RV\320VW\330\024\032\230*\240A\240U\250!\330\020\027\220{\240!\2405\250\t\260\025\260i\270u\300O\320ST\330\020\024\220H\230H\240A\240Q\330\020\023\2204\220q\330\024\037\230t\2404\240u\250A\330\024\027\220t\2305\240\r\250S\260\003\2601\330\030\036\230f\240A\240U\250!\2501\330\021\033\2301\230G\2403\240a\330\020\024\220H\230H\240A\240U\250!\2505\260\001\330\021\033\2301\230G\2403\240a\330\020\024\220H\230G\2401\330\020\023\2204\220u\230M\250\023\250C\250q\330\024\032\230&\240\001\240\025\240a\240t\2505\260\016\270a\270q\330\020\033\2309\240D\250\005\250Q\330\020\024\220H\230C\230{\250!\2503\250i\3207Q\320QU\320UV\330\020\023\2201\330\024\030\230\005\230]\250!\2505\260\001\260\021\330\020\023\2201\330\024\030\230\005\230]\250!\2501\330\020\023\2204\220q\330\024\025\330\021\033\2301\230G\2403\240a\330\020\021\320\004\030\230\001\320\004\030\230\001\330\010\014\210G\2201\330\010\014\320\014 \240\001\330\010\014\210M\230\021\330\010\014\320\014(\250\001\320\004\031\230\032\2401\330\010\t\330\014\020\220\007\220z\240\021\240!\330\010\017\210y\320\030.\250a\330\014\022\220&\230\001\230\024\230Q\230g\240U\250!\250;\260a\330\010\017\210y\320\0304\260A\330\014\024\220C\220q\330\014\017\210z\230\021\230\047\240\021\330\020\026\220k\240\021\330\014\r\330\010\017\210y\320\030,\250A\330\014\017\210t\220;\230b""\240\004\240A\330\020\026\220j\240\001\240\025\320&H\310\001\330\014\022\220*\230A\230U\320\"7\260q\270\014\300A\320\004\031\230\032\2401\330\010\013\2104\210x\220w\230a\330\014\020\220\r\230Q\230a\330\014\r\330\010\017\210t\2208\2307\240!\330\010\t\330\014\020\220\007\220z\240\021\240!\330\010\017\210y\320\030.\250a\330\014\022\220&\230\001\230\024\230Q\230g\240U\250!\250;\260a\330\010\017\210y\320\0304\260A\330\014\017\210z\230\021\230#\230^\2501\330\020\026\220c\320\031+\2501\330\014\r\330\010\017\210y\320\030,\250A\330\014\022\220*\230A\230U\320\"8\270\001\270\034\300Q\320\004\031\230\032\2401\330\010\014\210E\220\035\230a\230q\330\010\t\330\014\r\330\020\030\230\004\230E\240\033\250A\330\014\023\2203\320\026.\250a\330\020\026\220j\240\001\240\025\320&<\270A\270\\\310\021\330\014\017\210v\220S\230\003\2301\330\020\021\330\014\017\210v\220S\230\003\2301\330\020\026\220f\230A\230U\240!\2404\240u\250N\270!\2701\330\014\017\210z\230\021\230\047\240\023\240A\330\020\027\220|\2401\240E\250\036\260u\270I\300U\310/\320Y]\320]^\320^c\320ck\320ku\320uv\330\020\024\220H\230H\240A\240Q\330\020\023\2205\230\r\240S\250\001\330\024\032\230&\240\001\240\025\240a\240t\2505\260\016\270a\270q\330\021\033\2301\230G\2403\240a\330\020\027\220|\2401\240E\250\036\260u\270I\300U\310/\320Y]\320]^\320^c\320ck\320ku\320uv\330\020\024\220H\230H\240A\240Q\330\020\023\2204\220x\230s\240+\250T\260\024\260S\270\005\270_\310A\330\024\032\230&\240\001\240\025\240a\240t\2505\260\016\270a\270q\330\021\033\2301\230G\2403\240a\330\020\024\220H\230H\240A\240U\250!\2505\260\001\330\021\033\2301\230G\2403\240a\330\020\024\220H\230G\2401\330\020\021\330\021\033\2301\230G\2403\240a\330\020\021\320\004\031\230\032\2401\330\010\014\210E\220\035\230a\230q\330\010\014\210F\220!\320\004\032\230*\240A\330\010\014\210H\220A\330\010\014\210N\230#\230Q\230a\330\010\013\2104\210{\230\"\230D\240\001\330\014\022\220*\230A\230U\240!\320\004\034\230H\240A\320\004\034\230J\240a\330\010\014\210H\220H\230A\230Q\320\004""\035\230Z\240q\320\004\036\230n\250J\260a\330\010\014\210H\220G\2302\230V\2401\330\010\014\210N\230#\230Q\230f\240B\240c\250\021\250\047\260\022\2601\330\010\013\2104\210{\230\"\230D\240\001\330\014\022\220*\230A\230U\240!\320\004\037\230}\250H\260A\330\010\r\210R\210y\230\001\230\021\330\010\014\210J\220a\330\010\014\210J\220a\320\004\037\230}\320,<\320<L\310L\320XY\330\010\014\210J\220a\330\010\014\210J\220a\330\010\014\210K\220q\330\010\014\210K\220q\330\010\014\210J\220d\320\032+\250<\260{\300\047\310\021\310!\330\010\014\210N\230!\2309\240G\250?\270(\300#\300]\320R`\320`c\320cd\320\004\037\230\177\320.>\320>N\310l\320Z[\330\010\014\210J\220a\330\010\014\210J\220a\330\010\014\210K\220q\330\010\014\210K\220q\330\010\014\210J\220d\320\032+\250<\260t\270;\300g\310Q\310a\330\010\014\210N\230!\2309\240G\250?\270(\300#\300]\320R`\320`c\320cd\330\010\013\2107\220#\220Q\330\014\020\220\013\2301\320\004 \240\n\250!\330\010\014\210K\220q\320\004 \320 1\3201B\300&\310\017\320W`\320`q\320qr\330\010\014\210K\220q\330\010\014\210J\220a\330\010\014\210H\220C\220{\240!\2403\240i\320/I\310\021\340\010\022\220\"\220I\230Q\330\010\013\2101\330\014\027\220r\230\037\250\016\260l\300!\330\010\013\2107\220#\220Q\330\014\025\220Q\340\014\025\220Q\330\010\014\210E\220\025\220a\220s\230(\240!\2407\250(\260\047\270\030\300\030\310\021\330\010\013\2107\220#\220Q\330\014\020\220\005\220U\230!\2303\230m\2501\320\004 \320 1\3201B\300&\320HZ\320Z[\330\010\014\210K\220q\330\010\014\210J\220a\330\010\014\210L\230\001\330\010\014\210J\220i\230v\240W\250D\260\t\3209J\310!\330\010\014\210J\220h\230d\240(\250\047\260\032\2709\320DW\320WX\320XY\330\010\014\210J\220a\330\010\014\320\014 \240\001\330\010\014\210M\230\021\330\010\014\210M\230\021\330\010\014\210K\220q\320\004 \320 3\2606\3209K\3101\330\010\014\210K\220q\330\010\014\210J\220i\320\0371\260\021\260!\330\010\014\210L\230\001\330\010\014\210G\2201\320\004 \320 3\2606\3209K\3101\330\010\014\210K\220q\330\010\014\210L\230\001\330\010\014\210H""\220C\220{\240!\2403\240i\320/I\310\021\320\004!\240\032\2501\330\010\017\210t\2208\2307\240!\330\010\013\2104\210q\330\014\017\210t\2208\2303\230a\330\020\026\220f\230A\230Q\330\014\r\330\010\014\210K\220q\330\010\016\210d\220\047\230\025\230a\230q\330\010\013\2104\210r\220\021\330\014\017\210s\220!\2204\220y\240\002\240$\240a\330\020\026\220j\240\001\240\025\240a\330\014\r\330\010\017\320\017\"\240!\2405\250\001\250\024\250W\260B\260a\330\010\017\210u\220A\220T\230\027\240\001\240\024\240R\240q\330\010\013\2104\210s\220$\220j\240\004\240D\250\004\250H\260C\260q\330\014\020\220\010\230\010\240\001\240\021\330\014\020\220\n\230)\2401\330\014\017\210q\330\020\024\220M\240\021\240!\330\014\r\330\010\014\210M\230\021\330\010\014\210H\220H\230A\230Q\330\010\013\2104\210x\220s\230+\240T\250\024\250S\260\004\260J\270a\330\014\022\220&\230\001\230\021\330\010\014\210H\220G\2301\320\004\"\240*\250A\330\010\r\210R\210y\230\001\230\021\330\010\014\210M\230\021\320\004%\240Q\330\010\013\2104\210q\330\014\020\220\013\2301\330\014\020\220\010\230\007\230q\320\004%\240Q\330\010\014\210D\220\001\330\010\t\330\014\023\220;\230a\230q\240\013\2504\250t\2606\270\021\320:K\3102\310W\320TX\320X\\\320\\]\330\017\020\330\014\022\220*\230A\230U\320\"A\300\021\330\010\014\210H\220A\330\010\014\210H\220H\230A\230Q\320\004%\240Q\330\010\014\210D\220\001\330\010\017\210r\220\027\230\001\330\010\017\210|\2301\230A\320\035-\250T\260\024\260Y\270a\320?P\320PR\320RY\320Y]\320]a\320ab\330\010\014\210J\220a\330\010\014\210K\220q\330\010\014\210M\230\021\330\010\014\210K\220u\230D\240\003\2404\240z\260\021\330\010\014\210H\220H\230A\230Q\320\004%\240Q\330\010\014\210G\2201\330\010\014\210H\220G\2301";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
@@ -20755,12 +20798,12 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 319};
+    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 321};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_v};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_kp_b_iso88591_1, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 428};
+    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 430};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_t};
     __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_kp_b_iso88591_a, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }
@@ -20862,90 +20905,90 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   {
     const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 198};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_head};
-    __pyx_mstate_global->__pyx_codeobj_tab[21] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_on_headers_complete, __pyx_mstate->__pyx_kp_b_iso88591_Q_D_1A_T_Ya_PPRRYY_aab_Ja_Kq_M, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[21])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[21] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_on_headers_complete, __pyx_mstate->__pyx_kp_b_iso88591_Q_D_r_1A_T_Ya_PPRRYY_aab_Ja_Kq, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[21])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 207};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 208};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_body};
     __pyx_mstate_global->__pyx_codeobj_tab[22] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_on_body, __pyx_mstate->__pyx_kp_b_iso88591_Ja_HHAQ, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[22])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 210};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 211};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self};
     __pyx_mstate_global->__pyx_codeobj_tab[23] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_on_message_complete, __pyx_mstate->__pyx_kp_b_iso88591_Q_4q_1_q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[23])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 215};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 216};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self};
     __pyx_mstate_global->__pyx_codeobj_tab[24] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_eof, __pyx_mstate->__pyx_kp_b_iso88591_Q_4q_1_q_2, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[24])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 221};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 222};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_data, __pyx_mstate->__pyx_n_u_upgrade, __pyx_mstate->__pyx_n_u_exc};
-    __pyx_mstate_global->__pyx_codeobj_tab[25] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_feed, __pyx_mstate->__pyx_kp_b_iso88591_1_4xwa_Qa_z_y_a_QgU_a_y_4A_z_1, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[25])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[25] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_feed, __pyx_mstate->__pyx_kp_b_iso88591_1_4xwa_Qa_t87_z_y_a_QgU_a_y_4A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[25])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 236};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 238};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_data, __pyx_mstate->__pyx_n_u_end, __pyx_mstate->__pyx_n_u_head, __pyx_mstate->__pyx_n_u_rest};
     __pyx_mstate_global->__pyx_codeobj_tab[26] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_feed_manual, __pyx_mstate->__pyx_kp_b_iso88591_1_t87_4q_t83a_fAQ_Kq_d_aq_4r_s, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[26])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 263};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 265};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_raw, __pyx_mstate->__pyx_n_u_lines, __pyx_mstate->__pyx_n_u_parts, __pyx_mstate->__pyx_n_u_headers, __pyx_mstate->__pyx_n_u_line, __pyx_mstate->__pyx_n_u_name, __pyx_mstate->__pyx_n_u_sep, __pyx_mstate->__pyx_n_u_value};
     __pyx_mstate_global->__pyx_codeobj_tab[27] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_parse_response_head, __pyx_mstate->__pyx_kp_b_iso88591_Zq_CvQa_E_F_6_s_7_Bc_U_2_S_E_HT, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[27])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 285};
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 287};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_handler, __pyx_mstate->__pyx_n_u_max_head};
     __pyx_mstate_global->__pyx_codeobj_tab[28] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_init, __pyx_mstate->__pyx_kp_b_iso88591_369K1_Kq_L_HC_3i_I, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[28])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 290};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 292};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_data};
     __pyx_mstate_global->__pyx_codeobj_tab[29] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_feed, __pyx_mstate->__pyx_kp_b_iso88591_1_E_aq_F, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[29])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 294};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 296};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_event, __pyx_mstate->__pyx_n_u_exc, __pyx_mstate->__pyx_n_u_status, __pyx_mstate->__pyx_n_u_remaining, __pyx_mstate->__pyx_n_u_closed, __pyx_mstate->__pyx_n_u_raw, __pyx_mstate->__pyx_n_u_head, __pyx_mstate->__pyx_n_u__12, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_n_u_genexpr};
     __pyx_mstate_global->__pyx_codeobj_tab[30] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_pump, __pyx_mstate->__pyx_kp_b_iso88591_q_E_A_3_a_2_5H_EQ_j_a_1_vS_1_vS, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[30])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 7, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 346};
+    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 7, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 348};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_handler, __pyx_mstate->__pyx_n_u_method, __pyx_mstate->__pyx_n_u_max_head, __pyx_mstate->__pyx_n_u_upgrade, __pyx_mstate->__pyx_n_u_headers, __pyx_mstate->__pyx_n_u_target};
     __pyx_mstate_global->__pyx_codeobj_tab[31] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_init, __pyx_mstate->__pyx_kp_b_iso88591_11B_W_qqr_Kq_Ja_HC_3i_I_IQ_1_r, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[31])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 362};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 364};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_data, __pyx_mstate->__pyx_n_u_event, __pyx_mstate->__pyx_n_u_exc, __pyx_mstate->__pyx_n_u_head};
     __pyx_mstate_global->__pyx_codeobj_tab[32] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_feed, __pyx_mstate->__pyx_kp_b_iso88591_1_E_aq_E_A_3_a_j_A_vS_1_vS_1_fA, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[32])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 391};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 393};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self};
     __pyx_mstate_global->__pyx_codeobj_tab[33] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_eof, __pyx_mstate->__pyx_kp_b_iso88591_Q_E_aq_E, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[33])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 397};
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 399};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_handler, __pyx_mstate->__pyx_n_u_pure, __pyx_mstate->__pyx_n_u_max_head};
     __pyx_mstate_global->__pyx_codeobj_tab[34] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_request_parser, __pyx_mstate->__pyx_kp_b_iso88591_O_6ASST_uCz_A_9A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[34])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 403};
+    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 405};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_handler, __pyx_mstate->__pyx_n_u_method, __pyx_mstate->__pyx_n_u_pure, __pyx_mstate->__pyx_n_u_max_head, __pyx_mstate->__pyx_n_u_upgrade};
     __pyx_mstate_global->__pyx_codeobj_tab[35] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_response_parser, __pyx_mstate->__pyx_kp_b_iso88591_m_K6Q_iizz_uCz_A_8_Q_1IXQ, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[35])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 417};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 419};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_headers, __pyx_mstate->__pyx_n_u_upgrade, __pyx_mstate->__pyx_n_u_named, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_name, __pyx_mstate->__pyx_n_u_value, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_v};
     __pyx_mstate_global->__pyx_codeobj_tab[36] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_forwardable, __pyx_mstate->__pyx_kp_b_iso88591_A_q_q_q_iq_D_a_2S_r_A_ha_7_F_q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[36])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 436};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 438};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_first_line, __pyx_mstate->__pyx_n_u_headers, __pyx_mstate->__pyx_n_u_parts, __pyx_mstate->__pyx_n_u_name, __pyx_mstate->__pyx_n_u_value};
     __pyx_mstate_global->__pyx_codeobj_tab[37] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_encode_head, __pyx_mstate->__pyx_kp_b_iso88591_L_AQ_iq_WAU_F_A_7_q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[37])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 444};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 446};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_data};
     __pyx_mstate_global->__pyx_codeobj_tab[38] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_core_h1_py, __pyx_mstate->__pyx_n_u_encode_chunk, __pyx_mstate->__pyx_kp_b_iso88591_z_3c, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[38])) goto bad;
   }

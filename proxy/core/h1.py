@@ -29,7 +29,7 @@ import h11
 try:
     import httptools
 except ImportError:  # pragma: no cover - httptools is a dependency; the twin still works
-    httptools = None
+    httptools = None  # type: ignore[assignment]
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -197,6 +197,7 @@ class _HttptoolsResponseParser:
 
     def on_headers_complete(self) -> None:
         p = self.parser
+        assert p is not None
         head = ResponseHead(p.get_status_code(), self.reason, p.get_http_version().encode(), self.headers)
         self.reason = b""
         self.headers = []
@@ -222,6 +223,7 @@ class _HttptoolsResponseParser:
         if self.manual is not None:
             self._feed_manual(data)
             return
+        assert self.parser is not None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:

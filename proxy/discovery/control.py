@@ -105,7 +105,8 @@ class ControlPlaneDiscovery:
     def sweep(self, now: float, idle_timeout: float) -> int:
         """Close the watches of destinations unused for ``idle_timeout`` (ref 3.1: 5 s outbound)."""
         gone = 0
-        for table in (self.entries, self.by_name):
+        tables: tuple[dict[Any, _Entry], ...] = (self.entries, self.by_name)
+        for table in tables:
             for key in [k for k, e in table.items() if e.backend.idle(now, idle_timeout)]:
                 entry = table.pop(key)
                 for w in (entry.profile_watch, entry.endpoint_watch):

@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from proxy.config import Addr
-from proxy.native import load
 from proxy.balance.queue import FailFast, LoadShed
+from proxy.config import Addr
 from proxy.http import errors
 from proxy.http.stack import Clients, Exchange, HttpRoute
 from proxy.log import get_logger
+from proxy.native import load
 from proxy.tls.local import IdentityMismatch
 from proxy.transport.connect import connect
 from proxy.transport.relay import TcpSeries
+
+if TYPE_CHECKING:
+    from proxy.core.h1 import RequestHead, ResponseHead
 
 log = get_logger("proxy.http.h1")
 h1 = load("h1parse", "proxy.core.h1")[0]  # the parser module: compiled twin unless MESHPROXY_NO_EXTENSIONS=1
@@ -213,7 +216,7 @@ class H1Exchange:
         "route_labels", "route_started", "in_flight",
     )
 
-    def __init__(self, server: Http1Server, head: h1.RequestHead) -> None:
+    def __init__(self, server: Http1Server, head: RequestHead) -> None:
         self.server = server
         self.head = head
         self.metrics: Exchange | None = None
@@ -221,7 +224,7 @@ class H1Exchange:
         self.held: list[bytes] | None = []
         self.held_size = 0
         self.request_done = False
-        self.response_head: h1.ResponseHead | None = None
+        self.response_head: ResponseHead | None = None
         self.response_done = False
         self.client_keep_alive = head.keep_alive
         self.response_chunked = False
@@ -392,7 +395,7 @@ class H1Exchange:
     async def connect(self, pool: H1Pool) -> None:
         try:
             conn = await pool.connect()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.endpoint_failed()
             self.fail(errors.CONNECT_TIMEOUT.because(f"connect to {pool.target} timed out after {pool.connect_timeout:g}s"))
             return
@@ -464,7 +467,7 @@ class H1Exchange:
             self.early += data
 
     # -- response side (response parser handler)
-    def on_head(self, head: h1.ResponseHead) -> None:
+    def on_head(self, head: ResponseHead) -> None:
         server = self.server
         if 100 <= head.status < 200 and head.status != 101:
             server.write(b"HTTP/1.1 %d %s\r\n\r\n" % (head.status, head.reason or b"Continue"))
@@ -506,9 +509,10 @@ class H1Exchange:
         m.route_response_latency_ms.labels(*labels, code).observe((self.server.loop.time() - self.route_started) * 1000.0)
 
     def release_in_flight(self) -> None:
-        if self.in_flight:
+        limit = self.server.in_flight_limit
+        if self.in_flight and limit is not None:
             self.in_flight = False
-            self.server.in_flight_limit[0] -= 1
+            limit[0] -= 1
 
     def should_retry(self) -> bool:
         """A failure on a retryable route: send the request again if the budget allows (ref 10.2)."""
@@ -744,7 +748,7 @@ class Http1Server:
             self.queue[0].upstream.transport.resume_reading()
 
     # -- request parser handler
-    def on_head(self, head: h1.RequestHead) -> None:
+    def on_head(self, head: RequestHead) -> None:
         ex = H1Exchange(self, head)
         self.queue.append(ex)
         if len(self.queue) == 1:

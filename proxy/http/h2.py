@@ -83,17 +83,17 @@ from h2.settings import SettingCodes
 from hpack import Encoder
 from hyperframe.frame import GoAwayFrame
 
-from proxy.config import Addr
-from proxy.http import orig_proto
 from proxy.balance.queue import FailFast as FailFastError
 from proxy.balance.queue import LoadShed as LoadShedError
+from proxy.config import Addr
+from proxy.http import orig_proto
 from proxy.http.errors import (
     CONNECT_TIMEOUT,
     FAILFAST,
-    LOADSHED,
     FORBIDDEN,
     IDENTITY_REQUIRED,
     IO_ERROR,
+    LOADSHED,
     RESPONSE_TIMEOUT,
     ProxyError,
     is_grpc,

@@ -11,10 +11,9 @@ import asyncio
 from typing import Any
 
 from proxy.config import Config
+from proxy.http.h1 import Http1Server  # noqa: E402 - its parser (proxy.core.h1) has a compiled twin
 from proxy.http.stack import Clients, HttpRoute
 from proxy.transport import relay as relay_mod
-
-from proxy.http.h1 import Http1Server  # noqa: E402 - its parser (proxy.core.h1) has a compiled twin
 
 try:  # HTTP/2 proxying lives in its own module; without it h2c is relayed opaquely.
     from proxy.http.h2 import H2ServerConnection, H2Settings
@@ -34,7 +33,7 @@ class HttpStage:
         self.live: set[Any] = set()
         # Requests in flight per direction, against LINKERD2_PROXY_*_MAX_IN_FLIGHT (then 503, load shed).
         self.in_flight = {"inbound": [0, config.inbound_max_in_flight], "outbound": [0, config.outbound_max_in_flight]}
-        self.h2_settings = {d: H2Settings.from_config(config, d) for d in ("inbound", "outbound")} if H2Settings else {}
+        self.h2_settings = {d: H2Settings.from_config(config, d) for d in ("inbound", "outbound")} if H2Settings is not None else {}
 
     @property
     def h2_available(self) -> bool:

@@ -64,7 +64,7 @@ async def peek_client_hello(sock: socket.socket, timeout: float) -> tuple[str, s
     loop.add_reader(fd, readable)
     try:
         return await asyncio.wait_for(fut, timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return UNDECIDED, ""
     finally:
         loop.remove_reader(fd)
@@ -99,9 +99,9 @@ async def adopt(sock: socket.socket, server_ctx: Any | None, timeout: float) -> 
     hold = _Hold()
     loop = asyncio.get_running_loop()
     if server_ctx is None:
-        transport, _ = await loop.connect_accepted_socket(lambda: hold, sock)
+        transport, _ = await loop.connect_accepted_socket(lambda: hold, sock)  # type: ignore[type-var]
     else:
-        transport, _ = await loop.connect_accepted_socket(lambda: hold, sock, ssl=server_ctx, ssl_handshake_timeout=timeout)
+        transport, _ = await loop.connect_accepted_socket(lambda: hold, sock, ssl=server_ctx, ssl_handshake_timeout=timeout)  # type: ignore[type-var]
     return transport, hold
 
 

@@ -47,6 +47,6 @@ async def connect(factory: Callable[[], Any], addr: Addr, timeout: float, identi
         if not expired:
             raise  # cancelled by someone else (the client left)
         task.uncancel()
-        raise asyncio.TimeoutError(f"connect to {addr} timed out after {timeout:g}s") from None
+        raise TimeoutError(f"connect to {addr} timed out after {timeout:g}s") from None
     finally:
         timer.cancel()

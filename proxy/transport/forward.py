@@ -75,6 +75,11 @@ class Conn:
         self.src = TcpSeries(fwd.metrics, labels or fwd.server_labels(self.accepted, self.target))
         return self.src
 
+    def close_series(self, errno: str = "") -> None:
+        """Count the connection as closed (when no relay or HTTP server took it over)."""
+        if self.src is not None:
+            self.src.closed(errno)
+
 
 class Acceptor:
     def __init__(
@@ -100,6 +105,7 @@ class Acceptor:
         self.client_labels = client_labels
         self.errors = errors  # {inbound,outbound}_tcp_errors_total
         self.dispatch = dispatch or (lambda conn: forward_opaque(conn, b""))
+        self.backends: Any = None  # outbound: the per-destination backends, swept by the worker
         self.loop = asyncio.get_running_loop()
 
     def __call__(self) -> AcceptProtocol:
@@ -148,6 +154,7 @@ class Acceptor:
 def forward_opaque(conn: Conn, prefix: bytes, client_eof: bool = False) -> None:
     """Relay ``conn`` to its target byte for byte; ``prefix`` was already read from it."""
     fwd = conn.forwarder
+    assert conn.src is not None, "the dispatch opens the series before forwarding"
     relay = Relay(fwd.tracker, conn.src)
     conn.transport.set_protocol(relay.client)
     relay.client.connection_made(conn.transport)
@@ -178,7 +185,7 @@ async def _connect(fwd: Acceptor, relay: Relay, accepted: Accepted, target: Targ
         relay.balance = (ep, ep.load.start(started), 0.0)
     try:
         await connect(relay.new_upstream, target.addr, fwd.connect_timeout, target.identity, fwd.local)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         _failed(fwd, relay, target.addr, "connect timeout", backend)
         return
     except IdentityMismatch as exc:

@@ -55,7 +55,7 @@ class Channel:
                     if fut is not None and not fut.done():
                         fut.set_result(message)
                     continue
-                result = self.on_message(message)
+                result: Any = self.on_message(message)
                 if asyncio.iscoroutine(result):
                     result = await result
                 if "id" in message:

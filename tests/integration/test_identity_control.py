@@ -3,7 +3,6 @@ both speaking the real protobuf APIs over real gRPC, in front of real proxies.""
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess

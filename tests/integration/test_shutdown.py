@@ -13,7 +13,15 @@ import time
 import psutil
 import pytest
 
-from tests.support import ROOT, ThreadedServer, echo_handler, http_get, make_proxy, recv_all, wait_until
+from tests.support import (
+    ROOT,
+    ThreadedServer,
+    echo_handler,
+    http_get,
+    make_proxy,
+    recv_all,
+    wait_until,
+)
 
 
 def test_kill_9_of_a_worker_is_survived(twin):

@@ -10,7 +10,14 @@ import threading
 
 import pytest
 
-from tests.support import ThreadedServer, echo_handler, make_proxy, metric_value, recv_all, wait_until
+from tests.support import (
+    ThreadedServer,
+    echo_handler,
+    make_proxy,
+    metric_value,
+    recv_all,
+    wait_until,
+)
 
 
 @pytest.fixture
