@@ -13,12 +13,35 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.balance.backend import Backend
+from proxy.balance.budget import RetryBudget
+from proxy.balance.split import WeightedSplit
 from proxy.config import Addr, Config
 from proxy.discovery.destination import DestinationClient
-from proxy.discovery.static import Resolution, Service
+from proxy.discovery.static import Resolution, RetryBudgetSpec, Route, Service
 from proxy.log import get_logger
 
 log = get_logger("proxy.discovery.control")
+
+
+class ProfileService:
+    """A GetProfile answer in the shape the data path reads from the discovery file's services:
+    routes (timeouts, retryability), the retry budget and the traffic split (ref 10.2)."""
+
+    def __init__(self, name: str, profile: Any) -> None:
+        self.name = name
+        self.profile = profile
+        budget = profile.retry_budget
+        self.retry_budget = RetryBudgetSpec(budget.retry_ratio, budget.min_retries_per_second, budget.ttl) if budget else RetryBudgetSpec(0.0, 0, 10.0)
+        self.dst_overrides = tuple((d.authority, d.weight) for d in profile.dst_overrides if d.weight > 0)
+        self.routes = profile.routes
+
+    def route_for(self, method: bytes, path: bytes) -> Route | None:
+        found = self.profile.route_for(method.decode("latin-1"), path.decode("latin-1"))
+        if found is None:
+            return None
+        # A route is retried only when the profile also has a retry budget (ref 10.2).
+        name = dict(found.labels).get("route", "") or "route"
+        return Route(name, None, "", found.timeout, found.is_retryable and self.profile.retry_budget is not None)
 
 
 class _Entry:
@@ -95,7 +118,20 @@ class ControlPlaneDiscovery:
 
         def on_profile(profile: Any) -> None:
             name = getattr(profile, "fully_qualified_name", "") if profile is not None else ""
-            watch(f"{name}:{dst.port}" if name else str(dst))
+            logical = f"{name}:{dst.port}" if name else str(dst)
+            if profile is not None and (profile.routes or profile.dst_overrides):
+                svc = ProfileService(logical, profile)
+                backend.service = svc
+                try:
+                    backend.budget = RetryBudget(svc.retry_budget.retry_ratio, svc.retry_budget.min_retries_per_second, svc.retry_budget.ttl)
+                except ValueError:
+                    backend.budget = None  # an invalid budget disables retries (ref 10.2)
+                parts = [(self.backend_for_name(d), w) for d, w in svc.dst_overrides]
+                backend.split = WeightedSplit(parts) if parts else None
+            else:
+                backend.service = None
+                backend.split = None
+            watch(logical)
 
         entry.profile_watch = self.client.get_profile(str(dst), on_profile)
         if entry.profile_watch is None:  # profiles are not looked up for this address: watch it directly
