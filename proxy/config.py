@@ -285,6 +285,8 @@ VARIABLES: tuple[Variable, ...] = (
     V(L + "IDENTITY_SVC_ADDR", "identity_svc_addr", parse_text, ""),
     V(L + "IDENTITY_SVC_NAME", "identity_svc_name", parse_text, ""),
     V(L + "IDENTITY_SPIRE_WORKLOAD_API_ADDRESS", "identity_spire_addr", parse_text, ""),
+    # The deprecated name, still in Linkerd's mesh-expansion docs (ref 11.2); the new one wins.
+    V(L + "IDENTITY_SPIRE_SOCKET", "identity_spire_socket", parse_text, ""),
     V(L + "IDENTITY_MIN_REFRESH", "identity_min_refresh", parse_duration, 10.0),  # ref 5.3
     V(L + "IDENTITY_MAX_REFRESH", "identity_max_refresh", parse_duration, 86400.0),
     # Control plane (ref 1.1, 6).
@@ -336,7 +338,6 @@ VARIABLES: tuple[Variable, ...] = (
 
 KNOWN_NAMES = frozenset(v.env for v in VARIABLES) | {
     # Read by Linkerd but not (yet) by us; listed so they are not reported as unknown.
-    L + "IDENTITY_SPIRE_SOCKET",
     L + "DESTINATION_PROFILE_INITIAL_TIMEOUT",
     L + "TAP_SVC_NAME",
     L + "INBOUND_GATEWAY_SUFFIXES",
@@ -460,6 +461,8 @@ def parse(env: Mapping[str, str], toml_text: str | None = None, cpus: int | None
     if (cores_ratio := values["cores_max_ratio"]) is not None and not (0 < cores_ratio <= 1):
         problems.append(f"{L}CORES_MAX_RATIO: expected a ratio in (0, 1], got {cores_ratio}")
 
+    if not values["identity_spire_addr"] and values["identity_spire_socket"]:
+        values["identity_spire_addr"] = values["identity_spire_socket"]
     outbound = values["outbound_listen"] or (values["outbound_listen_legacy"],)
     if len(outbound) > 2:
         problems.append(f"{L}OUTBOUND_LISTEN_ADDRS: at most two addresses (one IPv4, one IPv6)")

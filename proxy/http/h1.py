@@ -213,7 +213,7 @@ class H1Exchange:
         "server", "head", "metrics", "upstream", "held", "held_size", "request_done", "response_head", "response_done",
         "client_keep_alive", "response_chunked", "connect_task", "timer", "early", "retried", "close_after",
         "required_id", "endpoint", "load_handle", "backend", "retry_body", "retry_size", "retries", "discarding",
-        "route_labels", "route_started", "in_flight",
+        "route_labels", "route_started", "in_flight", "started",
     )
 
     def __init__(self, server: Http1Server, head: RequestHead) -> None:
@@ -241,6 +241,7 @@ class H1Exchange:
         self.retry_size = 0
         self.retries = 0
         self.discarding = False  # the response being read is a failure that will be retried
+        self.started = time.monotonic()
         self.route_labels: tuple[str, str, str] | None = None  # (direction, dst, rt_route) of a profile route
         self.route_started = 0.0
         self.in_flight = False
@@ -508,6 +509,20 @@ class H1Exchange:
         m.route_response_total.labels(*labels, code, "failure" if status >= 500 else "success").value += 1
         m.route_response_latency_ms.labels(*labels, code).observe((self.server.loop.time() - self.route_started) * 1000.0)
 
+    def log_access(self, status: int) -> None:
+        server = self.server
+        if server.access_log is None:
+            return
+        host = agent = b""
+        for n, v in self.head.headers:
+            low = n.lower()
+            if low == b"host":
+                host = v
+            elif low == b"user-agent":
+                agent = v
+        server.access_log.record(server.client_addr, server.route.client_id, self.head.method, self.head.target,
+                                 self.head.version, status, host, agent, self.started)
+
     def release_in_flight(self) -> None:
         limit = self.server.in_flight_limit
         if self.in_flight and limit is not None:
@@ -670,6 +685,8 @@ class Http1Server:
                  in_flight_limit: list[int] | None = None) -> None:
         self.local = local
         self.in_flight_limit = in_flight_limit  # [requests in flight, max] shared by the direction's connections
+        self.access_log: Any = None  # inbound: an access_log.AccessLog when LINKERD2_PROXY_ACCESS_LOG is set
+        self.client_addr = ""
         self.route = route
         self.src = src  # server-side TCP series of this connection (tcp_* metrics)
         self.metrics = metrics
@@ -707,6 +724,9 @@ class Http1Server:
     # -- asyncio protocol
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        if self.access_log is not None:
+            peer = transport.get_extra_info("peername")
+            self.client_addr = f"{peer[0]}:{peer[1]}" if peer else "-"
 
     def data_received(self, data: bytes) -> None:
         if self.src is not None:
@@ -796,6 +816,8 @@ class Http1Server:
 
     def exchange_done(self, ex: H1Exchange) -> None:
         ex.release_in_flight()
+        if self.access_log is not None:
+            ex.log_access(ex.response_head.status if ex.response_head is not None else (ex.metrics.status if ex.metrics else 0) or 0)
         if self.queue and self.queue[0] is ex:
             self.queue.pop(0)
         if not ex.client_keep_alive or self.draining or self.switched:

@@ -12,6 +12,7 @@ from typing import Any
 
 from proxy.config import Config
 from proxy.http.h1 import Http1Server  # noqa: E402 - its parser (proxy.core.h1) has a compiled twin
+from proxy.http.access_log import AccessLog
 from proxy.http.stack import Clients, HttpRoute
 from proxy.transport import relay as relay_mod
 
@@ -33,6 +34,7 @@ class HttpStage:
         self.live: set[Any] = set()
         # Requests in flight per direction, against LINKERD2_PROXY_*_MAX_IN_FLIGHT (then 503, load shed).
         self.in_flight = {"inbound": [0, config.inbound_max_in_flight], "outbound": [0, config.outbound_max_in_flight]}
+        self.access_log = AccessLog(config.access_log) if config.access_log else None  # inbound requests only
         self.h2_settings = {d: H2Settings.from_config(config, d) for d in ("inbound", "outbound")} if H2Settings is not None else {}
 
     @property
@@ -47,6 +49,8 @@ class HttpStage:
         server = Http1Server(route, self.metrics, self.clients, self.pure, self.config.http_max_head_size, pool_idle,
                              self.config.max_idle_conns_per_endpoint, self.live, self._relay_factory, src, self.local,
                              self.in_flight[route.direction])
+        if route.direction == "inbound":
+            server.access_log = self.access_log
         transport.set_protocol(server)
         server.connection_made(transport)
         transport.resume_reading()

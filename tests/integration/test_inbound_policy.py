@@ -77,3 +77,27 @@ def test_meshed_peers_get_in_when_the_policy_allows_them(tmp_path, issuer, polic
         client.stop()
         server.stop()
         app.close()
+
+
+@pytest.mark.parametrize("fmt", ["json", "apache"])
+def test_access_log_lines_for_inbound_requests(tmp_path, fmt):
+    import json as json_
+
+    app = http_app()
+    server = make_proxy(MESHPROXY_INBOUND_FALLBACK_ADDR=f"127.0.0.1:{app.port}", LINKERD2_PROXY_ACCESS_LOG=fmt).start()
+    try:
+        status, _, _ = http_get(f"http://127.0.0.1:{server.inbound}/logged?x=1", headers={"User-Agent": "probe/1.0"})
+        assert status == 200
+        from tests.support import wait_until
+
+        line = wait_until(lambda: next((x for x in server.read_output().splitlines() if "/logged?x=1" in x), None), 5,
+                          what="an access log line")
+        if fmt == "json":
+            entry = json_.loads(line)
+            assert entry["method"] == "GET" and entry["uri"] == "/logged?x=1" and entry["status"] == 200
+            assert entry["user_agent"] == "probe/1.0" and entry["client.addr"].startswith("127.0.0.1:")
+        else:
+            assert line.startswith("127.0.0.1 - - [") and '"GET /logged?x=1 HTTP/1.1" 200' in line
+    finally:
+        server.stop()
+        app.close()

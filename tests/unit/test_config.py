@@ -458,3 +458,11 @@ def test_affinity_mask_limits_cpus(tmp_path, monkeypatch):
     monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1})
     (tmp_path / "cpu.max").write_text("400000 100000\n")
     assert available_cpus(str(tmp_path)) == 2
+
+
+def test_deprecated_spire_socket_name_is_read_and_the_new_name_wins():
+    from proxy.config import parse
+
+    assert parse({"LINKERD2_PROXY_IDENTITY_SPIRE_SOCKET": "unix:///run/spire.sock"}).identity_spire_addr == "unix:///run/spire.sock"
+    both = {"LINKERD2_PROXY_IDENTITY_SPIRE_SOCKET": "old", "LINKERD2_PROXY_IDENTITY_SPIRE_WORKLOAD_API_ADDRESS": "new"}
+    assert parse(both).identity_spire_addr == "new"
