@@ -11,8 +11,8 @@ import asyncio
 from typing import Any
 
 from proxy.config import Config
-from proxy.http.h1 import Http1Server  # noqa: E402 - its parser (proxy.core.h1) has a compiled twin
 from proxy.http.access_log import AccessLog
+from proxy.http.h1 import Http1Server  # noqa: E402 - its parser (proxy.core.h1) has a compiled twin
 from proxy.http.stack import Clients, HttpRoute
 from proxy.transport import relay as relay_mod
 
