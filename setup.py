@@ -13,7 +13,7 @@ from setuptools.command.build_ext import build_ext
 
 NATIVE_MODULES = ["relay"]
 # Pure modules compiled as they are (Cython's pure-Python mode): the twin is the same source.
-COMPILED_TWINS = {"h1parse": "proxy/core/h1.py"}
+COMPILED_TWINS = {"h1parse": "proxy/core/h1.py", "http1": "proxy/http/h1.py"}
 
 
 class OptionalBuildExt(build_ext):
@@ -39,14 +39,19 @@ def native_extensions():
         from Cython.Build import cythonize
     except ImportError:
         return []
-    exts = [
+    pyx = [
         Extension(f"proxy._native.{name}", [f"native/{name}.pyx"], extra_compile_args=["-O2"])
         for name in NATIVE_MODULES
-    ] + [
+    ]
+    twins = [
         Extension(f"proxy._native.{name}", [source], extra_compile_args=["-O2"])
         for name, source in COMPILED_TWINS.items()
     ]
-    return cythonize(exts, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})
+    # Hand-written .pyx: no negative indexes, so bounds and wraparound checks can go.
+    # Compiled twins are plain Python and must keep Python's semantics exactly (x[-1] and all);
+    # their annotations document, they do not declare C types.
+    return cythonize(pyx, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}) + cythonize(
+        twins, language_level=3, compiler_directives={"annotation_typing": False})
 
 
 setup(ext_modules=native_extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -2108,36 +2108,6 @@ static CYTHON_INLINE int __Pyx_ParseKeywords(
 static void __Pyx_RaiseArgtupleInvalid(const char* func_name, int exact,
     Py_ssize_t num_min, Py_ssize_t num_max, Py_ssize_t num_found);
 
-/* FormatTypeName.proto (used by pybuiltin_invalid) */
-#if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX >= 0x030d0000
-typedef PyObject *__Pyx_TypeName;
-#define __Pyx_FMT_TYPENAME "%N"
-#define __Pyx_PyType_GetFullyQualifiedName(tp) Py_NewRef((PyObject*)tp)
-#define __Pyx_DECREF_TypeName(obj) Py_DECREF(obj)
-#elif CYTHON_COMPILING_IN_LIMITED_API
-typedef PyObject *__Pyx_TypeName;
-#define __Pyx_FMT_TYPENAME "%U"
-#define __Pyx_DECREF_TypeName(obj) Py_XDECREF(obj)
-static __Pyx_TypeName __Pyx_PyType_GetFullyQualifiedName(PyTypeObject* tp);
-#else  // !LIMITED_API
-typedef const char *__Pyx_TypeName;
-#define __Pyx_FMT_TYPENAME "%.200s"
-#define __Pyx_PyType_GetFullyQualifiedName(tp) ((tp)->tp_name)
-#define __Pyx_DECREF_TypeName(obj)
-#endif
-
-/* pybuiltin_invalid.export */
-static void __Pyx_PyBuiltin_Invalid(PyObject *obj, const char *builtin_type_name, const char *argname);
-
-/* pyint_simplify.proto */
-static CYTHON_INLINE int __Pyx_PyInt_FromNumber(PyObject **number_var, const char *argname, int accept_none);
-
-/* ArgTypeTestError.export */
-static void __Pyx_ArgTypeError(PyObject *obj, PyTypeObject *type, const char *name, int exact);
-
-/* ArgTypeTest.proto */
-static CYTHON_INLINE int __Pyx_ArgTypeTest(PyObject *obj, PyTypeObject *type, int none_allowed, const char *name, int exact);
-
 /* PyObjectFastCallMethod.proto */
 #if CYTHON_VECTORCALL
 #define __Pyx_PyObject_FastCallMethod(name, args, nargsf) PyObject_VectorcallMethod(name, args, nargsf, NULL)
@@ -2221,7 +2191,7 @@ static CYTHON_INLINE int __Pyx_IterFinish(void);
 static int __Pyx_IternextUnpackEndCheck(PyObject *retval, Py_ssize_t expected);
 
 /* PyObjectCompare.proto */
-static CYTHON_INLINE int __Pyx_PyObject_CompareBoolEq_bytes_bytes(PyObject *op1, PyObject *op2, int pyop);
+static CYTHON_INLINE int __Pyx_PyObject_CompareBoolEq_object_bytes(PyObject *op1, PyObject *op2, int pyop);
 
 /* PySequenceContains.proto */
 static CYTHON_INLINE int __Pyx_PySequence_ContainsTF(PyObject* item, PyObject* seq, int eq) {
@@ -2229,8 +2199,23 @@ static CYTHON_INLINE int __Pyx_PySequence_ContainsTF(PyObject* item, PyObject* s
     return unlikely(result < 0) ? result : (result == (eq == Py_EQ));
 }
 
-/* PyObjectCompare.proto */
-static CYTHON_INLINE int __Pyx_PyObject_CompareBoolEq_object_bytes(PyObject *op1, PyObject *op2, int pyop);
+/* FormatTypeName.proto (used by RaiseErrorWithObjectTypes) */
+#if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX >= 0x030d0000
+typedef PyObject *__Pyx_TypeName;
+#define __Pyx_FMT_TYPENAME "%N"
+#define __Pyx_PyType_GetFullyQualifiedName(tp) Py_NewRef((PyObject*)tp)
+#define __Pyx_DECREF_TypeName(obj) Py_DECREF(obj)
+#elif CYTHON_COMPILING_IN_LIMITED_API
+typedef PyObject *__Pyx_TypeName;
+#define __Pyx_FMT_TYPENAME "%U"
+#define __Pyx_DECREF_TypeName(obj) Py_XDECREF(obj)
+static __Pyx_TypeName __Pyx_PyType_GetFullyQualifiedName(PyTypeObject* tp);
+#else  // !LIMITED_API
+typedef const char *__Pyx_TypeName;
+#define __Pyx_FMT_TYPENAME "%.200s"
+#define __Pyx_PyType_GetFullyQualifiedName(tp) ((tp)->tp_name)
+#define __Pyx_DECREF_TypeName(obj)
+#endif
 
 /* RaiseErrorWithObjectTypes.proto (used by PyNumberBinop) */
 #define __Pyx_RaiseErrorWithObjectTypes1(exc_type, message, arg, obj1, obj2) __Pyx_RaiseErrorWithTypes1(exc_type, message, arg, Py_TYPE(obj1), Py_TYPE(obj2))
@@ -2379,6 +2364,18 @@ static PyObject *__Pyx_GetItemInt_Generic(PyObject *o, PyObject* j);
 static CYTHON_INLINE PyObject *__Pyx_GetItemInt_Fast(PyObject *o, Py_ssize_t i,
                                                      int wraparound, int boundscheck, int unsafe_shared);
 
+/* RaiseErrorWithObjectType.proto (used by SliceObject) */
+#define __Pyx_RaiseTypeErrorWithObjectType(message, obj)  __Pyx_RaiseErrorWithObjectType(PyExc_TypeError, message, obj)
+#define __Pyx_RaiseErrorWithObjectType(exc_type, message, obj)  __Pyx_RaiseErrorWithType(exc_type, message, Py_TYPE(obj))
+CYTHON_UNUSED
+static void __Pyx_RaiseErrorWithType(PyObject* exc_type, const char* message, PyTypeObject *type_obj);
+
+/* SliceObject.proto */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_GetSlice(
+        PyObject* obj, Py_ssize_t cstart, Py_ssize_t cstop,
+        PyObject** py_start, PyObject** py_stop, PyObject** py_slice,
+        int has_cstart, int has_cstop, int wraparound);
+
 /* SwapException.proto */
 #if CYTHON_FAST_THREAD_STATE
 #define __Pyx_ExceptionSwap(type, value, tb)  __Pyx__ExceptionSwap(__pyx_tstate, type, value, tb)
@@ -2450,18 +2447,6 @@ static CYTHON_INLINE int __Pyx_PyObject_CompareBoolLt_object_int(PyObject *op1, 
 /* PyObjectCompare.proto */
 static CYTHON_INLINE int __Pyx_PyObject_CompareBoolGt_int_object(PyObject *op1, PyObject *op2, int pyop);
 
-/* RaiseErrorWithObjectType.proto (used by SliceObject) */
-#define __Pyx_RaiseTypeErrorWithObjectType(message, obj)  __Pyx_RaiseErrorWithObjectType(PyExc_TypeError, message, obj)
-#define __Pyx_RaiseErrorWithObjectType(exc_type, message, obj)  __Pyx_RaiseErrorWithType(exc_type, message, Py_TYPE(obj))
-CYTHON_UNUSED
-static void __Pyx_RaiseErrorWithType(PyObject* exc_type, const char* message, PyTypeObject *type_obj);
-
-/* SliceObject.proto */
-static CYTHON_INLINE PyObject* __Pyx_PyObject_GetSlice(
-        PyObject* obj, Py_ssize_t cstart, Py_ssize_t cstop,
-        PyObject** py_start, PyObject** py_stop, PyObject** py_slice,
-        int has_cstart, int has_cstop, int wraparound);
-
 /* PyLongBinop.proto */
 #if !CYTHON_COMPILING_IN_PYPY
 static CYTHON_INLINE PyObject* __Pyx_PyLong_AddObjC(PyObject *op1, PyObject *op2, long intval, int inplace, int zerodivision_check);
@@ -2473,52 +2458,8 @@ static CYTHON_INLINE PyObject* __Pyx_PyLong_AddObjC(PyObject *op1, PyObject *op2
 /* PyLongCompare.proto */
 static CYTHON_INLINE int __Pyx_PyLong_BoolNeObjC(PyObject *op1, PyObject *op2, long intval, long inplace);
 
-/* PyObjectCall2Args.proto (used by CallUnboundCMethod1) */
-static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2);
-
-/* CallUnboundCMethod1.proto */
-CYTHON_UNUSED
-static PyObject* __Pyx__CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg);
-#if CYTHON_COMPILING_IN_CPYTHON
-static CYTHON_INLINE PyObject* __Pyx_CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg);
-#else
-#define __Pyx_CallUnboundCMethod1(cfunc, self, arg)  __Pyx__CallUnboundCMethod1(cfunc, self, arg)
-#endif
-
-/* RaiseErrorWithObjectType1.proto (used by RaiseUnexpectedTypeError) */
-#define __Pyx_RaiseTypeErrorWithObjectType1(message, arg, obj) __Pyx_RaiseErrorWithObjectType1(PyExc_TypeError, message, arg, obj)
-#define __Pyx_RaiseErrorWithObjectType1(exc_type, message, arg, obj) __Pyx_RaiseErrorWithType1(exc_type, message, arg, Py_TYPE(obj))
-CYTHON_UNUSED
-static void __Pyx_RaiseErrorWithType1(PyObject* exc_type, const char* message, const char *arg, PyTypeObject *type_obj);
-
-/* RaiseUnexpectedTypeError.proto */
-CYTHON_UNUSED
-static int __Pyx_RaiseUnexpectedTypeError(const char *expected, PyObject *obj);
-
-/* bytes_tailmatch.proto */
-static int __Pyx_PyBytes_SingleTailmatch(PyObject* self, PyObject* arg,
-                                         Py_ssize_t start, Py_ssize_t end, int direction);
-static int __Pyx_PyBytes_Tailmatch(PyObject* self, PyObject* substr,
-                                   Py_ssize_t start, Py_ssize_t end, int direction);
-
-/* TupleOrListFromArrayImpl.proto (used by ListFromArray) */
-CYTHON_UNUSED static PyObject *
-__Pyx_PyList_FromArray(PyObject *const *src, Py_ssize_t n);
-
-/* ListFromArray.proto (used by SliceTupleAndList) */
-
-
-/* SliceTupleAndList.proto */
-#if CYTHON_COMPILING_IN_CPYTHON
-static CYTHON_INLINE PyObject* __Pyx_PyList_GetSlice(PyObject* src, Py_ssize_t start, Py_ssize_t stop);
-static CYTHON_INLINE PyObject* __Pyx_PyTuple_GetSlice(PyObject* src, Py_ssize_t start, Py_ssize_t stop);
-#else
-#define __Pyx_PyList_GetSlice(seq, start, stop)   PySequence_GetSlice(seq, start, stop)
-#define __Pyx_PyTuple_GetSlice(seq, start, stop)  PySequence_GetSlice(seq, start, stop)
-#endif
-
 /* PyObjectCompare.proto */
-static CYTHON_INLINE int __Pyx_PyObject_CompareBoolNe_bytes_bytes(PyObject *op1, PyObject *op2, int pyop);
+static CYTHON_INLINE int __Pyx_PyObject_CompareBoolNe_object_object(PyObject *op1, PyObject *op2, int pyop);
 
 /* PyObjectVectorcallKwds.proto */
 #if CYTHON_VECTORCALL
@@ -2549,6 +2490,9 @@ static CYTHON_INLINE int __Pyx_PyLong_BoolEqObjC(PyObject *op1, PyObject *op2, l
 static CYTHON_INLINE PyObject* __Pyx__PyNumber_Add_int_object(PyObject *op1, PyObject *op2, int inplace);
 #endif
 
+/* PyObjectCompare.proto */
+static CYTHON_INLINE int __Pyx_PyObject_CompareBoolNe_object_bytes(PyObject *op1, PyObject *op2, int pyop);
+
 /* ListCompAppendAndDecref.proto */
 static CYTHON_INLINE int __Pyx_ListComp_AppendAndDecref(PyObject* list, PyObject* x);
 
@@ -2569,6 +2513,13 @@ static PyObject * __Pyx_CallTpnewAsVectorcall(__Pyx_tpnewvectorcallfunc f, PyTyp
 static PyObject *__Pyx_CallNewInitFromVectorcall(PyTypeObject *t, PyObject *const *args, size_t nargsf, PyObject *kwnames);
 #endif
 
+/* CallTypeTraverse.proto */
+#if !CYTHON_USE_TYPE_SPECS
+#define __Pyx_call_type_traverse(o, always_call, visit, arg) 0
+#else
+static int __Pyx_call_type_traverse(PyObject *o, int always_call, visitproc visit, void *arg);
+#endif
+
 /* CheckTypeForFreelists.proto */
 #if CYTHON_USE_FREELISTS
 #if CYTHON_USE_TYPE_SPECS
@@ -2583,13 +2534,6 @@ static PyObject *__Pyx_CallNewInitFromVectorcall(PyTypeObject *t, PyObject *cons
      (int) (!__Pyx_PyType_HasFeature((t), __PYX_CHECK_TYPE_FOR_FREELIST_FLAGS)))
 #endif
 
-/* CallTypeTraverse.proto */
-#if !CYTHON_USE_TYPE_SPECS
-#define __Pyx_call_type_traverse(o, always_call, visit, arg) 0
-#else
-static int __Pyx_call_type_traverse(PyObject *o, int always_call, visitproc visit, void *arg);
-#endif
-
 /* PyObjectCallMethod0.proto (used by PyType_Ready) */
 static CYTHON_INLINE PyObject* __Pyx_PyObject_CallMethod0(PyObject* obj, PyObject* method_name);
 
@@ -2597,6 +2541,12 @@ static CYTHON_INLINE PyObject* __Pyx_PyObject_CallMethod0(PyObject* obj, PyObjec
 #if !CYTHON_USE_TYPE_SLOTS
 CYTHON_UNUSED static Py_ssize_t __Pyx_GetTypeDictOffset(PyObject *tp, int require_cython_valid_result);
 #endif
+
+/* RaiseErrorWithObjectType1.proto (used by ValidateBasesTuple) */
+#define __Pyx_RaiseTypeErrorWithObjectType1(message, arg, obj) __Pyx_RaiseErrorWithObjectType1(PyExc_TypeError, message, arg, obj)
+#define __Pyx_RaiseErrorWithObjectType1(exc_type, message, arg, obj) __Pyx_RaiseErrorWithType1(exc_type, message, arg, Py_TYPE(obj))
+CYTHON_UNUSED
+static void __Pyx_RaiseErrorWithType1(PyObject* exc_type, const char* message, const char *arg, PyTypeObject *type_obj);
 
 /* ValidateBasesTuple.proto (used by PyType_Ready) */
 #if CYTHON_COMPILING_IN_CPYTHON || CYTHON_COMPILING_IN_LIMITED_API || CYTHON_USE_TYPE_SPECS
@@ -2612,6 +2562,13 @@ CYTHON_UNUSED static int __Pyx_PyType_Ready(PyTypeObject *t);
 #else
 static CYTHON_INLINE int __Pyx_HasAttr(PyObject *, PyObject *);
 #endif
+
+/* TupleOrListFromArrayImpl.proto (used by ListFromArray) */
+CYTHON_UNUSED static PyObject *
+__Pyx_PyList_FromArray(PyObject *const *src, Py_ssize_t n);
+
+/* ListFromArray.proto (used by ImportImpl) */
+
 
 /* ImportImpl.export */
 static PyObject *__Pyx__Import(PyObject *name, PyObject *const *imported_names, Py_ssize_t len_imported_names, PyObject *qualname, PyObject *moddict, int level);
@@ -2801,6 +2758,9 @@ static PyTypeObject *__Pyx_Get_CyFunction_Type(void);
 #else
 #define __Pyx_SetNameInClass(ns, name, value)  PyObject_SetItem(ns, name, value)
 #endif
+
+/* PyObjectCall2Args.proto (used by Py3ClassCreate) */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2);
 
 /* PyObjectLookupSpecial.proto (used by Py3ClassCreate) */
 #if CYTHON_USE_PYTYPE_LOOKUP && CYTHON_USE_TYPE_SLOTS
@@ -3122,15 +3082,15 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_2feed(CYT
 static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_5_pump_genexpr(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_genexpr_arg_0); /* proto */
 static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self); /* proto */
 static PyObject *__pyx_pf_5proxy_7_native_7h1parse_20__defaults__(CYTHON_UNUSED PyObject *__pyx_self); /* proto */
-static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self, PyObject *__pyx_v_handler, PyObject *__pyx_v_method, PyObject *__pyx_v_max_head, int __pyx_v_upgrade); /* proto */
+static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self, PyObject *__pyx_v_handler, PyObject *__pyx_v_method, PyObject *__pyx_v_max_head, PyObject *__pyx_v_upgrade); /* proto */
 static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self, PyObject *__pyx_v_data); /* proto */
 static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_4eof(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self); /* proto */
 static PyObject *__pyx_pf_5proxy_7_native_7h1parse_22__defaults__(CYTHON_UNUSED PyObject *__pyx_self); /* proto */
-static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_handler, int __pyx_v_pure, PyObject *__pyx_v_max_head); /* proto */
+static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_handler, PyObject *__pyx_v_pure, PyObject *__pyx_v_max_head); /* proto */
 static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24__defaults__(CYTHON_UNUSED PyObject *__pyx_self); /* proto */
-static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_handler, PyObject *__pyx_v_method, int __pyx_v_pure, PyObject *__pyx_v_max_head, int __pyx_v_upgrade); /* proto */
+static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_handler, PyObject *__pyx_v_method, PyObject *__pyx_v_pure, PyObject *__pyx_v_max_head, PyObject *__pyx_v_upgrade); /* proto */
 static PyObject *__pyx_pf_5proxy_7_native_7h1parse_11forwardable_genexpr(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_genexpr_arg_0); /* proto */
-static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_headers, int __pyx_v_upgrade); /* proto */
+static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_headers, PyObject *__pyx_v_upgrade); /* proto */
 static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_first_line, PyObject *__pyx_v_headers); /* proto */
 static PyObject *__pyx_pf_5proxy_7_native_7h1parse_12encode_chunk(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_data); /* proto */
 static PyObject *__pyx_tp_new__initialisation_5proxy_7_native_7h1parse___pyx_defaults(PyObject *o, 
@@ -3234,13 +3194,11 @@ namespace {
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_items;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_pop;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_values;
-    __Pyx_CachedCFunction __pyx_umethod_PyBytes_Type__partition;
-    __Pyx_CachedCFunction __pyx_umethod_PyBytes_Type__split;
-    __Pyx_CachedCFunction __pyx_umethod_PyBytes_Type__strip;
-    PyObject *__pyx_tuple[16];
+    PyObject *__pyx_slice[2];
+    PyObject *__pyx_tuple[17];
     PyObject *__pyx_codeobj_tab[39];
-    PyObject *__pyx_string_tab[289];
-    PyObject *__pyx_number_tab[11];
+    PyObject *__pyx_string_tab[288];
+    PyObject *__pyx_number_tab[13];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
 #if CYTHON_COMPILING_IN_LIMITED_API
@@ -3308,305 +3266,306 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #endif
 /* #### Code section: constant_name_defines ### */
 #define __pyx_kp_u__10 __pyx_string_tab[0]
-#define __pyx_kp_u_ __pyx_string_tab[1]
-#define __pyx_kp_u_Note_that_Cython_is_deliberately __pyx_string_tab[2]
-#define __pyx_kp_u_Requests_on_h11_A_fresh_h11_conn __pyx_string_tab[3]
-#define __pyx_kp_u_Requests_on_llhttp __pyx_string_tab[4]
-#define __pyx_kp_u_Responses_on_llhttp_HEAD_and_CON __pyx_string_tab[5]
-#define __pyx_kp_u_The_message_switched_protocols_r __pyx_string_tab[6]
-#define __pyx_kp_u_add_note __pyx_string_tab[7]
-#define __pyx_kp_u_disable __pyx_string_tab[8]
-#define __pyx_kp_u_enable __pyx_string_tab[9]
-#define __pyx_kp_u_gc __pyx_string_tab[10]
-#define __pyx_kp_u_invalid_content_length __pyx_string_tab[11]
-#define __pyx_kp_u_isenabled __pyx_string_tab[12]
-#define __pyx_kp_u_malformed_request __pyx_string_tab[13]
-#define __pyx_kp_u_malformed_response_header __pyx_string_tab[14]
-#define __pyx_kp_u_malformed_response_status_line __pyx_string_tab[15]
-#define __pyx_kp_u_malformed_response __pyx_string_tab[16]
-#define __pyx_kp_u_protocol_switch __pyx_string_tab[17]
-#define __pyx_kp_u_proxy_core_h1_py __pyx_string_tab[18]
-#define __pyx_kp_u_request_head_too_large __pyx_string_tab[19]
-#define __pyx_kp_u_request_headers_too_large __pyx_string_tab[20]
-#define __pyx_kp_u_response_headers_too_large __pyx_string_tab[21]
-#define __pyx_kp_u_tuple_bool_int_None_bytes_bool __pyx_string_tab[22]
-#define __pyx_n_u_Any __pyx_string_tab[23]
-#define __pyx_n_u_CLIENT __pyx_string_tab[24]
-#define __pyx_n_u_Connection __pyx_string_tab[25]
-#define __pyx_n_u_ConnectionClosed __pyx_string_tab[26]
-#define __pyx_n_u_Data __pyx_string_tab[27]
-#define __pyx_n_u_EndOfMessage __pyx_string_tab[28]
-#define __pyx_n_u_HOP_BY_HOP __pyx_string_tab[29]
-#define __pyx_n_u_Handler __pyx_string_tab[30]
-#define __pyx_n_u_Handler_on_body __pyx_string_tab[31]
-#define __pyx_n_u_Handler_on_end __pyx_string_tab[32]
-#define __pyx_n_u_Handler_on_head __pyx_string_tab[33]
-#define __pyx_n_u_Headers __pyx_string_tab[34]
-#define __pyx_n_u_HttpParserCallbackError __pyx_string_tab[35]
-#define __pyx_n_u_HttpParserError __pyx_string_tab[36]
-#define __pyx_n_u_HttpParserUpgrade __pyx_string_tab[37]
-#define __pyx_n_u_HttpRequestParser __pyx_string_tab[38]
-#define __pyx_n_u_HttpResponseParser __pyx_string_tab[39]
-#define __pyx_n_u_InformationalResponse __pyx_string_tab[40]
-#define __pyx_n_u_LAST_CHUNK __pyx_string_tab[41]
-#define __pyx_n_u_MAX_HEAD_SIZE __pyx_string_tab[42]
-#define __pyx_n_u_MIGHT_SWITCH_PROTOCOL __pyx_string_tab[43]
-#define __pyx_n_u_NEED_DATA __pyx_string_tab[44]
-#define __pyx_n_u_None __pyx_string_tab[45]
-#define __pyx_n_u_PAUSED __pyx_string_tab[46]
-#define __pyx_n_u_ParseError __pyx_string_tab[47]
-#define __pyx_n_u_ParseError___init __pyx_string_tab[48]
-#define __pyx_n_u_Protocol __pyx_string_tab[49]
-#define __pyx_n_u_RemoteProtocolError __pyx_string_tab[50]
-#define __pyx_n_u_Request __pyx_string_tab[51]
-#define __pyx_n_u_RequestHead __pyx_string_tab[52]
-#define __pyx_n_u_RequestHead___init __pyx_string_tab[53]
-#define __pyx_n_u_Response __pyx_string_tab[54]
-#define __pyx_n_u_ResponseHead __pyx_string_tab[55]
-#define __pyx_n_u_ResponseHead___init __pyx_string_tab[56]
-#define __pyx_n_u_SERVER __pyx_string_tab[57]
-#define __pyx_n_u_SWITCHED_PROTOCOL __pyx_string_tab[58]
-#define __pyx_n_u_Switch __pyx_string_tab[59]
-#define __pyx_n_u_Switch___init __pyx_string_tab[60]
-#define __pyx_n_u__12 __pyx_string_tab[61]
-#define __pyx_n_u_H11RequestParser __pyx_string_tab[62]
-#define __pyx_n_u_H11RequestParser___init __pyx_string_tab[63]
-#define __pyx_n_u_H11RequestParser__pump __pyx_string_tab[64]
-#define __pyx_n_u_H11RequestParser__pump_locals_g __pyx_string_tab[65]
-#define __pyx_n_u_H11RequestParser_feed __pyx_string_tab[66]
-#define __pyx_n_u_H11ResponseParser __pyx_string_tab[67]
-#define __pyx_n_u_H11ResponseParser___init __pyx_string_tab[68]
-#define __pyx_n_u_H11ResponseParser_eof __pyx_string_tab[69]
-#define __pyx_n_u_H11ResponseParser_feed __pyx_string_tab[70]
-#define __pyx_n_u_HttptoolsRequestParser __pyx_string_tab[71]
-#define __pyx_n_u_HttptoolsRequestParser___init __pyx_string_tab[72]
-#define __pyx_n_u_HttptoolsRequestParser__reset __pyx_string_tab[73]
-#define __pyx_n_u_HttptoolsRequestParser_feed __pyx_string_tab[74]
-#define __pyx_n_u_HttptoolsRequestParser_on_body __pyx_string_tab[75]
-#define __pyx_n_u_HttptoolsRequestParser_on_heade __pyx_string_tab[76]
-#define __pyx_n_u_HttptoolsRequestParser_on_heade_2 __pyx_string_tab[77]
-#define __pyx_n_u_HttptoolsRequestParser_on_messa __pyx_string_tab[78]
-#define __pyx_n_u_HttptoolsRequestParser_on_url __pyx_string_tab[79]
-#define __pyx_n_u_HttptoolsResponseParser __pyx_string_tab[80]
-#define __pyx_n_u_HttptoolsResponseParser___init __pyx_string_tab[81]
-#define __pyx_n_u_HttptoolsResponseParser__feed_m __pyx_string_tab[82]
-#define __pyx_n_u_HttptoolsResponseParser_eof __pyx_string_tab[83]
-#define __pyx_n_u_HttptoolsResponseParser_feed __pyx_string_tab[84]
-#define __pyx_n_u_HttptoolsResponseParser_on_body __pyx_string_tab[85]
-#define __pyx_n_u_HttptoolsResponseParser_on_head __pyx_string_tab[86]
-#define __pyx_n_u_HttptoolsResponseParser_on_head_2 __pyx_string_tab[87]
-#define __pyx_n_u_HttptoolsResponseParser_on_mess __pyx_string_tab[88]
-#define __pyx_n_u_HttptoolsResponseParser_on_stat __pyx_string_tab[89]
-#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[90]
-#define __pyx_n_u_annotate __pyx_string_tab[91]
-#define __pyx_n_u_class_getitem __pyx_string_tab[92]
-#define __pyx_n_u_context __pyx_string_tab[93]
-#define __pyx_n_u_doc __pyx_string_tab[94]
-#define __pyx_n_u_func __pyx_string_tab[95]
-#define __pyx_n_u_init __pyx_string_tab[96]
-#define __pyx_n_u_main __pyx_string_tab[97]
-#define __pyx_n_u_metaclass __pyx_string_tab[98]
-#define __pyx_n_u_module __pyx_string_tab[99]
-#define __pyx_n_u_mro_entries __pyx_string_tab[100]
-#define __pyx_n_u_name_2 __pyx_string_tab[101]
-#define __pyx_n_u_prepare __pyx_string_tab[102]
-#define __pyx_n_u_qualname __pyx_string_tab[103]
-#define __pyx_n_u_slots __pyx_string_tab[104]
-#define __pyx_n_u_test __pyx_string_tab[105]
-#define __pyx_n_u_feed_manual __pyx_string_tab[106]
-#define __pyx_n_u_is_coroutine __pyx_string_tab[107]
-#define __pyx_n_u_pump __pyx_string_tab[108]
-#define __pyx_n_u_reset __pyx_string_tab[109]
-#define __pyx_n_u_upgrade_2 __pyx_string_tab[110]
-#define __pyx_n_u_append __pyx_string_tab[111]
-#define __pyx_n_u_args __pyx_string_tab[112]
-#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[113]
-#define __pyx_n_u_body __pyx_string_tab[114]
-#define __pyx_n_u_bool __pyx_string_tab[115]
-#define __pyx_n_u_bytes __pyx_string_tab[116]
-#define __pyx_n_u_cause __pyx_string_tab[117]
-#define __pyx_n_u_chunk __pyx_string_tab[118]
-#define __pyx_n_u_chunked __pyx_string_tab[119]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[120]
-#define __pyx_n_u_close __pyx_string_tab[121]
-#define __pyx_n_u_closed __pyx_string_tab[122]
-#define __pyx_n_u_conn __pyx_string_tab[123]
-#define __pyx_n_u_connection __pyx_string_tab[124]
-#define __pyx_n_u_content_length __pyx_string_tab[125]
-#define __pyx_n_u_data __pyx_string_tab[126]
-#define __pyx_n_u_done_head __pyx_string_tab[127]
-#define __pyx_n_u_encode __pyx_string_tab[128]
-#define __pyx_n_u_encode_chunk __pyx_string_tab[129]
-#define __pyx_n_u_encode_head __pyx_string_tab[130]
-#define __pyx_n_u_end __pyx_string_tab[131]
-#define __pyx_n_u_endswith __pyx_string_tab[132]
-#define __pyx_n_u_eof __pyx_string_tab[133]
-#define __pyx_n_u_error_status_hint __pyx_string_tab[134]
-#define __pyx_n_u_event __pyx_string_tab[135]
-#define __pyx_n_u_exc __pyx_string_tab[136]
-#define __pyx_n_u_feed __pyx_string_tab[137]
-#define __pyx_n_u_feed_data __pyx_string_tab[138]
-#define __pyx_n_u_find __pyx_string_tab[139]
-#define __pyx_n_u_first_line __pyx_string_tab[140]
-#define __pyx_n_u_forwardable __pyx_string_tab[141]
-#define __pyx_n_u_forwardable_locals_genexpr __pyx_string_tab[142]
-#define __pyx_n_u_framing __pyx_string_tab[143]
-#define __pyx_n_u_genexpr __pyx_string_tab[144]
-#define __pyx_n_u_get_http_version __pyx_string_tab[145]
-#define __pyx_n_u_get_method __pyx_string_tab[146]
-#define __pyx_n_u_get_status_code __pyx_string_tab[147]
-#define __pyx_n_u_h11 __pyx_string_tab[148]
-#define __pyx_n_u_handler __pyx_string_tab[149]
-#define __pyx_n_u_head __pyx_string_tab[150]
-#define __pyx_n_u_head_size __pyx_string_tab[151]
-#define __pyx_n_u_headers __pyx_string_tab[152]
-#define __pyx_n_u_http_version __pyx_string_tab[153]
-#define __pyx_n_u_httptools __pyx_string_tab[154]
-#define __pyx_n_u_in_body __pyx_string_tab[155]
-#define __pyx_n_u_int __pyx_string_tab[156]
-#define __pyx_n_u_isdigit __pyx_string_tab[157]
-#define __pyx_n_u_items __pyx_string_tab[158]
-#define __pyx_n_u_join __pyx_string_tab[159]
-#define __pyx_n_u_keep_alive_2 __pyx_string_tab[160]
-#define __pyx_n_u_length __pyx_string_tab[161]
-#define __pyx_n_u_line __pyx_string_tab[162]
-#define __pyx_n_u_lines __pyx_string_tab[163]
-#define __pyx_n_u_lower __pyx_string_tab[164]
-#define __pyx_n_u_manual __pyx_string_tab[165]
-#define __pyx_n_u_max_head __pyx_string_tab[166]
-#define __pyx_n_u_max_incomplete_event_size __pyx_string_tab[167]
-#define __pyx_n_u_method __pyx_string_tab[168]
-#define __pyx_n_u_n __pyx_string_tab[169]
-#define __pyx_n_u_name __pyx_string_tab[170]
-#define __pyx_n_u_named __pyx_string_tab[171]
-#define __pyx_n_u_next __pyx_string_tab[172]
-#define __pyx_n_u_next_event __pyx_string_tab[173]
-#define __pyx_n_u_on_body __pyx_string_tab[174]
-#define __pyx_n_u_on_end __pyx_string_tab[175]
-#define __pyx_n_u_on_head __pyx_string_tab[176]
-#define __pyx_n_u_on_header __pyx_string_tab[177]
-#define __pyx_n_u_on_headers_complete __pyx_string_tab[178]
-#define __pyx_n_u_on_message_complete __pyx_string_tab[179]
-#define __pyx_n_u_on_status __pyx_string_tab[180]
-#define __pyx_n_u_on_url __pyx_string_tab[181]
-#define __pyx_n_u_out __pyx_string_tab[182]
-#define __pyx_n_u_p __pyx_string_tab[183]
-#define __pyx_n_u_parse_response_head __pyx_string_tab[184]
-#define __pyx_n_u_parser __pyx_string_tab[185]
-#define __pyx_n_u_partition __pyx_string_tab[186]
-#define __pyx_n_u_parts __pyx_string_tab[187]
-#define __pyx_n_u_pop __pyx_string_tab[188]
-#define __pyx_n_u_proxy__native_h1parse __pyx_string_tab[189]
-#define __pyx_n_u_pure __pyx_string_tab[190]
-#define __pyx_n_u_raw __pyx_string_tab[191]
-#define __pyx_n_u_raw_items __pyx_string_tab[192]
-#define __pyx_n_u_reason __pyx_string_tab[193]
-#define __pyx_n_u_receive_data __pyx_string_tab[194]
-#define __pyx_n_u_remaining __pyx_string_tab[195]
-#define __pyx_n_u_request_parser __pyx_string_tab[196]
-#define __pyx_n_u_response_parser __pyx_string_tab[197]
-#define __pyx_n_u_rest __pyx_string_tab[198]
-#define __pyx_n_u_return __pyx_string_tab[199]
-#define __pyx_n_u_rstrip __pyx_string_tab[200]
-#define __pyx_n_u_self __pyx_string_tab[201]
-#define __pyx_n_u_send __pyx_string_tab[202]
-#define __pyx_n_u_sep __pyx_string_tab[203]
-#define __pyx_n_u_setdefault __pyx_string_tab[204]
-#define __pyx_n_u_split __pyx_string_tab[205]
-#define __pyx_n_u_status __pyx_string_tab[206]
-#define __pyx_n_u_status_code __pyx_string_tab[207]
-#define __pyx_n_u_str __pyx_string_tab[208]
-#define __pyx_n_u_strip __pyx_string_tab[209]
-#define __pyx_n_u_sum __pyx_string_tab[210]
-#define __pyx_n_u_super __pyx_string_tab[211]
-#define __pyx_n_u_t __pyx_string_tab[212]
-#define __pyx_n_u_target __pyx_string_tab[213]
-#define __pyx_n_u_their_state __pyx_string_tab[214]
-#define __pyx_n_u_throw __pyx_string_tab[215]
-#define __pyx_n_u_trailing_data __pyx_string_tab[216]
-#define __pyx_n_u_typing __pyx_string_tab[217]
-#define __pyx_n_u_upgrade __pyx_string_tab[218]
-#define __pyx_n_u_url __pyx_string_tab[219]
-#define __pyx_n_u_v __pyx_string_tab[220]
-#define __pyx_n_u_value __pyx_string_tab[221]
-#define __pyx_n_u_values __pyx_string_tab[222]
-#define __pyx_n_u_version __pyx_string_tab[223]
-#define __pyx_kp_b__2 __pyx_string_tab[224]
-#define __pyx_kp_b__5 __pyx_string_tab[225]
-#define __pyx_kp_b__4 __pyx_string_tab[226]
-#define __pyx_kp_b__6 __pyx_string_tab[227]
-#define __pyx_kp_b_x_s __pyx_string_tab[228]
-#define __pyx_kp_b__3 __pyx_string_tab[229]
-#define __pyx_kp_b__8 __pyx_string_tab[230]
-#define __pyx_kp_b_0 __pyx_string_tab[231]
-#define __pyx_kp_b_1_1 __pyx_string_tab[232]
-#define __pyx_kp_b__7 __pyx_string_tab[233]
-#define __pyx_kp_b__9 __pyx_string_tab[234]
-#define __pyx_n_b_CONNECT __pyx_string_tab[235]
-#define __pyx_n_b_HEAD __pyx_string_tab[236]
-#define __pyx_kp_b_HTTP_1 __pyx_string_tab[237]
-#define __pyx_n_b_chunked __pyx_string_tab[238]
-#define __pyx_n_b_close __pyx_string_tab[239]
-#define __pyx_n_b_connection __pyx_string_tab[240]
-#define __pyx_kp_b_content_length_2 __pyx_string_tab[241]
-#define __pyx_n_b_host __pyx_string_tab[242]
-#define __pyx_kp_b_keep_alive __pyx_string_tab[243]
-#define __pyx_n_b_proxied __pyx_string_tab[244]
-#define __pyx_kp_b_proxy_connection __pyx_string_tab[245]
-#define __pyx_n_b_te __pyx_string_tab[246]
-#define __pyx_n_b_trailer __pyx_string_tab[247]
-#define __pyx_kp_b_transfer_encoding __pyx_string_tab[248]
-#define __pyx_n_b_upgrade __pyx_string_tab[249]
-#define __pyx_n_b_x __pyx_string_tab[250]
-#define __pyx_kp_b_x_1 __pyx_string_tab[251]
-#define __pyx_kp_b_iso88591_a __pyx_string_tab[252]
-#define __pyx_kp_b_iso88591_1 __pyx_string_tab[253]
-#define __pyx_kp_b_iso88591_a_Q_a_iq_D_a_2S_S_s_e6_7_IQa_s __pyx_string_tab[254]
-#define __pyx_kp_b_iso88591_z_3c __pyx_string_tab[255]
-#define __pyx_kp_b_iso88591_A_q_q_q_iq_D_a_2S_r_A_ha_7_F_q __pyx_string_tab[256]
-#define __pyx_kp_b_iso88591_O_6ASST_uCz_A_9A __pyx_string_tab[257]
-#define __pyx_kp_b_iso88591_L_AQ_iq_WAU_F_A_7_q __pyx_string_tab[258]
-#define __pyx_kp_b_iso88591_Zq_CvQa_E_F_6_s_7_Bc_U_2_S_E_HT __pyx_string_tab[259]
-#define __pyx_kp_b_iso88591_m_K6Q_iizz_uCz_A_8_Q_1IXQ __pyx_string_tab[260]
-#define __pyx_kp_b_iso88591_Q_4q_1_q_2 __pyx_string_tab[261]
-#define __pyx_kp_b_iso88591_Q_E_aq_E __pyx_string_tab[262]
-#define __pyx_kp_b_iso88591_q_E_A_3_a_2_5H_EQ_j_a_1_vS_1_vS __pyx_string_tab[263]
-#define __pyx_kp_b_iso88591__11 __pyx_string_tab[264]
-#define __pyx_kp_b_iso88591_G1_M __pyx_string_tab[265]
-#define __pyx_kp_b_iso88591_1_z_y_a_QgU_a_y_4A_Cq_z_k_y_A_t __pyx_string_tab[266]
-#define __pyx_kp_b_iso88591_1_4xwa_Qa_t87_z_y_a_QgU_a_y_4A __pyx_string_tab[267]
-#define __pyx_kp_b_iso88591_1_E_aq_E_A_3_a_j_A_vS_1_vS_1_fA __pyx_string_tab[268]
-#define __pyx_kp_b_iso88591_1_E_aq_F __pyx_string_tab[269]
-#define __pyx_kp_b_iso88591_A_HA_N_Qa_4_D_AU __pyx_string_tab[270]
-#define __pyx_kp_b_iso88591_HA __pyx_string_tab[271]
-#define __pyx_kp_b_iso88591_Ja_HHAQ __pyx_string_tab[272]
-#define __pyx_kp_b_iso88591_Zq __pyx_string_tab[273]
-#define __pyx_kp_b_iso88591_nJa_HG2V1_N_QfBc_1_4_D_AU __pyx_string_tab[274]
-#define __pyx_kp_b_iso88591_HA_Ry_Ja_Ja __pyx_string_tab[275]
-#define __pyx_kp_b_iso88591_LLXY_Ja_Ja_Kq_Kq_Jd_N_9G_R_ccd __pyx_string_tab[276]
-#define __pyx_kp_b_iso88591_NlZ_Ja_Ja_Kq_Kq_Jd_t_gQa_N_9G_R __pyx_string_tab[277]
-#define __pyx_kp_b_iso88591_Kq __pyx_string_tab[278]
-#define __pyx_kp_b_iso88591_11B_W_qqr_Kq_Ja_HC_3i_I_IQ_1_r __pyx_string_tab[279]
-#define __pyx_kp_b_iso88591_11B_HZZ_Kq_Ja_L_JivWD_9J_Jhd_9D __pyx_string_tab[280]
-#define __pyx_kp_b_iso88591_369K1_Kq_Ji_1_L_G1 __pyx_string_tab[281]
-#define __pyx_kp_b_iso88591_369K1_Kq_L_HC_3i_I __pyx_string_tab[282]
-#define __pyx_kp_b_iso88591_1_t87_4q_t83a_fAQ_Kq_d_aq_4r_s __pyx_string_tab[283]
-#define __pyx_kp_b_iso88591_A_Ry_M __pyx_string_tab[284]
-#define __pyx_kp_b_iso88591_Q_4q_1_q __pyx_string_tab[285]
-#define __pyx_kp_b_iso88591_Q_D_aq_4t6_K2WTXX_AU_A_HA_HHAQ __pyx_string_tab[286]
-#define __pyx_kp_b_iso88591_Q_D_r_1A_T_Ya_PPRRYY_aab_Ja_Kq __pyx_string_tab[287]
-#define __pyx_kp_b_iso88591_Q_G1_HG1 __pyx_string_tab[288]
+#define __pyx_kp_u__3 __pyx_string_tab[1]
+#define __pyx_kp_u_Requests_on_h11_A_fresh_h11_conn __pyx_string_tab[2]
+#define __pyx_kp_u_Requests_on_llhttp __pyx_string_tab[3]
+#define __pyx_kp_u_Responses_on_llhttp_HEAD_and_CON __pyx_string_tab[4]
+#define __pyx_kp_u_The_message_switched_protocols_r __pyx_string_tab[5]
+#define __pyx_kp_u_disable __pyx_string_tab[6]
+#define __pyx_kp_u_enable __pyx_string_tab[7]
+#define __pyx_kp_u_gc __pyx_string_tab[8]
+#define __pyx_kp_u_invalid_content_length __pyx_string_tab[9]
+#define __pyx_kp_u_isenabled __pyx_string_tab[10]
+#define __pyx_kp_u_malformed_request __pyx_string_tab[11]
+#define __pyx_kp_u_malformed_response_header __pyx_string_tab[12]
+#define __pyx_kp_u_malformed_response_status_line __pyx_string_tab[13]
+#define __pyx_kp_u_malformed_response __pyx_string_tab[14]
+#define __pyx_kp_u_protocol_switch __pyx_string_tab[15]
+#define __pyx_kp_u_proxy_core_h1_py __pyx_string_tab[16]
+#define __pyx_kp_u_request_head_too_large __pyx_string_tab[17]
+#define __pyx_kp_u_request_headers_too_large __pyx_string_tab[18]
+#define __pyx_kp_u_response_headers_too_large __pyx_string_tab[19]
+#define __pyx_kp_u_tuple_bool_int_None_bytes_bool __pyx_string_tab[20]
+#define __pyx_n_u_Any __pyx_string_tab[21]
+#define __pyx_n_u_CLIENT __pyx_string_tab[22]
+#define __pyx_n_u_Connection __pyx_string_tab[23]
+#define __pyx_n_u_ConnectionClosed __pyx_string_tab[24]
+#define __pyx_n_u_Data __pyx_string_tab[25]
+#define __pyx_n_u_EndOfMessage __pyx_string_tab[26]
+#define __pyx_n_u_HOP_BY_HOP __pyx_string_tab[27]
+#define __pyx_n_u_Handler __pyx_string_tab[28]
+#define __pyx_n_u_Handler_on_body __pyx_string_tab[29]
+#define __pyx_n_u_Handler_on_end __pyx_string_tab[30]
+#define __pyx_n_u_Handler_on_head __pyx_string_tab[31]
+#define __pyx_n_u_Headers __pyx_string_tab[32]
+#define __pyx_n_u_HttpParserCallbackError __pyx_string_tab[33]
+#define __pyx_n_u_HttpParserError __pyx_string_tab[34]
+#define __pyx_n_u_HttpParserUpgrade __pyx_string_tab[35]
+#define __pyx_n_u_HttpRequestParser __pyx_string_tab[36]
+#define __pyx_n_u_HttpResponseParser __pyx_string_tab[37]
+#define __pyx_n_u_InformationalResponse __pyx_string_tab[38]
+#define __pyx_n_u_LAST_CHUNK __pyx_string_tab[39]
+#define __pyx_n_u_MAX_HEAD_SIZE __pyx_string_tab[40]
+#define __pyx_n_u_MIGHT_SWITCH_PROTOCOL __pyx_string_tab[41]
+#define __pyx_n_u_NEED_DATA __pyx_string_tab[42]
+#define __pyx_n_u_None __pyx_string_tab[43]
+#define __pyx_n_u_PAUSED __pyx_string_tab[44]
+#define __pyx_n_u_ParseError __pyx_string_tab[45]
+#define __pyx_n_u_ParseError___init __pyx_string_tab[46]
+#define __pyx_n_u_Protocol __pyx_string_tab[47]
+#define __pyx_n_u_RemoteProtocolError __pyx_string_tab[48]
+#define __pyx_n_u_Request __pyx_string_tab[49]
+#define __pyx_n_u_RequestHead __pyx_string_tab[50]
+#define __pyx_n_u_RequestHead___init __pyx_string_tab[51]
+#define __pyx_n_u_Response __pyx_string_tab[52]
+#define __pyx_n_u_ResponseHead __pyx_string_tab[53]
+#define __pyx_n_u_ResponseHead___init __pyx_string_tab[54]
+#define __pyx_n_u_SERVER __pyx_string_tab[55]
+#define __pyx_n_u_SWITCHED_PROTOCOL __pyx_string_tab[56]
+#define __pyx_n_u_Switch __pyx_string_tab[57]
+#define __pyx_n_u_Switch___init __pyx_string_tab[58]
+#define __pyx_n_u__12 __pyx_string_tab[59]
+#define __pyx_n_u_H11RequestParser __pyx_string_tab[60]
+#define __pyx_n_u_H11RequestParser___init __pyx_string_tab[61]
+#define __pyx_n_u_H11RequestParser__pump __pyx_string_tab[62]
+#define __pyx_n_u_H11RequestParser__pump_locals_g __pyx_string_tab[63]
+#define __pyx_n_u_H11RequestParser_feed __pyx_string_tab[64]
+#define __pyx_n_u_H11ResponseParser __pyx_string_tab[65]
+#define __pyx_n_u_H11ResponseParser___init __pyx_string_tab[66]
+#define __pyx_n_u_H11ResponseParser_eof __pyx_string_tab[67]
+#define __pyx_n_u_H11ResponseParser_feed __pyx_string_tab[68]
+#define __pyx_n_u_HttptoolsRequestParser __pyx_string_tab[69]
+#define __pyx_n_u_HttptoolsRequestParser___init __pyx_string_tab[70]
+#define __pyx_n_u_HttptoolsRequestParser__reset __pyx_string_tab[71]
+#define __pyx_n_u_HttptoolsRequestParser_feed __pyx_string_tab[72]
+#define __pyx_n_u_HttptoolsRequestParser_on_body __pyx_string_tab[73]
+#define __pyx_n_u_HttptoolsRequestParser_on_heade __pyx_string_tab[74]
+#define __pyx_n_u_HttptoolsRequestParser_on_heade_2 __pyx_string_tab[75]
+#define __pyx_n_u_HttptoolsRequestParser_on_messa __pyx_string_tab[76]
+#define __pyx_n_u_HttptoolsRequestParser_on_url __pyx_string_tab[77]
+#define __pyx_n_u_HttptoolsResponseParser __pyx_string_tab[78]
+#define __pyx_n_u_HttptoolsResponseParser___init __pyx_string_tab[79]
+#define __pyx_n_u_HttptoolsResponseParser__feed_m __pyx_string_tab[80]
+#define __pyx_n_u_HttptoolsResponseParser_eof __pyx_string_tab[81]
+#define __pyx_n_u_HttptoolsResponseParser_feed __pyx_string_tab[82]
+#define __pyx_n_u_HttptoolsResponseParser_on_body __pyx_string_tab[83]
+#define __pyx_n_u_HttptoolsResponseParser_on_head __pyx_string_tab[84]
+#define __pyx_n_u_HttptoolsResponseParser_on_head_2 __pyx_string_tab[85]
+#define __pyx_n_u_HttptoolsResponseParser_on_mess __pyx_string_tab[86]
+#define __pyx_n_u_HttptoolsResponseParser_on_stat __pyx_string_tab[87]
+#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[88]
+#define __pyx_n_u_annotate __pyx_string_tab[89]
+#define __pyx_n_u_class_getitem __pyx_string_tab[90]
+#define __pyx_n_u_context __pyx_string_tab[91]
+#define __pyx_n_u_doc __pyx_string_tab[92]
+#define __pyx_n_u_func __pyx_string_tab[93]
+#define __pyx_n_u_init __pyx_string_tab[94]
+#define __pyx_n_u_main __pyx_string_tab[95]
+#define __pyx_n_u_metaclass __pyx_string_tab[96]
+#define __pyx_n_u_module __pyx_string_tab[97]
+#define __pyx_n_u_mro_entries __pyx_string_tab[98]
+#define __pyx_n_u_name_2 __pyx_string_tab[99]
+#define __pyx_n_u_prepare __pyx_string_tab[100]
+#define __pyx_n_u_qualname __pyx_string_tab[101]
+#define __pyx_n_u_slots __pyx_string_tab[102]
+#define __pyx_n_u_test __pyx_string_tab[103]
+#define __pyx_n_u_feed_manual __pyx_string_tab[104]
+#define __pyx_n_u_is_coroutine __pyx_string_tab[105]
+#define __pyx_n_u_pump __pyx_string_tab[106]
+#define __pyx_n_u_reset __pyx_string_tab[107]
+#define __pyx_n_u_upgrade_2 __pyx_string_tab[108]
+#define __pyx_n_u_append __pyx_string_tab[109]
+#define __pyx_n_u_args __pyx_string_tab[110]
+#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[111]
+#define __pyx_n_u_body __pyx_string_tab[112]
+#define __pyx_n_u_bool __pyx_string_tab[113]
+#define __pyx_n_u_bytes __pyx_string_tab[114]
+#define __pyx_n_u_cause __pyx_string_tab[115]
+#define __pyx_n_u_chunk __pyx_string_tab[116]
+#define __pyx_n_u_chunked __pyx_string_tab[117]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[118]
+#define __pyx_n_u_close __pyx_string_tab[119]
+#define __pyx_n_u_closed __pyx_string_tab[120]
+#define __pyx_n_u_conn __pyx_string_tab[121]
+#define __pyx_n_u_connection __pyx_string_tab[122]
+#define __pyx_n_u_content_length __pyx_string_tab[123]
+#define __pyx_n_u_data __pyx_string_tab[124]
+#define __pyx_n_u_done_head __pyx_string_tab[125]
+#define __pyx_n_u_encode __pyx_string_tab[126]
+#define __pyx_n_u_encode_chunk __pyx_string_tab[127]
+#define __pyx_n_u_encode_head __pyx_string_tab[128]
+#define __pyx_n_u_end __pyx_string_tab[129]
+#define __pyx_n_u_endswith __pyx_string_tab[130]
+#define __pyx_n_u_eof __pyx_string_tab[131]
+#define __pyx_n_u_error_status_hint __pyx_string_tab[132]
+#define __pyx_n_u_event __pyx_string_tab[133]
+#define __pyx_n_u_exc __pyx_string_tab[134]
+#define __pyx_n_u_feed __pyx_string_tab[135]
+#define __pyx_n_u_feed_data __pyx_string_tab[136]
+#define __pyx_n_u_find __pyx_string_tab[137]
+#define __pyx_n_u_first_line __pyx_string_tab[138]
+#define __pyx_n_u_forwardable __pyx_string_tab[139]
+#define __pyx_n_u_forwardable_locals_genexpr __pyx_string_tab[140]
+#define __pyx_n_u_framing __pyx_string_tab[141]
+#define __pyx_n_u_genexpr __pyx_string_tab[142]
+#define __pyx_n_u_get_http_version __pyx_string_tab[143]
+#define __pyx_n_u_get_method __pyx_string_tab[144]
+#define __pyx_n_u_get_status_code __pyx_string_tab[145]
+#define __pyx_n_u_h11 __pyx_string_tab[146]
+#define __pyx_n_u_handler __pyx_string_tab[147]
+#define __pyx_n_u_head __pyx_string_tab[148]
+#define __pyx_n_u_head_size __pyx_string_tab[149]
+#define __pyx_n_u_headers __pyx_string_tab[150]
+#define __pyx_n_u_http_version __pyx_string_tab[151]
+#define __pyx_n_u_httptools __pyx_string_tab[152]
+#define __pyx_n_u_in_body __pyx_string_tab[153]
+#define __pyx_n_u_int __pyx_string_tab[154]
+#define __pyx_n_u_isdigit __pyx_string_tab[155]
+#define __pyx_n_u_items __pyx_string_tab[156]
+#define __pyx_n_u_join __pyx_string_tab[157]
+#define __pyx_n_u_keep_alive_2 __pyx_string_tab[158]
+#define __pyx_n_u_length __pyx_string_tab[159]
+#define __pyx_n_u_line __pyx_string_tab[160]
+#define __pyx_n_u_lines __pyx_string_tab[161]
+#define __pyx_n_u_lower __pyx_string_tab[162]
+#define __pyx_n_u_manual __pyx_string_tab[163]
+#define __pyx_n_u_max_head __pyx_string_tab[164]
+#define __pyx_n_u_max_incomplete_event_size __pyx_string_tab[165]
+#define __pyx_n_u_method __pyx_string_tab[166]
+#define __pyx_n_u_n __pyx_string_tab[167]
+#define __pyx_n_u_name __pyx_string_tab[168]
+#define __pyx_n_u_named __pyx_string_tab[169]
+#define __pyx_n_u_next __pyx_string_tab[170]
+#define __pyx_n_u_next_event __pyx_string_tab[171]
+#define __pyx_n_u_on_body __pyx_string_tab[172]
+#define __pyx_n_u_on_end __pyx_string_tab[173]
+#define __pyx_n_u_on_head __pyx_string_tab[174]
+#define __pyx_n_u_on_header __pyx_string_tab[175]
+#define __pyx_n_u_on_headers_complete __pyx_string_tab[176]
+#define __pyx_n_u_on_message_complete __pyx_string_tab[177]
+#define __pyx_n_u_on_status __pyx_string_tab[178]
+#define __pyx_n_u_on_url __pyx_string_tab[179]
+#define __pyx_n_u_out __pyx_string_tab[180]
+#define __pyx_n_u_p __pyx_string_tab[181]
+#define __pyx_n_u_parse_response_head __pyx_string_tab[182]
+#define __pyx_n_u_parser __pyx_string_tab[183]
+#define __pyx_n_u_partition __pyx_string_tab[184]
+#define __pyx_n_u_parts __pyx_string_tab[185]
+#define __pyx_n_u_pop __pyx_string_tab[186]
+#define __pyx_n_u_proxy__native_h1parse __pyx_string_tab[187]
+#define __pyx_n_u_pure __pyx_string_tab[188]
+#define __pyx_n_u_raw __pyx_string_tab[189]
+#define __pyx_n_u_raw_items __pyx_string_tab[190]
+#define __pyx_n_u_reason __pyx_string_tab[191]
+#define __pyx_n_u_receive_data __pyx_string_tab[192]
+#define __pyx_n_u_remaining __pyx_string_tab[193]
+#define __pyx_n_u_request_parser __pyx_string_tab[194]
+#define __pyx_n_u_response_parser __pyx_string_tab[195]
+#define __pyx_n_u_rest __pyx_string_tab[196]
+#define __pyx_n_u_return __pyx_string_tab[197]
+#define __pyx_n_u_rstrip __pyx_string_tab[198]
+#define __pyx_n_u_self __pyx_string_tab[199]
+#define __pyx_n_u_send __pyx_string_tab[200]
+#define __pyx_n_u_sep __pyx_string_tab[201]
+#define __pyx_n_u_setdefault __pyx_string_tab[202]
+#define __pyx_n_u_split __pyx_string_tab[203]
+#define __pyx_n_u_startswith __pyx_string_tab[204]
+#define __pyx_n_u_status __pyx_string_tab[205]
+#define __pyx_n_u_status_code __pyx_string_tab[206]
+#define __pyx_n_u_str __pyx_string_tab[207]
+#define __pyx_n_u_strip __pyx_string_tab[208]
+#define __pyx_n_u_sum __pyx_string_tab[209]
+#define __pyx_n_u_super __pyx_string_tab[210]
+#define __pyx_n_u_t __pyx_string_tab[211]
+#define __pyx_n_u_target __pyx_string_tab[212]
+#define __pyx_n_u_their_state __pyx_string_tab[213]
+#define __pyx_n_u_throw __pyx_string_tab[214]
+#define __pyx_n_u_trailing_data __pyx_string_tab[215]
+#define __pyx_n_u_typing __pyx_string_tab[216]
+#define __pyx_n_u_upgrade __pyx_string_tab[217]
+#define __pyx_n_u_url __pyx_string_tab[218]
+#define __pyx_n_u_v __pyx_string_tab[219]
+#define __pyx_n_u_value __pyx_string_tab[220]
+#define __pyx_n_u_values __pyx_string_tab[221]
+#define __pyx_n_u_version __pyx_string_tab[222]
+#define __pyx_kp_b_ __pyx_string_tab[223]
+#define __pyx_kp_b__5 __pyx_string_tab[224]
+#define __pyx_kp_b__4 __pyx_string_tab[225]
+#define __pyx_kp_b__6 __pyx_string_tab[226]
+#define __pyx_kp_b_x_s __pyx_string_tab[227]
+#define __pyx_kp_b__2 __pyx_string_tab[228]
+#define __pyx_kp_b__8 __pyx_string_tab[229]
+#define __pyx_kp_b_0 __pyx_string_tab[230]
+#define __pyx_kp_b_1_1 __pyx_string_tab[231]
+#define __pyx_kp_b__7 __pyx_string_tab[232]
+#define __pyx_kp_b__9 __pyx_string_tab[233]
+#define __pyx_n_b_CONNECT __pyx_string_tab[234]
+#define __pyx_n_b_HEAD __pyx_string_tab[235]
+#define __pyx_kp_b_HTTP_1 __pyx_string_tab[236]
+#define __pyx_n_b_chunked __pyx_string_tab[237]
+#define __pyx_n_b_close __pyx_string_tab[238]
+#define __pyx_n_b_connection __pyx_string_tab[239]
+#define __pyx_kp_b_content_length_2 __pyx_string_tab[240]
+#define __pyx_n_b_host __pyx_string_tab[241]
+#define __pyx_kp_b_keep_alive __pyx_string_tab[242]
+#define __pyx_n_b_proxied __pyx_string_tab[243]
+#define __pyx_kp_b_proxy_connection __pyx_string_tab[244]
+#define __pyx_n_b_te __pyx_string_tab[245]
+#define __pyx_n_b_trailer __pyx_string_tab[246]
+#define __pyx_kp_b_transfer_encoding __pyx_string_tab[247]
+#define __pyx_n_b_upgrade __pyx_string_tab[248]
+#define __pyx_n_b_x __pyx_string_tab[249]
+#define __pyx_kp_b_x_1 __pyx_string_tab[250]
+#define __pyx_kp_b_iso88591_a __pyx_string_tab[251]
+#define __pyx_kp_b_iso88591_1 __pyx_string_tab[252]
+#define __pyx_kp_b_iso88591_a_Q_a_iq_D_a_2S_S_s_e6_7_IQa_s __pyx_string_tab[253]
+#define __pyx_kp_b_iso88591_z_3c __pyx_string_tab[254]
+#define __pyx_kp_b_iso88591_A_q_q_q_iq_D_a_2S_r_A_ha_7_F_q __pyx_string_tab[255]
+#define __pyx_kp_b_iso88591_O_6ASST_uCz_A_9A __pyx_string_tab[256]
+#define __pyx_kp_b_iso88591_L_AQ_iq_WAU_F_A_7_q __pyx_string_tab[257]
+#define __pyx_kp_b_iso88591_Zq_CvQa_E_F_6_s_7_Bc_U_2_S_E_HT __pyx_string_tab[258]
+#define __pyx_kp_b_iso88591_m_K6Q_iizz_uCz_A_8_Q_1IXQ __pyx_string_tab[259]
+#define __pyx_kp_b_iso88591_Q_4q_1_q_2 __pyx_string_tab[260]
+#define __pyx_kp_b_iso88591_Q_E_aq_E __pyx_string_tab[261]
+#define __pyx_kp_b_iso88591_q_E_A_3_a_2_5H_EQ_j_a_1_vS_1_vS __pyx_string_tab[262]
+#define __pyx_kp_b_iso88591__11 __pyx_string_tab[263]
+#define __pyx_kp_b_iso88591_G1_M __pyx_string_tab[264]
+#define __pyx_kp_b_iso88591_1_z_y_a_QgU_a_y_4A_Cq_z_k_y_A_t __pyx_string_tab[265]
+#define __pyx_kp_b_iso88591_1_4xwa_Qa_t87_z_y_a_QgU_a_y_4A __pyx_string_tab[266]
+#define __pyx_kp_b_iso88591_1_E_aq_E_A_3_a_j_A_vS_1_vS_1_fA __pyx_string_tab[267]
+#define __pyx_kp_b_iso88591_1_E_aq_F __pyx_string_tab[268]
+#define __pyx_kp_b_iso88591_A_HA_N_Qa_4_D_AU __pyx_string_tab[269]
+#define __pyx_kp_b_iso88591_HA __pyx_string_tab[270]
+#define __pyx_kp_b_iso88591_Ja_HHAQ __pyx_string_tab[271]
+#define __pyx_kp_b_iso88591_Zq __pyx_string_tab[272]
+#define __pyx_kp_b_iso88591_nJa_HG2V1_N_QfBc_1_4_D_AU __pyx_string_tab[273]
+#define __pyx_kp_b_iso88591_HA_Ry_Ja_Ja __pyx_string_tab[274]
+#define __pyx_kp_b_iso88591_LLXY_Ja_Ja_Kq_Kq_Jd_N_9G_R_ccd __pyx_string_tab[275]
+#define __pyx_kp_b_iso88591_NlZ_Ja_Ja_Kq_Kq_Jd_t_gQa_N_9G_R __pyx_string_tab[276]
+#define __pyx_kp_b_iso88591_Kq __pyx_string_tab[277]
+#define __pyx_kp_b_iso88591_11B_W_qqr_Kq_Ja_HC_3i_I_IQ_1_r __pyx_string_tab[278]
+#define __pyx_kp_b_iso88591_11B_HZZ_Kq_Ja_L_JivWD_9J_Jhd_9D __pyx_string_tab[279]
+#define __pyx_kp_b_iso88591_369K1_Kq_Ji_1_L_G1 __pyx_string_tab[280]
+#define __pyx_kp_b_iso88591_369K1_Kq_L_HC_3i_I __pyx_string_tab[281]
+#define __pyx_kp_b_iso88591_1_t87_4q_t83a_fAQ_Kq_d_aq_4r_s __pyx_string_tab[282]
+#define __pyx_kp_b_iso88591_A_Ry_M __pyx_string_tab[283]
+#define __pyx_kp_b_iso88591_Q_4q_1_q __pyx_string_tab[284]
+#define __pyx_kp_b_iso88591_Q_D_aq_4t6_K2WTXX_AU_A_HA_HHAQ __pyx_string_tab[285]
+#define __pyx_kp_b_iso88591_Q_D_r_1A_T_Ya_PPRRYY_aab_Ja_Kq __pyx_string_tab[286]
+#define __pyx_kp_b_iso88591_Q_G1_HG1 __pyx_string_tab[287]
 #define __pyx_int_0 __pyx_number_tab[0]
-#define __pyx_int_2 __pyx_number_tab[1]
-#define __pyx_int_4 __pyx_number_tab[2]
-#define __pyx_int_100 __pyx_number_tab[3]
-#define __pyx_int_101 __pyx_number_tab[4]
-#define __pyx_int_200 __pyx_number_tab[5]
-#define __pyx_int_300 __pyx_number_tab[6]
-#define __pyx_int_400 __pyx_number_tab[7]
-#define __pyx_int_431 __pyx_number_tab[8]
-#define __pyx_int_502 __pyx_number_tab[9]
-#define __pyx_int_65536 __pyx_number_tab[10]
+#define __pyx_int_1 __pyx_number_tab[1]
+#define __pyx_int_2 __pyx_number_tab[2]
+#define __pyx_int_4 __pyx_number_tab[3]
+#define __pyx_int_5 __pyx_number_tab[4]
+#define __pyx_int_100 __pyx_number_tab[5]
+#define __pyx_int_101 __pyx_number_tab[6]
+#define __pyx_int_200 __pyx_number_tab[7]
+#define __pyx_int_300 __pyx_number_tab[8]
+#define __pyx_int_400 __pyx_number_tab[9]
+#define __pyx_int_431 __pyx_number_tab[10]
+#define __pyx_int_502 __pyx_number_tab[11]
+#define __pyx_int_65536 __pyx_number_tab[12]
 /* #### Code section: module_state_clear ### */
 #if CYTHON_USE_MODULE_STATE
 static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
@@ -3630,13 +3589,11 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_items.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_values.method);
-  Py_CLEAR(clear_module_state->__pyx_umethod_PyBytes_Type__partition.method);
-  Py_CLEAR(clear_module_state->__pyx_umethod_PyBytes_Type__split.method);
-  Py_CLEAR(clear_module_state->__pyx_umethod_PyBytes_Type__strip.method);
-  for (int i=0; i<16; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
+  for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
+  for (int i=0; i<17; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
   for (int i=0; i<39; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<289; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
-  for (int i=0; i<11; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
+  for (int i=0; i<288; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<13; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
 Py_CLEAR(clear_module_state->__pyx_CommonTypesMetaclassType);
@@ -3671,13 +3628,11 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_items.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_values.method);
-  Py_VISIT(traverse_module_state->__pyx_umethod_PyBytes_Type__partition.method);
-  Py_VISIT(traverse_module_state->__pyx_umethod_PyBytes_Type__split.method);
-  Py_VISIT(traverse_module_state->__pyx_umethod_PyBytes_Type__strip.method);
-  for (int i=0; i<16; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
+  for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
+  for (int i=0; i<17; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
   for (int i=0; i<39; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<289; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
-  for (int i=0; i<11; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
+  for (int i=0; i<288; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<13; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
 Py_VISIT(traverse_module_state->__pyx_CommonTypesMetaclassType);
@@ -3777,9 +3732,8 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 40, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    if (__Pyx_PyInt_FromNumber(&values[1], "status", 0) < (0)) __PYX_ERR(0, 40, __pyx_L3_error)
-    __pyx_v_status = ((PyObject*)values[1]);
-    __pyx_v_reason = ((PyObject*)values[2]);
+    __pyx_v_status = values[1];
+    __pyx_v_reason = values[2];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -3794,23 +3748,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_status), (&PyLong_Type), 0, "status", 2))) __PYX_ERR(0, 40, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_reason), (&PyUnicode_Type), 0, "reason", 2))) __PYX_ERR(0, 40, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_10ParseError___init__(__pyx_self, __pyx_v_self, __pyx_v_status, __pyx_v_reason);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -3981,7 +3924,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 49, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_remaining = ((PyObject*)values[1]);
+    __pyx_v_remaining = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -3996,22 +3939,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_remaining), (&PyBytes_Type), 0, "remaining", 2))) __PYX_ERR(0, 49, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_6Switch___init__(__pyx_self, __pyx_v_self, __pyx_v_remaining);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -4194,9 +4127,9 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 57, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_method = ((PyObject*)values[1]);
-    __pyx_v_target = ((PyObject*)values[2]);
-    __pyx_v_version = ((PyObject*)values[3]);
+    __pyx_v_method = values[1];
+    __pyx_v_target = values[2];
+    __pyx_v_version = values[3];
     __pyx_v_headers = values[4];
   }
   goto __pyx_L6_skip;
@@ -4212,24 +4145,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_method), (&PyBytes_Type), 0, "method", 2))) __PYX_ERR(0, 57, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_target), (&PyBytes_Type), 0, "target", 2))) __PYX_ERR(0, 57, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_version), (&PyBytes_Type), 0, "version", 2))) __PYX_ERR(0, 57, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_11RequestHead___init__(__pyx_self, __pyx_v_self, __pyx_v_method, __pyx_v_target, __pyx_v_version, __pyx_v_headers);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -4402,7 +4323,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_11RequestHead___init__(CYTHON
  *         if method == b"CONNECT":
  *             self.upgrade = True
 */
-  __pyx_t_9 = __Pyx_PyObject_CompareBoolEq_bytes_bytes(__pyx_v_version, __pyx_mstate_global->__pyx_kp_b_1_1, Py_EQ); if (unlikely((__pyx_t_9 < 0))) __PYX_ERR(0, 63, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_v_version, __pyx_mstate_global->__pyx_kp_b_1_1, Py_EQ); if (unlikely((__pyx_t_9 < 0))) __PYX_ERR(0, 63, __pyx_L1_error)
   if (__pyx_t_9) {
     __pyx_t_10 = (__Pyx_PySequence_ContainsTF(__pyx_mstate_global->__pyx_n_b_close, __pyx_v_connection, Py_NE)); if (unlikely((__pyx_t_10 < 0))) __PYX_ERR(0, 63, __pyx_L1_error)
     __pyx_t_6 = __Pyx_PyBool_FromLong(__pyx_t_10); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 63, __pyx_L1_error)
@@ -4429,7 +4350,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_11RequestHead___init__(CYTHON
  *             self.upgrade = True
  * 
 */
-  __pyx_t_9 = __Pyx_PyObject_CompareBoolEq_bytes_bytes(__pyx_v_method, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_9 < 0))) __PYX_ERR(0, 64, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_v_method, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_9 < 0))) __PYX_ERR(0, 64, __pyx_L1_error)
   if (__pyx_t_9) {
 
 
@@ -4575,10 +4496,9 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 71, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    if (__Pyx_PyInt_FromNumber(&values[1], "status", 0) < (0)) __PYX_ERR(0, 71, __pyx_L3_error)
-    __pyx_v_status = ((PyObject*)values[1]);
-    __pyx_v_reason = ((PyObject*)values[2]);
-    __pyx_v_version = ((PyObject*)values[3]);
+    __pyx_v_status = values[1];
+    __pyx_v_reason = values[2];
+    __pyx_v_version = values[3];
     __pyx_v_headers = values[4];
   }
   goto __pyx_L6_skip;
@@ -4594,24 +4514,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_status), (&PyLong_Type), 0, "status", 2))) __PYX_ERR(0, 71, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_reason), (&PyBytes_Type), 0, "reason", 2))) __PYX_ERR(0, 71, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_version), (&PyBytes_Type), 0, "version", 2))) __PYX_ERR(0, 71, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_12ResponseHead___init__(__pyx_self, __pyx_v_self, __pyx_v_status, __pyx_v_reason, __pyx_v_version, __pyx_v_headers);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -4785,7 +4693,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_12ResponseHead___init__(CYTHO
  * 
  * 
 */
-  __pyx_t_9 = __Pyx_PyObject_CompareBoolEq_bytes_bytes(__pyx_v_version, __pyx_mstate_global->__pyx_kp_b_1_1, Py_EQ); if (unlikely((__pyx_t_9 < 0))) __PYX_ERR(0, 77, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_v_version, __pyx_mstate_global->__pyx_kp_b_1_1, Py_EQ); if (unlikely((__pyx_t_9 < 0))) __PYX_ERR(0, 77, __pyx_L1_error)
   if (__pyx_t_9) {
     __pyx_t_10 = (__Pyx_PySequence_ContainsTF(__pyx_mstate_global->__pyx_n_b_close, __pyx_v_connection, Py_NE)); if (unlikely((__pyx_t_10 < 0))) __PYX_ERR(0, 77, __pyx_L1_error)
     __pyx_t_6 = __Pyx_PyBool_FromLong(__pyx_t_10); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 77, __pyx_L1_error)
@@ -4981,8 +4889,8 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_framing(CYTHON_UNUSED PyObjec
  *     upgrade = False
  *     for name, value in headers:
 */
-  __Pyx_INCREF(__pyx_mstate_global->__pyx_kp_b__2);
-  __pyx_v_connection = __pyx_mstate_global->__pyx_kp_b__2;
+  __Pyx_INCREF(__pyx_mstate_global->__pyx_kp_b_);
+  __pyx_v_connection = __pyx_mstate_global->__pyx_kp_b_;
 
   /* "proxy/core/h1.py":85
  *     length = None
@@ -5248,7 +5156,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_framing(CYTHON_UNUSED PyObjec
         if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_4);
       }
-      __pyx_t_5 = PyNumber_Add(__pyx_mstate_global->__pyx_kp_b__3, __pyx_t_4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 93, __pyx_L1_error)
+      __pyx_t_5 = PyNumber_Add(__pyx_mstate_global->__pyx_kp_b__2, __pyx_t_4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 93, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __pyx_t_4 = __Pyx_PyNumber_InPlaceAdd_object_object(__pyx_v_connection, __pyx_t_5); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
@@ -5347,7 +5255,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_framing(CYTHON_UNUSED PyObjec
     PyObject *__pyx_temp;
     {
       __pyx_temp = __pyx_r;
-      __pyx_r = ((PyObject*)__pyx_t_4);
+      __pyx_r = __pyx_t_4;
     }
     __Pyx_XDECREF(__pyx_temp);
   }
@@ -5575,7 +5483,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 102, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_chunk = ((PyObject*)values[1]);
+    __pyx_v_chunk = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -5590,22 +5498,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_chunk), (&PyBytes_Type), 0, "chunk", 2))) __PYX_ERR(0, 102, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_7Handler_2on_body(__pyx_self, __pyx_v_self, __pyx_v_chunk);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -5864,8 +5762,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     }
     __pyx_v_self = values[0];
     __pyx_v_handler = values[1];
-    if (__Pyx_PyInt_FromNumber(&values[2], "max_head", 0) < (0)) __PYX_ERR(0, 115, __pyx_L3_error)
-    __pyx_v_max_head = ((PyObject*)values[2]);
+    __pyx_v_max_head = values[2];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -5880,22 +5777,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 115, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser___init__(__pyx_self, __pyx_v_self, __pyx_v_handler, __pyx_v_max_head);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -6119,7 +6006,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_2_r
  *         self.headers: Headers = []
  *         self.head_size = 0
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_url, __pyx_mstate_global->__pyx_kp_b__2) < (0)) __PYX_ERR(0, 122, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_url, __pyx_mstate_global->__pyx_kp_b_) < (0)) __PYX_ERR(0, 122, __pyx_L1_error)
 
   /* "proxy/core/h1.py":123
  *     def _reset(self) -> None:
@@ -6248,7 +6135,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 127, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_url = ((PyObject*)values[1]);
+    __pyx_v_url = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -6263,22 +6150,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_url), (&PyBytes_Type), 0, "url", 2))) __PYX_ERR(0, 127, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_4on_url(__pyx_self, __pyx_v_self, __pyx_v_url);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -6305,7 +6182,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_4on
 */
   __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_url); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 128, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = PyNumber_InPlaceAdd(__pyx_t_1, __pyx_v_url); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 128, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyNumber_InPlaceAdd_object_object(__pyx_t_1, __pyx_v_url); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 128, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_url, __pyx_t_2) < (0)) __PYX_ERR(0, 128, __pyx_L1_error)
@@ -6320,7 +6197,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_4on
 */
   __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_head_size); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 129, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_3 = __Pyx_PyBytes_GET_SIZE(__pyx_v_url); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 129, __pyx_L1_error)
+  __pyx_t_3 = PyObject_Length(__pyx_v_url); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 129, __pyx_L1_error)
   __pyx_t_1 = PyLong_FromSsize_t(__pyx_t_3); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 129, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
 
@@ -6479,8 +6356,8 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 133, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_name = ((PyObject*)values[1]);
-    __pyx_v_value = ((PyObject*)values[2]);
+    __pyx_v_name = values[1];
+    __pyx_v_value = values[2];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -6495,23 +6372,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_name), (&PyBytes_Type), 0, "name", 2))) __PYX_ERR(0, 133, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_value), (&PyBytes_Type), 0, "value", 2))) __PYX_ERR(0, 133, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_6on_header(__pyx_self, __pyx_v_self, __pyx_v_name, __pyx_v_value);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -6562,8 +6428,8 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_6on
 */
   __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_head_size); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 135, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_4 = __Pyx_PyBytes_GET_SIZE(__pyx_v_name); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(0, 135, __pyx_L1_error)
-  __pyx_t_5 = __Pyx_PyBytes_GET_SIZE(__pyx_v_value); if (unlikely(__pyx_t_5 == ((Py_ssize_t)-1))) __PYX_ERR(0, 135, __pyx_L1_error)
+  __pyx_t_4 = PyObject_Length(__pyx_v_name); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(0, 135, __pyx_L1_error)
+  __pyx_t_5 = PyObject_Length(__pyx_v_value); if (unlikely(__pyx_t_5 == ((Py_ssize_t)-1))) __PYX_ERR(0, 135, __pyx_L1_error)
   __pyx_t_1 = PyLong_FromSsize_t(((__pyx_t_4 + __pyx_t_5) + 4)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 135, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
 
@@ -7067,7 +6933,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 148, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_body = ((PyObject*)values[1]);
+    __pyx_v_body = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -7082,22 +6948,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_body), (&PyBytes_Type), 0, "body", 2))) __PYX_ERR(0, 148, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_10on_body(__pyx_self, __pyx_v_self, __pyx_v_body);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -7404,7 +7260,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 155, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_data = ((PyObject*)values[1]);
+    __pyx_v_data = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -7419,22 +7275,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 155, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_14feed(__pyx_self, __pyx_v_self, __pyx_v_data);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -7458,17 +7304,15 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_14f
   PyObject *__pyx_t_11 = NULL;
   PyObject *__pyx_t_12 = NULL;
   PyObject *__pyx_t_13 = NULL;
-  Py_ssize_t __pyx_t_14;
-  int __pyx_t_15;
-  Py_ssize_t __pyx_t_16;
-  int __pyx_t_17;
-  char const *__pyx_t_18;
+  int __pyx_t_14;
+  char const *__pyx_t_15;
+  PyObject *__pyx_t_16 = NULL;
+  PyObject *__pyx_t_17 = NULL;
+  PyObject *__pyx_t_18 = NULL;
   PyObject *__pyx_t_19 = NULL;
   PyObject *__pyx_t_20 = NULL;
   PyObject *__pyx_t_21 = NULL;
-  PyObject *__pyx_t_22 = NULL;
-  PyObject *__pyx_t_23 = NULL;
-  PyObject *__pyx_t_24 = NULL;
+  int __pyx_t_22;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -7568,22 +7412,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_14f
         __Pyx_GOTREF(__pyx_t_11);
         __pyx_t_12 = __Pyx_PyBaseException_get_args(__pyx_v_upgrade); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 159, __pyx_L14_error)
         __Pyx_GOTREF(__pyx_t_12);
-        __pyx_t_13 = __Pyx_GetItemInt(__pyx_t_12, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 159, __pyx_L14_error)
+        __pyx_t_13 = __Pyx_GetItemInt(__pyx_t_12, 0, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 159, __pyx_L14_error)
         __Pyx_GOTREF(__pyx_t_13);
         __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-        __pyx_t_15 = (__pyx_t_13 == Py_None);
-        if (__pyx_t_15) {
-
-          __pyx_t_14 = 0;
-        } else {
-          __pyx_t_16 = __Pyx_PyIndex_AsSsize_t(__pyx_t_13); if (unlikely((__pyx_t_16 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 159, __pyx_L14_error)
-          __pyx_t_14 = __pyx_t_16;
-        }
-
+        __pyx_t_12 = __Pyx_PyObject_GetSlice(__pyx_v_data, 0, 0, &__pyx_t_13, NULL, NULL, 0, 0, 1); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 159, __pyx_L14_error)
+        __Pyx_GOTREF(__pyx_t_12);
         __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-        __pyx_t_13 = PySequence_GetSlice(__pyx_v_data, __pyx_t_14, PY_SSIZE_T_MAX); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 159, __pyx_L14_error)
-        __Pyx_GOTREF(__pyx_t_13);
-
         __pyx_t_7 = 1;
         #if CYTHON_UNPACK_METHODS
         if (unlikely(PyMethod_Check(__pyx_t_11))) {
@@ -7597,10 +7431,10 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_14f
         }
         #endif
         {
-          PyObject *__pyx_callargs[2] = {__pyx_t_8, __pyx_t_13};
+          PyObject *__pyx_callargs[2] = {__pyx_t_8, __pyx_t_12};
           __pyx_t_9 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_11, __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
-          __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
+          __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
           __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
           if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 159, __pyx_L14_error)
           __Pyx_GOTREF(__pyx_t_9);
@@ -7622,34 +7456,34 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_14f
         /*exception exit:*/{
           __Pyx_PyThreadState_declare
           __Pyx_PyThreadState_assign
-          __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0; __pyx_t_23 = 0; __pyx_t_24 = 0;
+          __pyx_t_16 = 0; __pyx_t_17 = 0; __pyx_t_18 = 0; __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0;
           __Pyx_XDECREF(__pyx_t_11); __pyx_t_11 = 0;
           __Pyx_XDECREF(__pyx_t_12); __pyx_t_12 = 0;
           __Pyx_XDECREF(__pyx_t_13); __pyx_t_13 = 0;
           __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
           __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
-           __Pyx_ExceptionSwap(&__pyx_t_22, &__pyx_t_23, &__pyx_t_24);
-          if ( unlikely(__Pyx_GetException(&__pyx_t_19, &__pyx_t_20, &__pyx_t_21) < 0)) __Pyx_ErrFetch(&__pyx_t_19, &__pyx_t_20, &__pyx_t_21);
+           __Pyx_ExceptionSwap(&__pyx_t_19, &__pyx_t_20, &__pyx_t_21);
+          if ( unlikely(__Pyx_GetException(&__pyx_t_16, &__pyx_t_17, &__pyx_t_18) < 0)) __Pyx_ErrFetch(&__pyx_t_16, &__pyx_t_17, &__pyx_t_18);
+          __Pyx_XGOTREF(__pyx_t_16);
+          __Pyx_XGOTREF(__pyx_t_17);
+          __Pyx_XGOTREF(__pyx_t_18);
           __Pyx_XGOTREF(__pyx_t_19);
           __Pyx_XGOTREF(__pyx_t_20);
           __Pyx_XGOTREF(__pyx_t_21);
-          __Pyx_XGOTREF(__pyx_t_22);
-          __Pyx_XGOTREF(__pyx_t_23);
-          __Pyx_XGOTREF(__pyx_t_24);
-          __pyx_t_10 = __pyx_lineno; __pyx_t_17 = __pyx_clineno; __pyx_t_18 = __pyx_filename;
+          __pyx_t_10 = __pyx_lineno; __pyx_t_14 = __pyx_clineno; __pyx_t_15 = __pyx_filename;
           {
             __Pyx_DECREF(__pyx_v_upgrade); __pyx_v_upgrade = 0;
           }
-          __Pyx_XGIVEREF(__pyx_t_22);
-          __Pyx_XGIVEREF(__pyx_t_23);
-          __Pyx_XGIVEREF(__pyx_t_24);
-          __Pyx_ExceptionReset(__pyx_t_22, __pyx_t_23, __pyx_t_24);
           __Pyx_XGIVEREF(__pyx_t_19);
           __Pyx_XGIVEREF(__pyx_t_20);
           __Pyx_XGIVEREF(__pyx_t_21);
-          __Pyx_ErrRestore(__pyx_t_19, __pyx_t_20, __pyx_t_21);
-          __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0; __pyx_t_23 = 0; __pyx_t_24 = 0;
-          __pyx_lineno = __pyx_t_10; __pyx_clineno = __pyx_t_17; __pyx_filename = __pyx_t_18;
+          __Pyx_ExceptionReset(__pyx_t_19, __pyx_t_20, __pyx_t_21);
+          __Pyx_XGIVEREF(__pyx_t_16);
+          __Pyx_XGIVEREF(__pyx_t_17);
+          __Pyx_XGIVEREF(__pyx_t_18);
+          __Pyx_ErrRestore(__pyx_t_16, __pyx_t_17, __pyx_t_18);
+          __pyx_t_16 = 0; __pyx_t_17 = 0; __pyx_t_18 = 0; __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0;
+          __pyx_lineno = __pyx_t_10; __pyx_clineno = __pyx_t_14; __pyx_filename = __pyx_t_15;
           goto __pyx_L5_except_error;
         }
       }
@@ -7668,11 +7502,11 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_14f
     __pyx_t_11 = __Pyx_PyObject_GetAttrStr(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_HttpParserCallbackError); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 160, __pyx_L5_except_error)
     __Pyx_GOTREF(__pyx_t_11);
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-    __pyx_t_17 = __Pyx_PyErr_GivenExceptionMatches(__pyx_t_4, __pyx_t_11);
+    __pyx_t_14 = __Pyx_PyErr_GivenExceptionMatches(__pyx_t_4, __pyx_t_11);
     __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
     __Pyx_ErrRestore(__pyx_t_4, __pyx_t_6, __pyx_t_5);
     __pyx_t_4 = 0; __pyx_t_6 = 0; __pyx_t_5 = 0;
-    if (__pyx_t_17) {
+    if (__pyx_t_14) {
       __Pyx_AddTraceback("proxy._native.h1parse._HttptoolsRequestParser.feed", __pyx_clineno, __pyx_lineno, __pyx_filename);
       if (__Pyx_GetException(&__pyx_t_5, &__pyx_t_6, &__pyx_t_4) < 0) __PYX_ERR(0, 160, __pyx_L5_except_error)
       __Pyx_XGOTREF(__pyx_t_5);
@@ -7703,9 +7537,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_14f
 */
         __Pyx_GetModuleGlobalName(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 162, __pyx_L25_error)
         __Pyx_GOTREF(__pyx_t_11);
-        __pyx_t_15 = PyObject_IsInstance(__pyx_v_cause, __pyx_t_11); if (unlikely(__pyx_t_15 == ((int)-1))) __PYX_ERR(0, 162, __pyx_L25_error)
+        __pyx_t_22 = PyObject_IsInstance(__pyx_v_cause, __pyx_t_11); if (unlikely(__pyx_t_22 == ((int)-1))) __PYX_ERR(0, 162, __pyx_L25_error)
         __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-        if (unlikely(__pyx_t_15)) {
+        if (unlikely(__pyx_t_22)) {
 
 
           /* "proxy/core/h1.py":163
@@ -7754,34 +7588,34 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_14f
         /*exception exit:*/{
           __Pyx_PyThreadState_declare
           __Pyx_PyThreadState_assign
-          __pyx_t_24 = 0; __pyx_t_23 = 0; __pyx_t_22 = 0; __pyx_t_21 = 0; __pyx_t_20 = 0; __pyx_t_19 = 0;
+          __pyx_t_21 = 0; __pyx_t_20 = 0; __pyx_t_19 = 0; __pyx_t_18 = 0; __pyx_t_17 = 0; __pyx_t_16 = 0;
           __Pyx_XDECREF(__pyx_t_11); __pyx_t_11 = 0;
           __Pyx_XDECREF(__pyx_t_12); __pyx_t_12 = 0;
           __Pyx_XDECREF(__pyx_t_13); __pyx_t_13 = 0;
           __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
           __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
-           __Pyx_ExceptionSwap(&__pyx_t_21, &__pyx_t_20, &__pyx_t_19);
-          if ( unlikely(__Pyx_GetException(&__pyx_t_24, &__pyx_t_23, &__pyx_t_22) < 0)) __Pyx_ErrFetch(&__pyx_t_24, &__pyx_t_23, &__pyx_t_22);
-          __Pyx_XGOTREF(__pyx_t_24);
-          __Pyx_XGOTREF(__pyx_t_23);
-          __Pyx_XGOTREF(__pyx_t_22);
+           __Pyx_ExceptionSwap(&__pyx_t_18, &__pyx_t_17, &__pyx_t_16);
+          if ( unlikely(__Pyx_GetException(&__pyx_t_21, &__pyx_t_20, &__pyx_t_19) < 0)) __Pyx_ErrFetch(&__pyx_t_21, &__pyx_t_20, &__pyx_t_19);
           __Pyx_XGOTREF(__pyx_t_21);
           __Pyx_XGOTREF(__pyx_t_20);
           __Pyx_XGOTREF(__pyx_t_19);
-          __pyx_t_17 = __pyx_lineno; __pyx_t_10 = __pyx_clineno; __pyx_t_18 = __pyx_filename;
+          __Pyx_XGOTREF(__pyx_t_18);
+          __Pyx_XGOTREF(__pyx_t_17);
+          __Pyx_XGOTREF(__pyx_t_16);
+          __pyx_t_14 = __pyx_lineno; __pyx_t_10 = __pyx_clineno; __pyx_t_15 = __pyx_filename;
           {
             __Pyx_DECREF(__pyx_v_exc); __pyx_v_exc = 0;
           }
+          __Pyx_XGIVEREF(__pyx_t_18);
+          __Pyx_XGIVEREF(__pyx_t_17);
+          __Pyx_XGIVEREF(__pyx_t_16);
+          __Pyx_ExceptionReset(__pyx_t_18, __pyx_t_17, __pyx_t_16);
           __Pyx_XGIVEREF(__pyx_t_21);
           __Pyx_XGIVEREF(__pyx_t_20);
           __Pyx_XGIVEREF(__pyx_t_19);
-          __Pyx_ExceptionReset(__pyx_t_21, __pyx_t_20, __pyx_t_19);
-          __Pyx_XGIVEREF(__pyx_t_24);
-          __Pyx_XGIVEREF(__pyx_t_23);
-          __Pyx_XGIVEREF(__pyx_t_22);
-          __Pyx_ErrRestore(__pyx_t_24, __pyx_t_23, __pyx_t_22);
-          __pyx_t_24 = 0; __pyx_t_23 = 0; __pyx_t_22 = 0; __pyx_t_21 = 0; __pyx_t_20 = 0; __pyx_t_19 = 0;
-          __pyx_lineno = __pyx_t_17; __pyx_clineno = __pyx_t_10; __pyx_filename = __pyx_t_18;
+          __Pyx_ErrRestore(__pyx_t_21, __pyx_t_20, __pyx_t_19);
+          __pyx_t_21 = 0; __pyx_t_20 = 0; __pyx_t_19 = 0; __pyx_t_18 = 0; __pyx_t_17 = 0; __pyx_t_16 = 0;
+          __pyx_lineno = __pyx_t_14; __pyx_clineno = __pyx_t_10; __pyx_filename = __pyx_t_15;
           goto __pyx_L5_except_error;
         }
       }
@@ -7825,10 +7659,10 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_14f
         __Pyx_GOTREF(__pyx_t_9);
         __pyx_t_11 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_max_head); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 166, __pyx_L37_error)
         __Pyx_GOTREF(__pyx_t_11);
-        __pyx_t_15 = __Pyx_PyObject_CompareBoolGt_object_object(__pyx_t_9, __pyx_t_11, Py_GT); if (unlikely((__pyx_t_15 < 0))) __PYX_ERR(0, 166, __pyx_L37_error)
+        __pyx_t_22 = __Pyx_PyObject_CompareBoolGt_object_object(__pyx_t_9, __pyx_t_11, Py_GT); if (unlikely((__pyx_t_22 < 0))) __PYX_ERR(0, 166, __pyx_L37_error)
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-        if (unlikely(__pyx_t_15)) {
+        if (unlikely(__pyx_t_22)) {
 
 
           /* "proxy/core/h1.py":167
@@ -7864,31 +7698,31 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_14f
  * 
 */
         __pyx_t_11 = NULL;
-        __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 168, __pyx_L37_error)
-        __Pyx_GOTREF(__pyx_t_13);
+        __Pyx_GetModuleGlobalName(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 168, __pyx_L37_error)
+        __Pyx_GOTREF(__pyx_t_12);
         __pyx_t_8 = __Pyx_PyObject_FormatSimple(__pyx_v_exc, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 168, __pyx_L37_error)
         __Pyx_GOTREF(__pyx_t_8);
-        __pyx_t_12 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_malformed_request, __pyx_t_8); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 168, __pyx_L37_error)
-        __Pyx_GOTREF(__pyx_t_12);
+        __pyx_t_13 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_malformed_request, __pyx_t_8); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 168, __pyx_L37_error)
+        __Pyx_GOTREF(__pyx_t_13);
         __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
         __pyx_t_7 = 1;
         #if CYTHON_UNPACK_METHODS
-        if (unlikely(PyMethod_Check(__pyx_t_13))) {
-          __pyx_t_11 = PyMethod_GET_SELF(__pyx_t_13);
+        if (unlikely(PyMethod_Check(__pyx_t_12))) {
+          __pyx_t_11 = PyMethod_GET_SELF(__pyx_t_12);
           assert(__pyx_t_11);
-          PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_13);
+          PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_12);
           __Pyx_INCREF(__pyx_t_11);
           __Pyx_INCREF(__pyx__function);
-          __Pyx_DECREF_SET(__pyx_t_13, __pyx__function);
+          __Pyx_DECREF_SET(__pyx_t_12, __pyx__function);
           __pyx_t_7 = 0;
         }
         #endif
         {
-          PyObject *__pyx_callargs[3] = {__pyx_t_11, __pyx_mstate_global->__pyx_int_400, __pyx_t_12};
-          __pyx_t_9 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_13, __pyx_callargs+__pyx_t_7, (3-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+          PyObject *__pyx_callargs[3] = {__pyx_t_11, __pyx_mstate_global->__pyx_int_400, __pyx_t_13};
+          __pyx_t_9 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_12, __pyx_callargs+__pyx_t_7, (3-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_11); __pyx_t_11 = 0;
-          __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
           __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
+          __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
           if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 168, __pyx_L37_error)
           __Pyx_GOTREF(__pyx_t_9);
         }
@@ -7909,34 +7743,34 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_23_HttptoolsRequestParser_14f
         /*exception exit:*/{
           __Pyx_PyThreadState_declare
           __Pyx_PyThreadState_assign
-          __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0; __pyx_t_23 = 0; __pyx_t_24 = 0;
+          __pyx_t_16 = 0; __pyx_t_17 = 0; __pyx_t_18 = 0; __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0;
           __Pyx_XDECREF(__pyx_t_11); __pyx_t_11 = 0;
           __Pyx_XDECREF(__pyx_t_12); __pyx_t_12 = 0;
           __Pyx_XDECREF(__pyx_t_13); __pyx_t_13 = 0;
           __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
           __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
-           __Pyx_ExceptionSwap(&__pyx_t_22, &__pyx_t_23, &__pyx_t_24);
-          if ( unlikely(__Pyx_GetException(&__pyx_t_19, &__pyx_t_20, &__pyx_t_21) < 0)) __Pyx_ErrFetch(&__pyx_t_19, &__pyx_t_20, &__pyx_t_21);
+           __Pyx_ExceptionSwap(&__pyx_t_19, &__pyx_t_20, &__pyx_t_21);
+          if ( unlikely(__Pyx_GetException(&__pyx_t_16, &__pyx_t_17, &__pyx_t_18) < 0)) __Pyx_ErrFetch(&__pyx_t_16, &__pyx_t_17, &__pyx_t_18);
+          __Pyx_XGOTREF(__pyx_t_16);
+          __Pyx_XGOTREF(__pyx_t_17);
+          __Pyx_XGOTREF(__pyx_t_18);
           __Pyx_XGOTREF(__pyx_t_19);
           __Pyx_XGOTREF(__pyx_t_20);
           __Pyx_XGOTREF(__pyx_t_21);
-          __Pyx_XGOTREF(__pyx_t_22);
-          __Pyx_XGOTREF(__pyx_t_23);
-          __Pyx_XGOTREF(__pyx_t_24);
-          __pyx_t_10 = __pyx_lineno; __pyx_t_17 = __pyx_clineno; __pyx_t_18 = __pyx_filename;
+          __pyx_t_10 = __pyx_lineno; __pyx_t_14 = __pyx_clineno; __pyx_t_15 = __pyx_filename;
           {
             __Pyx_DECREF(__pyx_v_exc); __pyx_v_exc = 0;
           }
-          __Pyx_XGIVEREF(__pyx_t_22);
-          __Pyx_XGIVEREF(__pyx_t_23);
-          __Pyx_XGIVEREF(__pyx_t_24);
-          __Pyx_ExceptionReset(__pyx_t_22, __pyx_t_23, __pyx_t_24);
           __Pyx_XGIVEREF(__pyx_t_19);
           __Pyx_XGIVEREF(__pyx_t_20);
           __Pyx_XGIVEREF(__pyx_t_21);
-          __Pyx_ErrRestore(__pyx_t_19, __pyx_t_20, __pyx_t_21);
-          __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0; __pyx_t_23 = 0; __pyx_t_24 = 0;
-          __pyx_lineno = __pyx_t_10; __pyx_clineno = __pyx_t_17; __pyx_filename = __pyx_t_18;
+          __Pyx_ExceptionReset(__pyx_t_19, __pyx_t_20, __pyx_t_21);
+          __Pyx_XGIVEREF(__pyx_t_16);
+          __Pyx_XGIVEREF(__pyx_t_17);
+          __Pyx_XGIVEREF(__pyx_t_18);
+          __Pyx_ErrRestore(__pyx_t_16, __pyx_t_17, __pyx_t_18);
+          __pyx_t_16 = 0; __pyx_t_17 = 0; __pyx_t_18 = 0; __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0;
+          __pyx_lineno = __pyx_t_10; __pyx_clineno = __pyx_t_14; __pyx_filename = __pyx_t_15;
           goto __pyx_L5_except_error;
         }
       }
@@ -8134,9 +7968,8 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     }
     __pyx_v_self = values[0];
     __pyx_v_handler = values[1];
-    __pyx_v_method = ((PyObject*)values[2]);
-    if (__Pyx_PyInt_FromNumber(&values[3], "max_head", 0) < (0)) __PYX_ERR(0, 177, __pyx_L3_error)
-    __pyx_v_max_head = ((PyObject*)values[3]);
+    __pyx_v_method = values[2];
+    __pyx_v_max_head = values[3];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -8151,23 +7984,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_method), (&PyBytes_Type), 0, "method", 2))) __PYX_ERR(0, 177, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 177, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser___init__(__pyx_self, __pyx_v_self, __pyx_v_handler, __pyx_v_method, __pyx_v_max_head);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -8180,10 +8002,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser___
   int __pyx_t_3;
   int __pyx_t_4;
   PyObject *__pyx_t_5 = NULL;
-  PyObject *__pyx_t_6 = NULL;
-  size_t __pyx_t_7;
+  size_t __pyx_t_6;
+  PyObject *__pyx_t_7 = NULL;
   PyObject *__pyx_t_8 = NULL;
-  PyObject *__pyx_t_9 = NULL;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -8225,7 +8046,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser___
 */
   __Pyx_INCREF(__pyx_v_method);
   __pyx_t_2 = __pyx_v_method;
-  __pyx_t_4 = __Pyx_PyObject_CompareBoolEq_bytes_bytes(__pyx_t_2, __pyx_mstate_global->__pyx_n_b_HEAD, Py_EQ); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 181, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_t_2, __pyx_mstate_global->__pyx_n_b_HEAD, Py_EQ); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 181, __pyx_L1_error)
   if (!__pyx_t_4) {
 
   } else {
@@ -8234,7 +8055,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser___
 
     goto __pyx_L3_bool_binop_done;
   }
-  __pyx_t_4 = __Pyx_PyObject_CompareBoolEq_bytes_bytes(__pyx_t_2, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 181, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_t_2, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 181, __pyx_L1_error)
 
   __pyx_t_3 = __pyx_t_4;
 
@@ -8244,17 +8065,17 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser___
 
 
   if (__pyx_t_4) {
-    __pyx_t_6 = NULL;
-    __pyx_t_7 = 1;
+    __pyx_t_5 = NULL;
+    __pyx_t_6 = 1;
     {
-      PyObject *__pyx_callargs[2] = {__pyx_t_6, NULL};
-      __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)(&PyByteArray_Type), __pyx_callargs+__pyx_t_7, (1-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 181, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_5);
+      PyObject *__pyx_callargs[2] = {__pyx_t_5, NULL};
+      __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)(&PyByteArray_Type), __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 181, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_2);
     }
-    __pyx_t_1 = __pyx_t_5;
-    __pyx_t_5 = 0;
+    __pyx_t_1 = __pyx_t_2;
+    __pyx_t_2 = 0;
   } else {
     __Pyx_INCREF(Py_None);
     __pyx_t_1 = Py_None;
@@ -8270,42 +8091,42 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser___
  *         self.reason = b""
  *         self.headers: Headers = []
 */
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 182, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = (__pyx_t_5 != Py_None);
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 182, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __pyx_t_4 = (__pyx_t_2 != Py_None);
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   if (__pyx_t_4) {
     __Pyx_INCREF(Py_None);
     __pyx_t_1 = Py_None;
   } else {
-    __pyx_t_6 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 182, __pyx_L1_error)
+    __pyx_t_5 = NULL;
+    __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 182, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_7);
+    __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_HttpResponseParser); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 182, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_8);
-    __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_t_8, __pyx_mstate_global->__pyx_n_u_HttpResponseParser); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 182, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_9);
-    __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-    __pyx_t_7 = 1;
+    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+    __pyx_t_6 = 1;
     #if CYTHON_UNPACK_METHODS
-    if (unlikely(PyMethod_Check(__pyx_t_9))) {
-      __pyx_t_6 = PyMethod_GET_SELF(__pyx_t_9);
-      assert(__pyx_t_6);
-      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_9);
-      __Pyx_INCREF(__pyx_t_6);
+    if (unlikely(PyMethod_Check(__pyx_t_8))) {
+      __pyx_t_5 = PyMethod_GET_SELF(__pyx_t_8);
+      assert(__pyx_t_5);
+      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_8);
+      __Pyx_INCREF(__pyx_t_5);
       __Pyx_INCREF(__pyx__function);
-      __Pyx_DECREF_SET(__pyx_t_9, __pyx__function);
-      __pyx_t_7 = 0;
+      __Pyx_DECREF_SET(__pyx_t_8, __pyx__function);
+      __pyx_t_6 = 0;
     }
     #endif
     {
-      PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_v_self};
-      __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_9, __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-      __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 182, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_5);
+      PyObject *__pyx_callargs[2] = {__pyx_t_5, __pyx_v_self};
+      __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_8, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
+      __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 182, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_2);
     }
-    __pyx_t_1 = __pyx_t_5;
-    __pyx_t_5 = 0;
+    __pyx_t_1 = __pyx_t_2;
+    __pyx_t_2 = 0;
   }
 
   if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_parser, __pyx_t_1) < (0)) __PYX_ERR(0, 182, __pyx_L1_error)
@@ -8318,7 +8139,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser___
  *         self.headers: Headers = []
  *         self.head_size = 0
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_reason, __pyx_mstate_global->__pyx_kp_b__2) < (0)) __PYX_ERR(0, 183, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_reason, __pyx_mstate_global->__pyx_kp_b_) < (0)) __PYX_ERR(0, 183, __pyx_L1_error)
 
   /* "proxy/core/h1.py":184
  *         self.parser = None if self.manual is not None else httptools.HttpResponseParser(self)
@@ -8374,9 +8195,8 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser___
   __Pyx_XDECREF(__pyx_t_1);
   __Pyx_XDECREF(__pyx_t_2);
   __Pyx_XDECREF(__pyx_t_5);
-  __Pyx_XDECREF(__pyx_t_6);
+  __Pyx_XDECREF(__pyx_t_7);
   __Pyx_XDECREF(__pyx_t_8);
-  __Pyx_XDECREF(__pyx_t_9);
   __Pyx_AddTraceback("proxy._native.h1parse._HttptoolsResponseParser.__init__", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = NULL;
   __pyx_L0:;
@@ -8461,7 +8281,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 189, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_reason = ((PyObject*)values[1]);
+    __pyx_v_reason = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -8476,22 +8296,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_reason), (&PyBytes_Type), 0, "reason", 2))) __PYX_ERR(0, 189, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_2on_status(__pyx_self, __pyx_v_self, __pyx_v_reason);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -8515,7 +8325,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_2o
 */
   __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_reason); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 190, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = PyNumber_InPlaceAdd(__pyx_t_1, __pyx_v_reason); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 190, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyNumber_InPlaceAdd_object_object(__pyx_t_1, __pyx_v_reason); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 190, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_reason, __pyx_t_2) < (0)) __PYX_ERR(0, 190, __pyx_L1_error)
@@ -8626,8 +8436,8 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 192, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_name = ((PyObject*)values[1]);
-    __pyx_v_value = ((PyObject*)values[2]);
+    __pyx_v_name = values[1];
+    __pyx_v_value = values[2];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -8642,23 +8452,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_name), (&PyBytes_Type), 0, "name", 2))) __PYX_ERR(0, 192, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_value), (&PyBytes_Type), 0, "value", 2))) __PYX_ERR(0, 192, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_4on_header(__pyx_self, __pyx_v_self, __pyx_v_name, __pyx_v_value);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -8709,8 +8508,8 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_4o
 */
   __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_head_size); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 194, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_4 = __Pyx_PyBytes_GET_SIZE(__pyx_v_name); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(0, 194, __pyx_L1_error)
-  __pyx_t_5 = __Pyx_PyBytes_GET_SIZE(__pyx_v_value); if (unlikely(__pyx_t_5 == ((Py_ssize_t)-1))) __PYX_ERR(0, 194, __pyx_L1_error)
+  __pyx_t_4 = PyObject_Length(__pyx_v_name); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(0, 194, __pyx_L1_error)
+  __pyx_t_5 = PyObject_Length(__pyx_v_value); if (unlikely(__pyx_t_5 == ((Py_ssize_t)-1))) __PYX_ERR(0, 194, __pyx_L1_error)
   __pyx_t_1 = PyLong_FromSsize_t(((__pyx_t_4 + __pyx_t_5) + 4)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 194, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
 
@@ -9012,7 +8811,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_6o
  *         self.headers = []
  *         self.head_size = 0
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_reason, __pyx_mstate_global->__pyx_kp_b__2) < (0)) __PYX_ERR(0, 202, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_reason, __pyx_mstate_global->__pyx_kp_b_) < (0)) __PYX_ERR(0, 202, __pyx_L1_error)
 
   /* "proxy/core/h1.py":203
  *         head = ResponseHead(p.get_status_code(), self.reason, p.get_http_version().encode(), self.headers)
@@ -9184,7 +8983,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 208, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_body = ((PyObject*)values[1]);
+    __pyx_v_body = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -9199,22 +8998,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_body), (&PyBytes_Type), 0, "body", 2))) __PYX_ERR(0, 208, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_8on_body(__pyx_self, __pyx_v_self, __pyx_v_body);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -9719,7 +9508,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 222, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_data = ((PyObject*)values[1]);
+    __pyx_v_data = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -9734,22 +9523,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 222, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14feed(__pyx_self, __pyx_v_self, __pyx_v_data);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -9773,16 +9552,14 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
   PyObject *__pyx_t_12 = NULL;
   PyObject *__pyx_t_13 = NULL;
   PyObject *__pyx_t_14 = NULL;
-  Py_ssize_t __pyx_t_15;
-  Py_ssize_t __pyx_t_16;
-  int __pyx_t_17;
-  char const *__pyx_t_18;
+  int __pyx_t_15;
+  char const *__pyx_t_16;
+  PyObject *__pyx_t_17 = NULL;
+  PyObject *__pyx_t_18 = NULL;
   PyObject *__pyx_t_19 = NULL;
   PyObject *__pyx_t_20 = NULL;
   PyObject *__pyx_t_21 = NULL;
   PyObject *__pyx_t_22 = NULL;
-  PyObject *__pyx_t_23 = NULL;
-  PyObject *__pyx_t_24 = NULL;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -9964,22 +9741,12 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
         __Pyx_GOTREF(__pyx_t_12);
         __pyx_t_13 = __Pyx_PyBaseException_get_args(__pyx_v_upgrade); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 230, __pyx_L15_error)
         __Pyx_GOTREF(__pyx_t_13);
-        __pyx_t_14 = __Pyx_GetItemInt(__pyx_t_13, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 230, __pyx_L15_error)
+        __pyx_t_14 = __Pyx_GetItemInt(__pyx_t_13, 0, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 230, __pyx_L15_error)
         __Pyx_GOTREF(__pyx_t_14);
         __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-        __pyx_t_2 = (__pyx_t_14 == Py_None);
-        if (__pyx_t_2) {
-
-          __pyx_t_15 = 0;
-        } else {
-          __pyx_t_16 = __Pyx_PyIndex_AsSsize_t(__pyx_t_14); if (unlikely((__pyx_t_16 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 230, __pyx_L15_error)
-          __pyx_t_15 = __pyx_t_16;
-        }
-
+        __pyx_t_13 = __Pyx_PyObject_GetSlice(__pyx_v_data, 0, 0, &__pyx_t_14, NULL, NULL, 0, 0, 1); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 230, __pyx_L15_error)
+        __Pyx_GOTREF(__pyx_t_13);
         __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-        __pyx_t_14 = PySequence_GetSlice(__pyx_v_data, __pyx_t_15, PY_SSIZE_T_MAX); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 230, __pyx_L15_error)
-        __Pyx_GOTREF(__pyx_t_14);
-
         __pyx_t_4 = 1;
         #if CYTHON_UNPACK_METHODS
         if (unlikely(PyMethod_Check(__pyx_t_12))) {
@@ -9993,10 +9760,10 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
         }
         #endif
         {
-          PyObject *__pyx_callargs[2] = {__pyx_t_9, __pyx_t_14};
+          PyObject *__pyx_callargs[2] = {__pyx_t_9, __pyx_t_13};
           __pyx_t_10 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_12, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
-          __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
+          __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
           __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
           if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 230, __pyx_L15_error)
           __Pyx_GOTREF(__pyx_t_10);
@@ -10018,34 +9785,34 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
         /*exception exit:*/{
           __Pyx_PyThreadState_declare
           __Pyx_PyThreadState_assign
-          __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0; __pyx_t_23 = 0; __pyx_t_24 = 0;
+          __pyx_t_17 = 0; __pyx_t_18 = 0; __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0;
           __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
           __Pyx_XDECREF(__pyx_t_12); __pyx_t_12 = 0;
           __Pyx_XDECREF(__pyx_t_13); __pyx_t_13 = 0;
           __Pyx_XDECREF(__pyx_t_14); __pyx_t_14 = 0;
           __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
-           __Pyx_ExceptionSwap(&__pyx_t_22, &__pyx_t_23, &__pyx_t_24);
-          if ( unlikely(__Pyx_GetException(&__pyx_t_19, &__pyx_t_20, &__pyx_t_21) < 0)) __Pyx_ErrFetch(&__pyx_t_19, &__pyx_t_20, &__pyx_t_21);
+           __Pyx_ExceptionSwap(&__pyx_t_20, &__pyx_t_21, &__pyx_t_22);
+          if ( unlikely(__Pyx_GetException(&__pyx_t_17, &__pyx_t_18, &__pyx_t_19) < 0)) __Pyx_ErrFetch(&__pyx_t_17, &__pyx_t_18, &__pyx_t_19);
+          __Pyx_XGOTREF(__pyx_t_17);
+          __Pyx_XGOTREF(__pyx_t_18);
           __Pyx_XGOTREF(__pyx_t_19);
           __Pyx_XGOTREF(__pyx_t_20);
           __Pyx_XGOTREF(__pyx_t_21);
           __Pyx_XGOTREF(__pyx_t_22);
-          __Pyx_XGOTREF(__pyx_t_23);
-          __Pyx_XGOTREF(__pyx_t_24);
-          __pyx_t_11 = __pyx_lineno; __pyx_t_17 = __pyx_clineno; __pyx_t_18 = __pyx_filename;
+          __pyx_t_11 = __pyx_lineno; __pyx_t_15 = __pyx_clineno; __pyx_t_16 = __pyx_filename;
           {
             __Pyx_DECREF(__pyx_v_upgrade); __pyx_v_upgrade = 0;
           }
-          __Pyx_XGIVEREF(__pyx_t_22);
-          __Pyx_XGIVEREF(__pyx_t_23);
-          __Pyx_XGIVEREF(__pyx_t_24);
-          __Pyx_ExceptionReset(__pyx_t_22, __pyx_t_23, __pyx_t_24);
-          __Pyx_XGIVEREF(__pyx_t_19);
           __Pyx_XGIVEREF(__pyx_t_20);
           __Pyx_XGIVEREF(__pyx_t_21);
-          __Pyx_ErrRestore(__pyx_t_19, __pyx_t_20, __pyx_t_21);
-          __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0; __pyx_t_23 = 0; __pyx_t_24 = 0;
-          __pyx_lineno = __pyx_t_11; __pyx_clineno = __pyx_t_17; __pyx_filename = __pyx_t_18;
+          __Pyx_XGIVEREF(__pyx_t_22);
+          __Pyx_ExceptionReset(__pyx_t_20, __pyx_t_21, __pyx_t_22);
+          __Pyx_XGIVEREF(__pyx_t_17);
+          __Pyx_XGIVEREF(__pyx_t_18);
+          __Pyx_XGIVEREF(__pyx_t_19);
+          __Pyx_ErrRestore(__pyx_t_17, __pyx_t_18, __pyx_t_19);
+          __pyx_t_17 = 0; __pyx_t_18 = 0; __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0;
+          __pyx_lineno = __pyx_t_11; __pyx_clineno = __pyx_t_15; __pyx_filename = __pyx_t_16;
           goto __pyx_L6_except_error;
         }
       }
@@ -10064,11 +9831,11 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
     __pyx_t_12 = __Pyx_PyObject_GetAttrStr(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_HttpParserCallbackError); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 231, __pyx_L6_except_error)
     __Pyx_GOTREF(__pyx_t_12);
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    __pyx_t_17 = __Pyx_PyErr_GivenExceptionMatches(__pyx_t_1, __pyx_t_12);
+    __pyx_t_15 = __Pyx_PyErr_GivenExceptionMatches(__pyx_t_1, __pyx_t_12);
     __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
     __Pyx_ErrRestore(__pyx_t_1, __pyx_t_8, __pyx_t_3);
     __pyx_t_1 = 0; __pyx_t_8 = 0; __pyx_t_3 = 0;
-    if (__pyx_t_17) {
+    if (__pyx_t_15) {
       __Pyx_AddTraceback("proxy._native.h1parse._HttptoolsResponseParser.feed", __pyx_clineno, __pyx_lineno, __pyx_filename);
       if (__Pyx_GetException(&__pyx_t_3, &__pyx_t_8, &__pyx_t_1) < 0) __PYX_ERR(0, 231, __pyx_L6_except_error)
       __Pyx_XGOTREF(__pyx_t_3);
@@ -10144,34 +9911,34 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
         /*exception exit:*/{
           __Pyx_PyThreadState_declare
           __Pyx_PyThreadState_assign
-          __pyx_t_24 = 0; __pyx_t_23 = 0; __pyx_t_22 = 0; __pyx_t_21 = 0; __pyx_t_20 = 0; __pyx_t_19 = 0;
+          __pyx_t_22 = 0; __pyx_t_21 = 0; __pyx_t_20 = 0; __pyx_t_19 = 0; __pyx_t_18 = 0; __pyx_t_17 = 0;
           __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
           __Pyx_XDECREF(__pyx_t_12); __pyx_t_12 = 0;
           __Pyx_XDECREF(__pyx_t_13); __pyx_t_13 = 0;
           __Pyx_XDECREF(__pyx_t_14); __pyx_t_14 = 0;
           __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
-           __Pyx_ExceptionSwap(&__pyx_t_21, &__pyx_t_20, &__pyx_t_19);
-          if ( unlikely(__Pyx_GetException(&__pyx_t_24, &__pyx_t_23, &__pyx_t_22) < 0)) __Pyx_ErrFetch(&__pyx_t_24, &__pyx_t_23, &__pyx_t_22);
-          __Pyx_XGOTREF(__pyx_t_24);
-          __Pyx_XGOTREF(__pyx_t_23);
+           __Pyx_ExceptionSwap(&__pyx_t_19, &__pyx_t_18, &__pyx_t_17);
+          if ( unlikely(__Pyx_GetException(&__pyx_t_22, &__pyx_t_21, &__pyx_t_20) < 0)) __Pyx_ErrFetch(&__pyx_t_22, &__pyx_t_21, &__pyx_t_20);
           __Pyx_XGOTREF(__pyx_t_22);
           __Pyx_XGOTREF(__pyx_t_21);
           __Pyx_XGOTREF(__pyx_t_20);
           __Pyx_XGOTREF(__pyx_t_19);
-          __pyx_t_17 = __pyx_lineno; __pyx_t_11 = __pyx_clineno; __pyx_t_18 = __pyx_filename;
+          __Pyx_XGOTREF(__pyx_t_18);
+          __Pyx_XGOTREF(__pyx_t_17);
+          __pyx_t_15 = __pyx_lineno; __pyx_t_11 = __pyx_clineno; __pyx_t_16 = __pyx_filename;
           {
             __Pyx_DECREF(__pyx_v_exc); __pyx_v_exc = 0;
           }
+          __Pyx_XGIVEREF(__pyx_t_19);
+          __Pyx_XGIVEREF(__pyx_t_18);
+          __Pyx_XGIVEREF(__pyx_t_17);
+          __Pyx_ExceptionReset(__pyx_t_19, __pyx_t_18, __pyx_t_17);
+          __Pyx_XGIVEREF(__pyx_t_22);
           __Pyx_XGIVEREF(__pyx_t_21);
           __Pyx_XGIVEREF(__pyx_t_20);
-          __Pyx_XGIVEREF(__pyx_t_19);
-          __Pyx_ExceptionReset(__pyx_t_21, __pyx_t_20, __pyx_t_19);
-          __Pyx_XGIVEREF(__pyx_t_24);
-          __Pyx_XGIVEREF(__pyx_t_23);
-          __Pyx_XGIVEREF(__pyx_t_22);
-          __Pyx_ErrRestore(__pyx_t_24, __pyx_t_23, __pyx_t_22);
-          __pyx_t_24 = 0; __pyx_t_23 = 0; __pyx_t_22 = 0; __pyx_t_21 = 0; __pyx_t_20 = 0; __pyx_t_19 = 0;
-          __pyx_lineno = __pyx_t_17; __pyx_clineno = __pyx_t_11; __pyx_filename = __pyx_t_18;
+          __Pyx_ErrRestore(__pyx_t_22, __pyx_t_21, __pyx_t_20);
+          __pyx_t_22 = 0; __pyx_t_21 = 0; __pyx_t_20 = 0; __pyx_t_19 = 0; __pyx_t_18 = 0; __pyx_t_17 = 0;
+          __pyx_lineno = __pyx_t_15; __pyx_clineno = __pyx_t_11; __pyx_filename = __pyx_t_16;
           goto __pyx_L6_except_error;
         }
       }
@@ -10212,31 +9979,31 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
  *     def _feed_manual(self, data: bytes) -> None:
 */
         __pyx_t_10 = NULL;
-        __Pyx_GetModuleGlobalName(__pyx_t_14, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 236, __pyx_L38_error)
-        __Pyx_GOTREF(__pyx_t_14);
+        __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 236, __pyx_L38_error)
+        __Pyx_GOTREF(__pyx_t_13);
         __pyx_t_9 = __Pyx_PyObject_FormatSimple(__pyx_v_exc, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 236, __pyx_L38_error)
         __Pyx_GOTREF(__pyx_t_9);
-        __pyx_t_13 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_malformed_response, __pyx_t_9); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 236, __pyx_L38_error)
-        __Pyx_GOTREF(__pyx_t_13);
+        __pyx_t_14 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_malformed_response, __pyx_t_9); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 236, __pyx_L38_error)
+        __Pyx_GOTREF(__pyx_t_14);
         __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         __pyx_t_4 = 1;
         #if CYTHON_UNPACK_METHODS
-        if (unlikely(PyMethod_Check(__pyx_t_14))) {
-          __pyx_t_10 = PyMethod_GET_SELF(__pyx_t_14);
+        if (unlikely(PyMethod_Check(__pyx_t_13))) {
+          __pyx_t_10 = PyMethod_GET_SELF(__pyx_t_13);
           assert(__pyx_t_10);
-          PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_14);
+          PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_13);
           __Pyx_INCREF(__pyx_t_10);
           __Pyx_INCREF(__pyx__function);
-          __Pyx_DECREF_SET(__pyx_t_14, __pyx__function);
+          __Pyx_DECREF_SET(__pyx_t_13, __pyx__function);
           __pyx_t_4 = 0;
         }
         #endif
         {
-          PyObject *__pyx_callargs[3] = {__pyx_t_10, __pyx_mstate_global->__pyx_int_502, __pyx_t_13};
-          __pyx_t_12 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_14, __pyx_callargs+__pyx_t_4, (3-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+          PyObject *__pyx_callargs[3] = {__pyx_t_10, __pyx_mstate_global->__pyx_int_502, __pyx_t_14};
+          __pyx_t_12 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_13, __pyx_callargs+__pyx_t_4, (3-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
-          __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
           __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
+          __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
           if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 236, __pyx_L38_error)
           __Pyx_GOTREF(__pyx_t_12);
         }
@@ -10257,34 +10024,34 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_14
         /*exception exit:*/{
           __Pyx_PyThreadState_declare
           __Pyx_PyThreadState_assign
-          __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0; __pyx_t_23 = 0; __pyx_t_24 = 0;
+          __pyx_t_17 = 0; __pyx_t_18 = 0; __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0;
           __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
           __Pyx_XDECREF(__pyx_t_12); __pyx_t_12 = 0;
           __Pyx_XDECREF(__pyx_t_13); __pyx_t_13 = 0;
           __Pyx_XDECREF(__pyx_t_14); __pyx_t_14 = 0;
           __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
-           __Pyx_ExceptionSwap(&__pyx_t_22, &__pyx_t_23, &__pyx_t_24);
-          if ( unlikely(__Pyx_GetException(&__pyx_t_19, &__pyx_t_20, &__pyx_t_21) < 0)) __Pyx_ErrFetch(&__pyx_t_19, &__pyx_t_20, &__pyx_t_21);
+           __Pyx_ExceptionSwap(&__pyx_t_20, &__pyx_t_21, &__pyx_t_22);
+          if ( unlikely(__Pyx_GetException(&__pyx_t_17, &__pyx_t_18, &__pyx_t_19) < 0)) __Pyx_ErrFetch(&__pyx_t_17, &__pyx_t_18, &__pyx_t_19);
+          __Pyx_XGOTREF(__pyx_t_17);
+          __Pyx_XGOTREF(__pyx_t_18);
           __Pyx_XGOTREF(__pyx_t_19);
           __Pyx_XGOTREF(__pyx_t_20);
           __Pyx_XGOTREF(__pyx_t_21);
           __Pyx_XGOTREF(__pyx_t_22);
-          __Pyx_XGOTREF(__pyx_t_23);
-          __Pyx_XGOTREF(__pyx_t_24);
-          __pyx_t_11 = __pyx_lineno; __pyx_t_17 = __pyx_clineno; __pyx_t_18 = __pyx_filename;
+          __pyx_t_11 = __pyx_lineno; __pyx_t_15 = __pyx_clineno; __pyx_t_16 = __pyx_filename;
           {
             __Pyx_DECREF(__pyx_v_exc); __pyx_v_exc = 0;
           }
-          __Pyx_XGIVEREF(__pyx_t_22);
-          __Pyx_XGIVEREF(__pyx_t_23);
-          __Pyx_XGIVEREF(__pyx_t_24);
-          __Pyx_ExceptionReset(__pyx_t_22, __pyx_t_23, __pyx_t_24);
-          __Pyx_XGIVEREF(__pyx_t_19);
           __Pyx_XGIVEREF(__pyx_t_20);
           __Pyx_XGIVEREF(__pyx_t_21);
-          __Pyx_ErrRestore(__pyx_t_19, __pyx_t_20, __pyx_t_21);
-          __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0; __pyx_t_23 = 0; __pyx_t_24 = 0;
-          __pyx_lineno = __pyx_t_11; __pyx_clineno = __pyx_t_17; __pyx_filename = __pyx_t_18;
+          __Pyx_XGIVEREF(__pyx_t_22);
+          __Pyx_ExceptionReset(__pyx_t_20, __pyx_t_21, __pyx_t_22);
+          __Pyx_XGIVEREF(__pyx_t_17);
+          __Pyx_XGIVEREF(__pyx_t_18);
+          __Pyx_XGIVEREF(__pyx_t_19);
+          __Pyx_ErrRestore(__pyx_t_17, __pyx_t_18, __pyx_t_19);
+          __pyx_t_17 = 0; __pyx_t_18 = 0; __pyx_t_19 = 0; __pyx_t_20 = 0; __pyx_t_21 = 0; __pyx_t_22 = 0;
+          __pyx_lineno = __pyx_t_11; __pyx_clineno = __pyx_t_15; __pyx_filename = __pyx_t_16;
           goto __pyx_L6_except_error;
         }
       }
@@ -10413,7 +10180,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 238, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_data = ((PyObject*)values[1]);
+    __pyx_v_data = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -10428,22 +10195,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 238, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16_feed_manual(__pyx_self, __pyx_v_self, __pyx_v_data);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -10599,7 +10356,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
 */
   __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 244, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = PyNumber_InPlaceAdd(__pyx_t_1, __pyx_v_data); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 244, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyNumber_InPlaceAdd_object_object(__pyx_t_1, __pyx_v_data); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 244, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual, __pyx_t_4) < (0)) __PYX_ERR(0, 244, __pyx_L1_error)
@@ -10725,7 +10482,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
   __pyx_t_8 = NULL;
   __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manual); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 250, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __pyx_t_10 = __Pyx_PyObject_GetSlice(__pyx_t_9, 0, 0, NULL, &__pyx_v_end, NULL, 0, 0, 0); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 250, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetSlice(__pyx_t_9, 0, 0, NULL, &__pyx_v_end, NULL, 0, 0, 1); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 250, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
   __pyx_t_5 = 1;
@@ -10773,7 +10530,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24_HttptoolsResponseParser_16
   __Pyx_GOTREF(__pyx_t_7);
   __pyx_t_3 = __Pyx_PyLong_AddObjC(__pyx_v_end, __pyx_mstate_global->__pyx_int_4, 4, 0, 0); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 251, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_10 = __Pyx_PyObject_GetSlice(__pyx_t_7, 0, 0, &__pyx_t_3, NULL, NULL, 0, 0, 0); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 251, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_GetSlice(__pyx_t_7, 0, 0, &__pyx_t_3, NULL, NULL, 0, 0, 1); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 251, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
@@ -11160,7 +10917,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 265, __pyx_L3_error)
     }
-    __pyx_v_raw = ((PyObject*)values[0]);
+    __pyx_v_raw = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -11175,22 +10932,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_raw), (&PyBytes_Type), 0, "raw", 2))) __PYX_ERR(0, 265, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(__pyx_self, __pyx_v_raw);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -11207,17 +10954,19 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
   __Pyx_RefNannyDeclarations
   PyObject *__pyx_t_1 = NULL;
   PyObject *__pyx_t_2 = NULL;
-  int __pyx_t_3;
-  Py_ssize_t __pyx_t_4;
-  int __pyx_t_5;
+  size_t __pyx_t_3;
+  int __pyx_t_4;
+  Py_ssize_t __pyx_t_5;
   int __pyx_t_6;
   PyObject *__pyx_t_7 = NULL;
-  size_t __pyx_t_8;
-  PyObject *__pyx_t_9 = NULL;
+  int __pyx_t_8;
+  PyObject *(*__pyx_t_9)(PyObject *);
   PyObject *__pyx_t_10 = NULL;
-  int __pyx_t_11;
+  PyObject *__pyx_t_11 = NULL;
   PyObject *__pyx_t_12 = NULL;
-  PyObject *__pyx_t_13 = NULL;
+  PyObject *(*__pyx_t_13)(PyObject *);
+  int __pyx_t_14;
+  PyObject *__pyx_t_15 = NULL;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -11230,10 +10979,17 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
  *     parts = lines[0].split(b" ", 2)
  *     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
 */
-  __pyx_t_1 = __Pyx_CallUnboundCMethod1(&__pyx_mstate_global->__pyx_umethod_PyBytes_Type__split, __pyx_v_raw, __pyx_mstate_global->__pyx_kp_b__5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 266, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_1);
-  if (!(likely(PyList_CheckExact(__pyx_t_1)) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_1))) __PYX_ERR(0, 266, __pyx_L1_error)
-  __pyx_v_lines = ((PyObject*)__pyx_t_1);
+  __pyx_t_2 = __pyx_v_raw;
+  __Pyx_INCREF(__pyx_t_2);
+  __pyx_t_3 = 0;
+  {
+    PyObject *__pyx_callargs[2] = {__pyx_t_2, __pyx_mstate_global->__pyx_kp_b__5};
+    __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_split, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 266, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+  }
+  __pyx_v_lines = __pyx_t_1;
   __pyx_t_1 = 0;
 
   /* "proxy/core/h1.py":267
@@ -11243,17 +10999,15 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
  *     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
  *         raise ParseError(502, "malformed response status line")
 */
-  __pyx_t_1 = __Pyx_PyList_GET_ITEM(__pyx_v_lines, 0);
-  __Pyx_INCREF(__pyx_t_1);
-  if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 267, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_GetItemInt(__pyx_v_lines, 0, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 267, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
   __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_split); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 267, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_t_1 = __Pyx_PyObject_Call(__pyx_t_2, __pyx_mstate_global->__pyx_tuple[4], NULL); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 267, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  if (!(likely(PyList_CheckExact(__pyx_t_1)) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_1))) __PYX_ERR(0, 267, __pyx_L1_error)
-  __pyx_v_parts = ((PyObject*)__pyx_t_1);
+  __pyx_v_parts = __pyx_t_1;
   __pyx_t_1 = 0;
 
   /* "proxy/core/h1.py":268
@@ -11263,63 +11017,67 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
  *         raise ParseError(502, "malformed response status line")
  *     headers: Headers = []
 */
-  __pyx_t_4 = __Pyx_PyList_GET_SIZE(__pyx_v_parts); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(0, 268, __pyx_L1_error)
-  __pyx_t_5 = (__pyx_t_4 < 2);
-
-
-  if (!__pyx_t_5) {
-
-  } else {
-
-    __pyx_t_3 = __pyx_t_5;
-
-    goto __pyx_L4_bool_binop_done;
-  }
-  __pyx_t_1 = __Pyx_PyList_GET_ITEM(__pyx_v_parts, 0);
-  __Pyx_INCREF(__pyx_t_1);
-  if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 268, __pyx_L1_error)
-  if (unlikely(__pyx_t_1 == Py_None)) {
-    PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "startswith");
-    __PYX_ERR(0, 268, __pyx_L1_error)
-  }
-  __pyx_t_5 = __Pyx_PyBytes_Tailmatch(__pyx_t_1, __pyx_mstate_global->__pyx_kp_b_HTTP_1, 0, PY_SSIZE_T_MAX, -1); if (unlikely(__pyx_t_5 == ((int)-1))) __PYX_ERR(0, 268, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_6 = (!__pyx_t_5);
+  __pyx_t_5 = PyObject_Length(__pyx_v_parts); if (unlikely(__pyx_t_5 == ((Py_ssize_t)-1))) __PYX_ERR(0, 268, __pyx_L1_error)
+  __pyx_t_6 = (__pyx_t_5 < 2);
 
 
   if (!__pyx_t_6) {
 
   } else {
 
-    __pyx_t_3 = __pyx_t_6;
+    __pyx_t_4 = __pyx_t_6;
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_7 = __Pyx_PyList_GET_ITEM(__pyx_v_parts, 1);
-  __Pyx_INCREF(__pyx_t_7);
-  if (!(likely(PyBytes_CheckExact(__pyx_t_7))||((__pyx_t_7) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_7))) __PYX_ERR(0, 268, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_GetItemInt(__pyx_v_parts, 0, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 268, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_7);
   __pyx_t_2 = __pyx_t_7;
   __Pyx_INCREF(__pyx_t_2);
-  __pyx_t_8 = 0;
+  __pyx_t_3 = 0;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
-    __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_isdigit, __pyx_callargs+__pyx_t_8, (1-__pyx_t_8) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    PyObject *__pyx_callargs[2] = {__pyx_t_2, __pyx_mstate_global->__pyx_kp_b_HTTP_1};
+    __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_startswith, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 268, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  if (!(likely(PyBool_Check(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bool", __pyx_t_1))) __PYX_ERR(0, 268, __pyx_L1_error)
   __pyx_t_6 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_6 < 0))) __PYX_ERR(0, 268, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_5 = (!__pyx_t_6);
+  __pyx_t_8 = (!__pyx_t_6);
+
+
+  if (!__pyx_t_8) {
+
+  } else {
+
+    __pyx_t_4 = __pyx_t_8;
+
+    goto __pyx_L4_bool_binop_done;
+  }
+  __pyx_t_2 = __Pyx_GetItemInt(__pyx_v_parts, 1, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 268, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __pyx_t_7 = __pyx_t_2;
+  __Pyx_INCREF(__pyx_t_7);
+  __pyx_t_3 = 0;
+  {
+    PyObject *__pyx_callargs[2] = {__pyx_t_7, NULL};
+    __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_isdigit, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
+    __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 268, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+  }
+  __pyx_t_8 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 268, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  __pyx_t_6 = (!__pyx_t_8);
 
 
 
-  __pyx_t_3 = __pyx_t_5;
+  __pyx_t_4 = __pyx_t_6;
 
   __pyx_L4_bool_binop_done:;
-  if (unlikely(__pyx_t_3)) {
+  if (unlikely(__pyx_t_4)) {
 
 
     /* "proxy/core/h1.py":269
@@ -11331,11 +11089,11 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
 */
     __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 269, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_7 = __Pyx_PyObject_Call(__pyx_t_1, __pyx_mstate_global->__pyx_tuple[5], NULL); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 269, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_7);
+    __pyx_t_2 = __Pyx_PyObject_Call(__pyx_t_1, __pyx_mstate_global->__pyx_tuple[5], NULL); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 269, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __Pyx_Raise(__pyx_t_7, 0, 0, 0);
-    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+    __Pyx_Raise(__pyx_t_2, 0, 0, 0);
+    __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __PYX_ERR(0, 269, __pyx_L1_error)
 
     /* "proxy/core/h1.py":268
@@ -11354,10 +11112,10 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
  *     for line in lines[1:]:
  *         name, sep, value = line.partition(b":")
 */
-  __pyx_t_7 = PyList_New(0); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 270, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  __pyx_v_headers = ((PyObject*)__pyx_t_7);
-  __pyx_t_7 = 0;
+  __pyx_t_2 = PyList_New(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 270, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __pyx_v_headers = ((PyObject*)__pyx_t_2);
+  __pyx_t_2 = 0;
 
   /* "proxy/core/h1.py":271
  *         raise ParseError(502, "malformed response status line")
@@ -11366,26 +11124,60 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
  *         name, sep, value = line.partition(b":")
  *         if not sep or not name or name != name.strip():
 */
-  __pyx_t_7 = __Pyx_PyList_GetSlice(__pyx_v_lines, 1, PY_SSIZE_T_MAX); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 271, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  __pyx_t_1 = __pyx_t_7; __Pyx_INCREF(__pyx_t_1);
-  __pyx_t_4 = 0;
-  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+  __pyx_t_2 = __Pyx_PyObject_GetSlice(__pyx_v_lines, 1, 0, NULL, NULL, &__pyx_mstate_global->__pyx_slice[0], 1, 0, 1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 271, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  if (likely(PyList_CheckExact(__pyx_t_2)) || PyTuple_CheckExact(__pyx_t_2)) {
+    __pyx_t_1 = __pyx_t_2; __Pyx_INCREF(__pyx_t_1);
+    __pyx_t_5 = 0;
+    __pyx_t_9 = NULL;
+  } else {
+    __pyx_t_5 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_t_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 271, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+    __pyx_t_9 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 271, __pyx_L1_error)
+  }
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   for (;;) {
-    {
-      Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
-      #if !CYTHON_ASSUME_SAFE_SIZE
-      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 271, __pyx_L1_error)
-      #endif
-      if (__pyx_t_4 >= __pyx_temp) break;
+    if (likely(!__pyx_t_9)) {
+      if (likely(PyList_CheckExact(__pyx_t_1))) {
+        {
+          Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
+          #if !CYTHON_ASSUME_SAFE_SIZE
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 271, __pyx_L1_error)
+          #endif
+          if (__pyx_t_5 >= __pyx_temp) break;
+        }
+        __pyx_t_2 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_1, __pyx_t_5, __Pyx_ReferenceSharing_OwnStrongReference);
+        ++__pyx_t_5;
+      } else {
+        {
+          Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
+          #if !CYTHON_ASSUME_SAFE_SIZE
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 271, __pyx_L1_error)
+          #endif
+          if (__pyx_t_5 >= __pyx_temp) break;
+        }
+        #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
+        __pyx_t_2 = __Pyx_NewRef(PyTuple_GET_ITEM(__pyx_t_1, __pyx_t_5));
+        #else
+        __pyx_t_2 = __Pyx_PySequence_ITEM(__pyx_t_1, __pyx_t_5);
+        #endif
+        ++__pyx_t_5;
+      }
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 271, __pyx_L1_error)
+    } else {
+      __pyx_t_2 = __pyx_t_9(__pyx_t_1);
+      if (unlikely(!__pyx_t_2)) {
+        PyObject* exc_type = PyErr_Occurred();
+        if (exc_type) {
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 271, __pyx_L1_error)
+          PyErr_Clear();
+        }
+        break;
+      }
     }
-    __pyx_t_7 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_1, __pyx_t_4, __Pyx_ReferenceSharing_OwnStrongReference);
-    ++__pyx_t_4;
-    if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 271, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_7);
-    if (!(likely(PyBytes_CheckExact(__pyx_t_7))||((__pyx_t_7) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_7))) __PYX_ERR(0, 271, __pyx_L1_error)
-    __Pyx_XDECREF_SET(__pyx_v_line, ((PyObject*)__pyx_t_7));
-    __pyx_t_7 = 0;
+    __Pyx_GOTREF(__pyx_t_2);
+    __Pyx_XDECREF_SET(__pyx_v_line, __pyx_t_2);
+    __pyx_t_2 = 0;
 
     /* "proxy/core/h1.py":272
  *     headers: Headers = []
@@ -11394,43 +11186,81 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
  *         if not sep or not name or name != name.strip():
  *             raise ParseError(502, "malformed response header")
 */
-    __pyx_t_7 = __Pyx_CallUnboundCMethod1(&__pyx_mstate_global->__pyx_umethod_PyBytes_Type__partition, __pyx_v_line, __pyx_mstate_global->__pyx_kp_b__7); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 272, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_7);
-    if (!(likely(PyTuple_CheckExact(__pyx_t_7)) || __Pyx_RaiseUnexpectedTypeError("tuple", __pyx_t_7))) __PYX_ERR(0, 272, __pyx_L1_error)
-    if (1) {
-      PyObject* sequence = __pyx_t_7;
-      Py_ssize_t size = __Pyx_PyTuple_GET_SIZE(sequence);
+    __pyx_t_7 = __pyx_v_line;
+    __Pyx_INCREF(__pyx_t_7);
+    __pyx_t_3 = 0;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_7, __pyx_mstate_global->__pyx_kp_b__7};
+      __pyx_t_2 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_partition, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 272, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_2);
+    }
+    if ((likely(PyTuple_CheckExact(__pyx_t_2))) || (PyList_CheckExact(__pyx_t_2))) {
+      PyObject* sequence = __pyx_t_2;
+      Py_ssize_t size = __Pyx_PySequence_SIZE(sequence);
       if (unlikely(size != 3)) {
         if (size > 3) __Pyx_RaiseTooManyValuesError(3);
         else if (size >= 0) __Pyx_RaiseNeedMoreValuesError(size);
         __PYX_ERR(0, 272, __pyx_L1_error)
       }
       #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
-      __pyx_t_2 = PyTuple_GET_ITEM(sequence, 0);
-      __Pyx_INCREF(__pyx_t_2);
-      __pyx_t_9 = PyTuple_GET_ITEM(sequence, 1);
-      __Pyx_INCREF(__pyx_t_9);
-      __pyx_t_10 = PyTuple_GET_ITEM(sequence, 2);
-      __Pyx_INCREF(__pyx_t_10);
+      if (likely(PyTuple_CheckExact(sequence))) {
+        __pyx_t_7 = PyTuple_GET_ITEM(sequence, 0);
+        __Pyx_INCREF(__pyx_t_7);
+        __pyx_t_10 = PyTuple_GET_ITEM(sequence, 1);
+        __Pyx_INCREF(__pyx_t_10);
+        __pyx_t_11 = PyTuple_GET_ITEM(sequence, 2);
+        __Pyx_INCREF(__pyx_t_11);
+      } else {
+        __pyx_t_7 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
+        if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 272, __pyx_L1_error)
+        __Pyx_XGOTREF(__pyx_t_7);
+        __pyx_t_10 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
+        if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 272, __pyx_L1_error)
+        __Pyx_XGOTREF(__pyx_t_10);
+        __pyx_t_11 = __Pyx_PyList_GET_ITEM_REF(sequence, 2, __Pyx_ReferenceSharing_SharedReference);
+        if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 272, __pyx_L1_error)
+        __Pyx_XGOTREF(__pyx_t_11);
+      }
       #else
-      __pyx_t_2 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 272, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_2);
-      __pyx_t_9 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 272, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_9);
-      __pyx_t_10 = __Pyx_PySequence_ITEM(sequence, 2); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 272, __pyx_L1_error)
+      __pyx_t_7 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 272, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_7);
+      __pyx_t_10 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 272, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_10);
+      __pyx_t_11 = __Pyx_PySequence_ITEM(sequence, 2); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 272, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_11);
       #endif
-      __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+      __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+    } else {
+      Py_ssize_t index = -1;
+      __pyx_t_12 = PyObject_GetIter(__pyx_t_2); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 272, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_12);
+      __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+      __pyx_t_13 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_12);
+      index = 0; __pyx_t_7 = __pyx_t_13(__pyx_t_12); if (unlikely(!__pyx_t_7)) goto __pyx_L9_unpacking_failed;
+      __Pyx_GOTREF(__pyx_t_7);
+      index = 1; __pyx_t_10 = __pyx_t_13(__pyx_t_12); if (unlikely(!__pyx_t_10)) goto __pyx_L9_unpacking_failed;
+      __Pyx_GOTREF(__pyx_t_10);
+      index = 2; __pyx_t_11 = __pyx_t_13(__pyx_t_12); if (unlikely(!__pyx_t_11)) goto __pyx_L9_unpacking_failed;
+      __Pyx_GOTREF(__pyx_t_11);
+      if (__Pyx_IternextUnpackEndCheck(__pyx_t_13(__pyx_t_12), 3) < (0)) __PYX_ERR(0, 272, __pyx_L1_error)
+      __pyx_t_13 = NULL;
+      __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
+      goto __pyx_L10_unpacking_done;
+      __pyx_L9_unpacking_failed:;
+      __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
+      __pyx_t_13 = NULL;
+      if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
+      __PYX_ERR(0, 272, __pyx_L1_error)
+      __pyx_L10_unpacking_done:;
     }
-    if (!(likely(PyBytes_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_2))) __PYX_ERR(0, 272, __pyx_L1_error)
-    if (!(likely(PyBytes_CheckExact(__pyx_t_9))||((__pyx_t_9) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_9))) __PYX_ERR(0, 272, __pyx_L1_error)
-    if (!(likely(PyBytes_CheckExact(__pyx_t_10))||((__pyx_t_10) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_10))) __PYX_ERR(0, 272, __pyx_L1_error)
-    __Pyx_XDECREF_SET(__pyx_v_name, ((PyObject*)__pyx_t_2));
-    __pyx_t_2 = 0;
-    __Pyx_XDECREF_SET(__pyx_v_sep, ((PyObject*)__pyx_t_9));
-    __pyx_t_9 = 0;
-    __Pyx_XDECREF_SET(__pyx_v_value, ((PyObject*)__pyx_t_10));
+    __Pyx_XDECREF_SET(__pyx_v_name, __pyx_t_7);
+    __pyx_t_7 = 0;
+    __Pyx_XDECREF_SET(__pyx_v_sep, __pyx_t_10);
     __pyx_t_10 = 0;
+    __Pyx_XDECREF_SET(__pyx_v_value, __pyx_t_11);
+    __pyx_t_11 = 0;
 
     /* "proxy/core/h1.py":273
  *     for line in lines[1:]:
@@ -11439,54 +11269,47 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
  *             raise ParseError(502, "malformed response header")
  *         headers.append((name, value.strip()))
 */
-    if (__pyx_v_sep == Py_None) __pyx_t_5 = 0;
-    else
-    {
-      Py_ssize_t __pyx_temp = __Pyx_PyBytes_GET_SIZE(__pyx_v_sep);
-      if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 273, __pyx_L1_error)
-      __pyx_t_5 = (__pyx_temp != 0);
-    }
+    __pyx_t_6 = __Pyx_PyObject_IsTrue(__pyx_v_sep); if (unlikely((__pyx_t_6 < 0))) __PYX_ERR(0, 273, __pyx_L1_error)
+    __pyx_t_8 = (!__pyx_t_6);
 
-    __pyx_t_6 = (!__pyx_t_5);
+
+    if (!__pyx_t_8) {
+
+    } else {
+
+      __pyx_t_4 = __pyx_t_8;
+
+      goto __pyx_L12_bool_binop_done;
+    }
+    __pyx_t_8 = __Pyx_PyObject_IsTrue(__pyx_v_name); if (unlikely((__pyx_t_8 < 0))) __PYX_ERR(0, 273, __pyx_L1_error)
+    __pyx_t_6 = (!__pyx_t_8);
 
 
     if (!__pyx_t_6) {
 
     } else {
 
-      __pyx_t_3 = __pyx_t_6;
+      __pyx_t_4 = __pyx_t_6;
 
-      goto __pyx_L10_bool_binop_done;
+      goto __pyx_L12_bool_binop_done;
     }
-    if (__pyx_v_name == Py_None) __pyx_t_6 = 0;
-    else
+    __pyx_t_11 = __pyx_v_name;
+    __Pyx_INCREF(__pyx_t_11);
+    __pyx_t_3 = 0;
     {
-      Py_ssize_t __pyx_temp = __Pyx_PyBytes_GET_SIZE(__pyx_v_name);
-      if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 273, __pyx_L1_error)
-      __pyx_t_6 = (__pyx_temp != 0);
+      PyObject *__pyx_callargs[2] = {__pyx_t_11, NULL};
+      __pyx_t_2 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_strip, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_11); __pyx_t_11 = 0;
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 273, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_2);
     }
+    __pyx_t_6 = __Pyx_PyObject_CompareBoolNe_object_object(__pyx_v_name, __pyx_t_2, Py_NE); if (unlikely((__pyx_t_6 < 0))) __PYX_ERR(0, 273, __pyx_L1_error)
+    __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-    __pyx_t_5 = (!__pyx_t_6);
+    __pyx_t_4 = __pyx_t_6;
 
-
-    if (!__pyx_t_5) {
-
-    } else {
-
-      __pyx_t_3 = __pyx_t_5;
-
-      goto __pyx_L10_bool_binop_done;
-    }
-    __pyx_t_7 = __Pyx_CallUnboundCMethod0(&__pyx_mstate_global->__pyx_umethod_PyBytes_Type__strip, __pyx_v_name); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 273, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_7);
-    if (!(likely(PyBytes_CheckExact(__pyx_t_7)) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_7))) __PYX_ERR(0, 273, __pyx_L1_error)
-    __pyx_t_5 = __Pyx_PyObject_CompareBoolNe_bytes_bytes(__pyx_v_name, __pyx_t_7, Py_NE); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 273, __pyx_L1_error)
-    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-
-    __pyx_t_3 = __pyx_t_5;
-
-    __pyx_L10_bool_binop_done:;
-    if (unlikely(__pyx_t_3)) {
+    __pyx_L12_bool_binop_done:;
+    if (unlikely(__pyx_t_4)) {
 
 
       /* "proxy/core/h1.py":274
@@ -11496,13 +11319,13 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
  *         headers.append((name, value.strip()))
  *     return ResponseHead(int(parts[1]), parts[2] if len(parts) > 2 else b"", parts[0][5:], headers)
 */
-      __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 274, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_7);
-      __pyx_t_10 = __Pyx_PyObject_Call(__pyx_t_7, __pyx_mstate_global->__pyx_tuple[6], NULL); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 274, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_10);
-      __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-      __Pyx_Raise(__pyx_t_10, 0, 0, 0);
-      __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+      __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_ParseError); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 274, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_2);
+      __pyx_t_11 = __Pyx_PyObject_Call(__pyx_t_2, __pyx_mstate_global->__pyx_tuple[6], NULL); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 274, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_11);
+      __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+      __Pyx_Raise(__pyx_t_11, 0, 0, 0);
+      __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
       __PYX_ERR(0, 274, __pyx_L1_error)
 
       /* "proxy/core/h1.py":273
@@ -11521,19 +11344,26 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
  *     return ResponseHead(int(parts[1]), parts[2] if len(parts) > 2 else b"", parts[0][5:], headers)
  * 
 */
-    __pyx_t_10 = __Pyx_CallUnboundCMethod0(&__pyx_mstate_global->__pyx_umethod_PyBytes_Type__strip, __pyx_v_value); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 275, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_10);
-    if (!(likely(PyBytes_CheckExact(__pyx_t_10)) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_10))) __PYX_ERR(0, 275, __pyx_L1_error)
-    __pyx_t_7 = PyTuple_New(2); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 275, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_7);
+    __pyx_t_2 = __pyx_v_value;
+    __Pyx_INCREF(__pyx_t_2);
+    __pyx_t_3 = 0;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
+      __pyx_t_11 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_strip, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
+      if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 275, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_11);
+    }
+    __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 275, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_2);
     __Pyx_INCREF(__pyx_v_name);
     __Pyx_GIVEREF(__pyx_v_name);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 0, __pyx_v_name) != (0)) __PYX_ERR(0, 275, __pyx_L1_error);
-    __Pyx_GIVEREF(__pyx_t_10);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_7, 1, __pyx_t_10) != (0)) __PYX_ERR(0, 275, __pyx_L1_error);
-    __pyx_t_10 = 0;
-    __pyx_t_11 = __Pyx_PyList_Append(__pyx_v_headers, __pyx_t_7); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 275, __pyx_L1_error)
-    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_v_name) != (0)) __PYX_ERR(0, 275, __pyx_L1_error);
+    __Pyx_GIVEREF(__pyx_t_11);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_11) != (0)) __PYX_ERR(0, 275, __pyx_L1_error);
+    __pyx_t_11 = 0;
+    __pyx_t_14 = __Pyx_PyList_Append(__pyx_v_headers, __pyx_t_2); if (unlikely(__pyx_t_14 == ((int)-1))) __PYX_ERR(0, 275, __pyx_L1_error)
+    __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
 
     /* "proxy/core/h1.py":271
@@ -11553,60 +11383,53 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
  * 
  * 
 */
-  __pyx_t_7 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_ResponseHead); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 276, __pyx_L1_error)
+  __pyx_t_2 = NULL;
+  __Pyx_GetModuleGlobalName(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_ResponseHead); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 276, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_11);
+  __pyx_t_10 = __Pyx_GetItemInt(__pyx_v_parts, 1, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 276, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
-  __pyx_t_9 = __Pyx_PyList_GET_ITEM(__pyx_v_parts, 1);
-  __Pyx_INCREF(__pyx_t_9);
-  if (!(likely(PyBytes_CheckExact(__pyx_t_9))||((__pyx_t_9) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_9))) __PYX_ERR(0, 276, __pyx_L1_error)
-  __pyx_t_2 = __Pyx_PyNumber_Int(__pyx_t_9); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 276, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_2);
-  __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-  __pyx_t_4 = __Pyx_PyList_GET_SIZE(__pyx_v_parts); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(0, 276, __pyx_L1_error)
-  __pyx_t_3 = (__pyx_t_4 > 2);
+  __pyx_t_7 = __Pyx_PyNumber_Int(__pyx_t_10); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 276, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_7);
+  __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+  __pyx_t_5 = PyObject_Length(__pyx_v_parts); if (unlikely(__pyx_t_5 == ((Py_ssize_t)-1))) __PYX_ERR(0, 276, __pyx_L1_error)
+  __pyx_t_4 = (__pyx_t_5 > 2);
 
 
-  if (__pyx_t_3) {
-    __pyx_t_12 = __Pyx_PyList_GET_ITEM(__pyx_v_parts, 2);
-    __Pyx_INCREF(__pyx_t_12);
-    if (!(likely(PyBytes_CheckExact(__pyx_t_12))||((__pyx_t_12) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_12))) __PYX_ERR(0, 276, __pyx_L1_error)
-    __pyx_t_9 = __pyx_t_12;
+  if (__pyx_t_4) {
+    __pyx_t_12 = __Pyx_GetItemInt(__pyx_v_parts, 2, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 276, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_12);
+    __pyx_t_10 = __pyx_t_12;
     __pyx_t_12 = 0;
   } else {
-    __Pyx_INCREF(__pyx_mstate_global->__pyx_kp_b__2);
-    __pyx_t_9 = __pyx_mstate_global->__pyx_kp_b__2;
+    __Pyx_INCREF(__pyx_mstate_global->__pyx_kp_b_);
+    __pyx_t_10 = __pyx_mstate_global->__pyx_kp_b_;
   }
 
-  __pyx_t_12 = __Pyx_PyList_GET_ITEM(__pyx_v_parts, 0);
-  __Pyx_INCREF(__pyx_t_12);
-  if (!(likely(PyBytes_CheckExact(__pyx_t_12))||((__pyx_t_12) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_12))) __PYX_ERR(0, 276, __pyx_L1_error)
-  if (unlikely(__pyx_t_12 == Py_None)) {
-    PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 276, __pyx_L1_error)
-  }
-  __pyx_t_13 = PySequence_GetSlice(__pyx_t_12, 5, PY_SSIZE_T_MAX); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 276, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_13);
+  __pyx_t_12 = __Pyx_GetItemInt(__pyx_v_parts, 0, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 276, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_12);
+  __pyx_t_15 = __Pyx_PyObject_GetSlice(__pyx_t_12, 5, 0, NULL, NULL, &__pyx_mstate_global->__pyx_slice[1], 1, 0, 1); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 276, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_15);
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-  __pyx_t_8 = 1;
+  __pyx_t_3 = 1;
   #if CYTHON_UNPACK_METHODS
-  if (unlikely(PyMethod_Check(__pyx_t_10))) {
-    __pyx_t_7 = PyMethod_GET_SELF(__pyx_t_10);
-    assert(__pyx_t_7);
-    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_10);
-    __Pyx_INCREF(__pyx_t_7);
+  if (unlikely(PyMethod_Check(__pyx_t_11))) {
+    __pyx_t_2 = PyMethod_GET_SELF(__pyx_t_11);
+    assert(__pyx_t_2);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_11);
+    __Pyx_INCREF(__pyx_t_2);
     __Pyx_INCREF(__pyx__function);
-    __Pyx_DECREF_SET(__pyx_t_10, __pyx__function);
-    __pyx_t_8 = 0;
+    __Pyx_DECREF_SET(__pyx_t_11, __pyx__function);
+    __pyx_t_3 = 0;
   }
   #endif
   {
-    PyObject *__pyx_callargs[5] = {__pyx_t_7, __pyx_t_2, __pyx_t_9, __pyx_t_13, __pyx_v_headers};
-    __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_10, __pyx_callargs+__pyx_t_8, (5-__pyx_t_8) | (__pyx_t_8*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
-    __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-    __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
+    PyObject *__pyx_callargs[5] = {__pyx_t_2, __pyx_t_7, __pyx_t_10, __pyx_t_15, __pyx_v_headers};
+    __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_11, __pyx_callargs+__pyx_t_3, (5-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
+    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
+    __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
+    __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
     if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 276, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
@@ -11634,10 +11457,10 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_2parse_response_head(CYTHON_U
   __Pyx_XDECREF(__pyx_t_1);
   __Pyx_XDECREF(__pyx_t_2);
   __Pyx_XDECREF(__pyx_t_7);
-  __Pyx_XDECREF(__pyx_t_9);
   __Pyx_XDECREF(__pyx_t_10);
+  __Pyx_XDECREF(__pyx_t_11);
   __Pyx_XDECREF(__pyx_t_12);
-  __Pyx_XDECREF(__pyx_t_13);
+  __Pyx_XDECREF(__pyx_t_15);
   __Pyx_AddTraceback("proxy._native.h1parse.parse_response_head", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = NULL;
   __pyx_L0:;
@@ -11790,8 +11613,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     }
     __pyx_v_self = values[0];
     __pyx_v_handler = values[1];
-    if (__Pyx_PyInt_FromNumber(&values[2], "max_head", 0) < (0)) __PYX_ERR(0, 287, __pyx_L3_error)
-    __pyx_v_max_head = ((PyObject*)values[2]);
+    __pyx_v_max_head = values[2];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -11806,22 +11628,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 287, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser___init__(__pyx_self, __pyx_v_self, __pyx_v_handler, __pyx_v_max_head);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -12018,7 +11830,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 292, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_data = ((PyObject*)values[1]);
+    __pyx_v_data = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -12033,22 +11845,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 292, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_2feed(__pyx_self, __pyx_v_self, __pyx_v_data);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -13073,7 +12875,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __Pyx_INCREF(__pyx_t_15);
         __pyx_t_7 = 0;
         {
-          PyObject *__pyx_callargs[2] = {__pyx_t_15, __pyx_mstate_global->__pyx_kp_b__2};
+          PyObject *__pyx_callargs[2] = {__pyx_t_15, __pyx_mstate_global->__pyx_kp_b_};
           __pyx_t_6 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_receive_data, __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_15); __pyx_t_15 = 0;
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
@@ -13635,7 +13437,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 334, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_8);
         __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-        __pyx_t_6 = __Pyx_GetItemInt(__pyx_t_8, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 334, __pyx_L1_error)
+        __pyx_t_6 = __Pyx_GetItemInt(__pyx_t_8, 0, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 334, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_6);
         __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
         __pyx_t_7 = 1;
@@ -13886,7 +13688,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_17_H11RequestParser_4_pump(CY
         __Pyx_INCREF(__pyx_t_9);
         __pyx_t_7 = 0;
         {
-          PyObject *__pyx_callargs[2] = {__pyx_t_9, __pyx_mstate_global->__pyx_kp_b__2};
+          PyObject *__pyx_callargs[2] = {__pyx_t_9, __pyx_mstate_global->__pyx_kp_b_};
           __pyx_t_13 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_receive_data, __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
           __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
@@ -14054,33 +13856,31 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_20__defaults__(CYTHON_UNUSED 
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__defaults__", 0);
-  __pyx_t_1 = __Pyx_PyBool_FromLong(((int)0)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 348, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 348, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_2);
-  __Pyx_INCREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
-  __Pyx_GIVEREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0) != (0)) __PYX_ERR(0, 348, __pyx_L1_error);
-  __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 348, __pyx_L1_error);
-  __pyx_t_1 = 0;
   __pyx_t_1 = PyTuple_New(2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 348, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __Pyx_GIVEREF(__pyx_t_2);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 348, __pyx_L1_error);
+  __Pyx_INCREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
+  __Pyx_GIVEREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0) != (0)) __PYX_ERR(0, 348, __pyx_L1_error);
+  __Pyx_INCREF(((PyObject*)Py_False));
+  __Pyx_GIVEREF(((PyObject*)Py_False));
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, ((PyObject*)Py_False)) != (0)) __PYX_ERR(0, 348, __pyx_L1_error);
+  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 348, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __Pyx_GIVEREF(__pyx_t_1);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 348, __pyx_L1_error);
   __Pyx_INCREF(Py_None);
   __Pyx_GIVEREF(Py_None);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, Py_None) != (0)) __PYX_ERR(0, 348, __pyx_L1_error);
-  __pyx_t_2 = 0;
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, Py_None) != (0)) __PYX_ERR(0, 348, __pyx_L1_error);
+  __pyx_t_1 = 0;
   {
     PyObject *__pyx_temp;
     {
       __pyx_temp = __pyx_r;
-      __pyx_r = __pyx_t_1;
+      __pyx_r = __pyx_t_2;
     }
     __Pyx_XDECREF(__pyx_temp);
   }
-  __pyx_t_1 = 0;
+  __pyx_t_2 = 0;
   goto __pyx_L0;
 
   /* function exit code */
@@ -14115,7 +13915,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   PyObject *__pyx_v_handler = 0;
   PyObject *__pyx_v_method = 0;
   PyObject *__pyx_v_max_head = 0;
-  int __pyx_v_upgrade;
+  PyObject *__pyx_v_upgrade = 0;
   #if !CYTHON_VECTORCALL
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   #endif
@@ -14168,6 +13968,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
       if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 348, __pyx_L3_error)
       if (!values[3]) values[3] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
+      if (!values[4]) values[4] = __Pyx_NewRef(((PyObject *)((PyObject*)Py_False)));
       for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
         if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 0, 3, 5, i); __PYX_ERR(0, 348, __pyx_L3_error) }
       }
@@ -14192,17 +13993,13 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
         default: goto __pyx_L5_argtuple_error;
       }
       if (!values[3]) values[3] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
+      if (!values[4]) values[4] = __Pyx_NewRef(((PyObject *)((PyObject*)Py_False)));
     }
     __pyx_v_self = values[0];
     __pyx_v_handler = values[1];
-    __pyx_v_method = ((PyObject*)values[2]);
-    if (__Pyx_PyInt_FromNumber(&values[3], "max_head", 0) < (0)) __PYX_ERR(0, 348, __pyx_L3_error)
-    __pyx_v_max_head = ((PyObject*)values[3]);
-    if (values[4]) {
-      __pyx_v_upgrade = __Pyx_PyObject_IsTrue(values[4]); if (unlikely((__pyx_v_upgrade == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 348, __pyx_L3_error)
-    } else {
-      __pyx_v_upgrade = ((int)((int)0));
-    }
+    __pyx_v_method = values[2];
+    __pyx_v_max_head = values[3];
+    __pyx_v_upgrade = values[4];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -14217,29 +14014,17 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_method), (&PyBytes_Type), 0, "method", 2))) __PYX_ERR(0, 348, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 348, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__(__pyx_self, __pyx_v_self, __pyx_v_handler, __pyx_v_method, __pyx_v_max_head, __pyx_v_upgrade);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
-
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self, PyObject *__pyx_v_handler, PyObject *__pyx_v_method, PyObject *__pyx_v_max_head, int __pyx_v_upgrade) {
+static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self, PyObject *__pyx_v_handler, PyObject *__pyx_v_method, PyObject *__pyx_v_max_head, PyObject *__pyx_v_upgrade) {
   PyObject *__pyx_v_headers = NULL;
   PyObject *__pyx_v_target = NULL;
   PyObject *__pyx_r = NULL;
@@ -14357,7 +14142,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
  *             headers += [(b"connection", b"upgrade"), (b"upgrade", b"proxied")]
  *         if method == b"CONNECT":
 */
-  if (__pyx_v_upgrade) {
+  __pyx_t_7 = __Pyx_PyObject_IsTrue(__pyx_v_upgrade); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 354, __pyx_L1_error)
+  if (__pyx_t_7) {
+
 
     /* "proxy/core/h1.py":355
  *         headers = [(b"host", b"x")]
@@ -14396,7 +14183,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
  *             target = b"x:1"
  *         else:
 */
-  __pyx_t_7 = __Pyx_PyObject_CompareBoolEq_bytes_bytes(__pyx_v_method, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 356, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_v_method, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_EQ); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 356, __pyx_L1_error)
   if (__pyx_t_7) {
 
 
@@ -14506,7 +14293,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser___init__
  *             self.conn.send(h11.EndOfMessage())
  * 
 */
-  __pyx_t_7 = __Pyx_PyObject_CompareBoolNe_bytes_bytes(__pyx_v_method, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_NE); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 361, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyObject_CompareBoolNe_object_bytes(__pyx_v_method, __pyx_mstate_global->__pyx_n_b_CONNECT, Py_NE); if (unlikely((__pyx_t_7 < 0))) __PYX_ERR(0, 361, __pyx_L1_error)
   if (__pyx_t_7) {
 
 
@@ -14673,7 +14460,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 364, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
-    __pyx_v_data = ((PyObject*)values[1]);
+    __pyx_v_data = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -14688,22 +14475,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 364, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(__pyx_self, __pyx_v_self, __pyx_v_data);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -15036,7 +14813,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
       __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 374, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_8);
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-      __pyx_t_13 = __Pyx_GetItemInt(__pyx_t_8, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 374, __pyx_L1_error)
+      __pyx_t_13 = __Pyx_GetItemInt(__pyx_t_8, 0, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 374, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_13);
       __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
       __pyx_t_4 = 1;
@@ -15210,7 +14987,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 379, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_1);
         __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-        __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 379, __pyx_L1_error)
+        __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 379, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_2);
         __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
         __pyx_t_4 = 1;
@@ -15413,7 +15190,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_2feed(CY
         __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_t_23, __pyx_mstate_global->__pyx_n_u_trailing_data); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 384, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_3);
         __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
-        __pyx_t_23 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 384, __pyx_L1_error)
+        __pyx_t_23 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 384, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_23);
         __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
         __pyx_t_4 = 1;
@@ -15792,7 +15569,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_4eof(CYT
   __Pyx_INCREF(__pyx_t_2);
   __pyx_t_4 = 0;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_2, __pyx_mstate_global->__pyx_kp_b__2};
+    PyObject *__pyx_callargs[2] = {__pyx_t_2, __pyx_mstate_global->__pyx_kp_b_};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_receive_data, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
@@ -15812,7 +15589,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_18_H11ResponseParser_4eof(CYT
   __Pyx_INCREF(__pyx_t_3);
   __pyx_t_4 = 0;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_mstate_global->__pyx_kp_b__2};
+    PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_mstate_global->__pyx_kp_b_};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_feed, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
     if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 396, __pyx_L1_error)
@@ -15913,7 +15690,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ) {
   PyObject *__pyx_v_handler = 0;
-  int __pyx_v_pure;
+  PyObject *__pyx_v_pure = 0;
   PyObject *__pyx_v_max_head = 0;
   #if !CYTHON_VECTORCALL
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
@@ -15979,9 +15756,8 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       if (!values[2]) values[2] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
     }
     __pyx_v_handler = values[0];
-    __pyx_v_pure = __Pyx_PyObject_IsTrue(values[1]); if (unlikely((__pyx_v_pure == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 399, __pyx_L3_error)
-    if (__Pyx_PyInt_FromNumber(&values[2], "max_head", 0) < (0)) __PYX_ERR(0, 399, __pyx_L3_error)
-    __pyx_v_max_head = ((PyObject*)values[2]);
+    __pyx_v_pure = values[1];
+    __pyx_v_max_head = values[2];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -15996,33 +15772,22 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 399, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_4request_parser(__pyx_self, __pyx_v_handler, __pyx_v_pure, __pyx_v_max_head);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
-
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_handler, int __pyx_v_pure, PyObject *__pyx_v_max_head) {
+static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_handler, PyObject *__pyx_v_pure, PyObject *__pyx_v_max_head) {
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
   int __pyx_t_1;
-  PyObject *__pyx_t_2 = NULL;
-  int __pyx_t_3;
+  int __pyx_t_2;
+  PyObject *__pyx_t_3 = NULL;
   PyObject *__pyx_t_4 = NULL;
   PyObject *__pyx_t_5 = NULL;
   size_t __pyx_t_6;
@@ -16038,18 +15803,21 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
  *         return _H11RequestParser(handler, max_head)
  *     return _HttptoolsRequestParser(handler, max_head)
 */
-  if (!__pyx_v_pure) {
+  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_v_pure); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 400, __pyx_L1_error)
+  if (!__pyx_t_2) {
+
   } else {
 
-    __pyx_t_1 = __pyx_v_pure;
+    __pyx_t_1 = __pyx_t_2;
+
     goto __pyx_L4_bool_binop_done;
   }
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 400, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_3 = (__pyx_t_2 == Py_None);
-  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 400, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_2 = (__pyx_t_3 == Py_None);
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
 
-  __pyx_t_1 = __pyx_t_3;
+  __pyx_t_1 = __pyx_t_2;
 
   __pyx_L4_bool_binop_done:;
   if (__pyx_t_1) {
@@ -16079,21 +15847,21 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
     #endif
     {
       PyObject *__pyx_callargs[3] = {__pyx_t_4, __pyx_v_handler, __pyx_v_max_head};
-      __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_6, (3-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_6, (3-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 401, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_2);
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 401, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
     }
     {
       PyObject *__pyx_temp;
       {
         __pyx_temp = __pyx_r;
-        __pyx_r = __pyx_t_2;
+        __pyx_r = __pyx_t_3;
       }
       __Pyx_XDECREF(__pyx_temp);
     }
-    __pyx_t_2 = 0;
+    __pyx_t_3 = 0;
     goto __pyx_L0;
 
     /* "proxy/core/h1.py":400
@@ -16129,21 +15897,21 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
   #endif
   {
     PyObject *__pyx_callargs[3] = {__pyx_t_5, __pyx_v_handler, __pyx_v_max_head};
-    __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_6, (3-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_6, (3-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 402, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_2);
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 402, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_3);
   }
   {
     PyObject *__pyx_temp;
     {
       __pyx_temp = __pyx_r;
-      __pyx_r = __pyx_t_2;
+      __pyx_r = __pyx_t_3;
     }
     __Pyx_XDECREF(__pyx_temp);
   }
-  __pyx_t_2 = 0;
+  __pyx_t_3 = 0;
   goto __pyx_L0;
 
   /* "proxy/core/h1.py":399
@@ -16156,7 +15924,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_4request_parser(CYTHON_UNUSED
 
   /* function exit code */
   __pyx_L1_error:;
-  __Pyx_XDECREF(__pyx_t_2);
+  __Pyx_XDECREF(__pyx_t_3);
   __Pyx_XDECREF(__pyx_t_4);
   __Pyx_XDECREF(__pyx_t_5);
   __Pyx_AddTraceback("proxy._native.h1parse.request_parser", __pyx_clineno, __pyx_lineno, __pyx_filename);
@@ -16184,33 +15952,31 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_24__defaults__(CYTHON_UNUSED 
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__defaults__", 0);
-  __pyx_t_1 = __Pyx_PyBool_FromLong(((int)0)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 405, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 405, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_2);
-  __Pyx_INCREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
-  __Pyx_GIVEREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0) != (0)) __PYX_ERR(0, 405, __pyx_L1_error);
-  __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 405, __pyx_L1_error);
-  __pyx_t_1 = 0;
   __pyx_t_1 = PyTuple_New(2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 405, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __Pyx_GIVEREF(__pyx_t_2);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 405, __pyx_L1_error);
+  __Pyx_INCREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
+  __Pyx_GIVEREF(__Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 0, __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self)->arg0) != (0)) __PYX_ERR(0, 405, __pyx_L1_error);
+  __Pyx_INCREF(((PyObject*)Py_False));
+  __Pyx_GIVEREF(((PyObject*)Py_False));
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, ((PyObject*)Py_False)) != (0)) __PYX_ERR(0, 405, __pyx_L1_error);
+  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 405, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __Pyx_GIVEREF(__pyx_t_1);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 405, __pyx_L1_error);
   __Pyx_INCREF(Py_None);
   __Pyx_GIVEREF(Py_None);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_1, 1, Py_None) != (0)) __PYX_ERR(0, 405, __pyx_L1_error);
-  __pyx_t_2 = 0;
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, Py_None) != (0)) __PYX_ERR(0, 405, __pyx_L1_error);
+  __pyx_t_1 = 0;
   {
     PyObject *__pyx_temp;
     {
       __pyx_temp = __pyx_r;
-      __pyx_r = __pyx_t_1;
+      __pyx_r = __pyx_t_2;
     }
     __Pyx_XDECREF(__pyx_temp);
   }
-  __pyx_t_1 = 0;
+  __pyx_t_2 = 0;
   goto __pyx_L0;
 
   /* function exit code */
@@ -16243,9 +16009,9 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 ) {
   PyObject *__pyx_v_handler = 0;
   PyObject *__pyx_v_method = 0;
-  int __pyx_v_pure;
+  PyObject *__pyx_v_pure = 0;
   PyObject *__pyx_v_max_head = 0;
-  int __pyx_v_upgrade;
+  PyObject *__pyx_v_upgrade = 0;
   #if !CYTHON_VECTORCALL
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   #endif
@@ -16298,6 +16064,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
       if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "response_parser", 0) < (0)) __PYX_ERR(0, 405, __pyx_L3_error)
       if (!values[3]) values[3] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
+      if (!values[4]) values[4] = __Pyx_NewRef(((PyObject *)((PyObject*)Py_False)));
       for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
         if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("response_parser", 0, 3, 5, i); __PYX_ERR(0, 405, __pyx_L3_error) }
       }
@@ -16322,17 +16089,13 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
         default: goto __pyx_L5_argtuple_error;
       }
       if (!values[3]) values[3] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
+      if (!values[4]) values[4] = __Pyx_NewRef(((PyObject *)((PyObject*)Py_False)));
     }
     __pyx_v_handler = values[0];
-    __pyx_v_method = ((PyObject*)values[1]);
-    __pyx_v_pure = __Pyx_PyObject_IsTrue(values[2]); if (unlikely((__pyx_v_pure == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 405, __pyx_L3_error)
-    if (__Pyx_PyInt_FromNumber(&values[3], "max_head", 0) < (0)) __PYX_ERR(0, 405, __pyx_L3_error)
-    __pyx_v_max_head = ((PyObject*)values[3]);
-    if (values[4]) {
-      __pyx_v_upgrade = __Pyx_PyObject_IsTrue(values[4]); if (unlikely((__pyx_v_upgrade == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 405, __pyx_L3_error)
-    } else {
-      __pyx_v_upgrade = ((int)((int)0));
-    }
+    __pyx_v_method = values[1];
+    __pyx_v_pure = values[2];
+    __pyx_v_max_head = values[3];
+    __pyx_v_upgrade = values[4];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -16347,39 +16110,25 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_method), (&PyBytes_Type), 0, "method", 2))) __PYX_ERR(0, 405, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_max_head), (&PyLong_Type), 0, "max_head", 2))) __PYX_ERR(0, 405, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_6response_parser(__pyx_self, __pyx_v_handler, __pyx_v_method, __pyx_v_pure, __pyx_v_max_head, __pyx_v_upgrade);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
-
-
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_handler, PyObject *__pyx_v_method, int __pyx_v_pure, PyObject *__pyx_v_max_head, int __pyx_v_upgrade) {
+static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_handler, PyObject *__pyx_v_method, PyObject *__pyx_v_pure, PyObject *__pyx_v_max_head, PyObject *__pyx_v_upgrade) {
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
   int __pyx_t_1;
-  PyObject *__pyx_t_2 = NULL;
-  int __pyx_t_3;
+  int __pyx_t_2;
+  PyObject *__pyx_t_3 = NULL;
   PyObject *__pyx_t_4 = NULL;
   PyObject *__pyx_t_5 = NULL;
-  PyObject *__pyx_t_6 = NULL;
-  size_t __pyx_t_7;
+  size_t __pyx_t_6;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -16392,18 +16141,21 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
  *         return _H11ResponseParser(handler, method, max_head, upgrade)
  *     return _HttptoolsResponseParser(handler, method, max_head)
 */
-  if (!__pyx_v_pure) {
+  __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_v_pure); if (unlikely((__pyx_t_2 < 0))) __PYX_ERR(0, 406, __pyx_L1_error)
+  if (!__pyx_t_2) {
+
   } else {
 
-    __pyx_t_1 = __pyx_v_pure;
+    __pyx_t_1 = __pyx_t_2;
+
     goto __pyx_L4_bool_binop_done;
   }
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 406, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_3 = (__pyx_t_2 == Py_None);
-  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_httptools); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 406, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_2 = (__pyx_t_3 == Py_None);
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
 
-  __pyx_t_1 = __pyx_t_3;
+  __pyx_t_1 = __pyx_t_2;
 
   __pyx_L4_bool_binop_done:;
   if (__pyx_t_1) {
@@ -16419,9 +16171,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
     __pyx_t_4 = NULL;
     __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_H11ResponseParser); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 407, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
-    __pyx_t_6 = __Pyx_PyBool_FromLong(__pyx_v_upgrade); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 407, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_7 = 1;
+    __pyx_t_6 = 1;
     #if CYTHON_UNPACK_METHODS
     if (unlikely(PyMethod_Check(__pyx_t_5))) {
       __pyx_t_4 = PyMethod_GET_SELF(__pyx_t_5);
@@ -16430,27 +16180,26 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
       __Pyx_INCREF(__pyx_t_4);
       __Pyx_INCREF(__pyx__function);
       __Pyx_DECREF_SET(__pyx_t_5, __pyx__function);
-      __pyx_t_7 = 0;
+      __pyx_t_6 = 0;
     }
     #endif
     {
-      PyObject *__pyx_callargs[5] = {__pyx_t_4, __pyx_v_handler, __pyx_v_method, __pyx_v_max_head, __pyx_t_6};
-      __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_7, (5-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      PyObject *__pyx_callargs[5] = {__pyx_t_4, __pyx_v_handler, __pyx_v_method, __pyx_v_max_head, __pyx_v_upgrade};
+      __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_6, (5-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 407, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_2);
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 407, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
     }
     {
       PyObject *__pyx_temp;
       {
         __pyx_temp = __pyx_r;
-        __pyx_r = __pyx_t_2;
+        __pyx_r = __pyx_t_3;
       }
       __Pyx_XDECREF(__pyx_temp);
     }
-    __pyx_t_2 = 0;
+    __pyx_t_3 = 0;
     goto __pyx_L0;
 
     /* "proxy/core/h1.py":406
@@ -16470,37 +16219,37 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
  * 
 */
   __pyx_t_5 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 408, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_7 = 1;
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_HttptoolsResponseParser); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 408, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __pyx_t_6 = 1;
   #if CYTHON_UNPACK_METHODS
-  if (unlikely(PyMethod_Check(__pyx_t_6))) {
-    __pyx_t_5 = PyMethod_GET_SELF(__pyx_t_6);
+  if (unlikely(PyMethod_Check(__pyx_t_4))) {
+    __pyx_t_5 = PyMethod_GET_SELF(__pyx_t_4);
     assert(__pyx_t_5);
-    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_6);
+    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_4);
     __Pyx_INCREF(__pyx_t_5);
     __Pyx_INCREF(__pyx__function);
-    __Pyx_DECREF_SET(__pyx_t_6, __pyx__function);
-    __pyx_t_7 = 0;
+    __Pyx_DECREF_SET(__pyx_t_4, __pyx__function);
+    __pyx_t_6 = 0;
   }
   #endif
   {
     PyObject *__pyx_callargs[4] = {__pyx_t_5, __pyx_v_handler, __pyx_v_method, __pyx_v_max_head};
-    __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_7, (4-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_6, (4-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
-    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 408, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_2);
+    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 408, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_3);
   }
   {
     PyObject *__pyx_temp;
     {
       __pyx_temp = __pyx_r;
-      __pyx_r = __pyx_t_2;
+      __pyx_r = __pyx_t_3;
     }
     __Pyx_XDECREF(__pyx_temp);
   }
-  __pyx_t_2 = 0;
+  __pyx_t_3 = 0;
   goto __pyx_L0;
 
   /* "proxy/core/h1.py":405
@@ -16513,10 +16262,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_6response_parser(CYTHON_UNUSE
 
   /* function exit code */
   __pyx_L1_error:;
-  __Pyx_XDECREF(__pyx_t_2);
+  __Pyx_XDECREF(__pyx_t_3);
   __Pyx_XDECREF(__pyx_t_4);
   __Pyx_XDECREF(__pyx_t_5);
-  __Pyx_XDECREF(__pyx_t_6);
   __Pyx_AddTraceback("proxy._native.h1parse.response_parser", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = NULL;
   __pyx_L0:;
@@ -16551,7 +16299,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ) {
   PyObject *__pyx_v_headers = 0;
-  int __pyx_v_upgrade;
+  PyObject *__pyx_v_upgrade = 0;
   #if !CYTHON_VECTORCALL
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   #endif
@@ -16590,6 +16338,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
       if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forwardable", 0) < (0)) __PYX_ERR(0, 419, __pyx_L3_error)
+      if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)((PyObject*)Py_False)));
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
         if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forwardable", 0, 1, 2, i); __PYX_ERR(0, 419, __pyx_L3_error) }
       }
@@ -16605,13 +16354,10 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
         break;
         default: goto __pyx_L5_argtuple_error;
       }
+      if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)((PyObject*)Py_False)));
     }
     __pyx_v_headers = values[0];
-    if (values[1]) {
-      __pyx_v_upgrade = __Pyx_PyObject_IsTrue(values[1]); if (unlikely((__pyx_v_upgrade == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 419, __pyx_L3_error)
-    } else {
-      __pyx_v_upgrade = ((int)((int)0));
-    }
+    __pyx_v_upgrade = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -16632,7 +16378,6 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -16828,8 +16573,8 @@ static PyObject *__pyx_gb_5proxy_7_native_7h1parse_11forwardable_2generator1(__p
  *     A protocol switch (Upgrade, 101) keeps its Connection and Upgrade headers."""
 */
 
-static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_headers, int __pyx_v_upgrade) {
-  PyObject *__pyx_v_named = 0;
+static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_headers, PyObject *__pyx_v_upgrade) {
+  PyObject *__pyx_v_named = NULL;
   PyObject *__pyx_v_out = NULL;
   PyObject *__pyx_v_name = NULL;
   PyObject *__pyx_v_value = NULL;
@@ -16839,16 +16584,16 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
   PyObject *__pyx_8genexpr2__pyx_v_v = NULL;
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
-  PyObject *__pyx_t_1 = NULL;
-  Py_ssize_t __pyx_t_2;
-  PyObject *(*__pyx_t_3)(PyObject *);
-  PyObject *__pyx_t_4 = NULL;
+  int __pyx_t_1;
+  PyObject *__pyx_t_2 = NULL;
+  Py_ssize_t __pyx_t_3;
+  PyObject *(*__pyx_t_4)(PyObject *);
   PyObject *__pyx_t_5 = NULL;
   PyObject *__pyx_t_6 = NULL;
   PyObject *__pyx_t_7 = NULL;
-  PyObject *(*__pyx_t_8)(PyObject *);
-  size_t __pyx_t_9;
-  int __pyx_t_10;
+  PyObject *__pyx_t_8 = NULL;
+  PyObject *(*__pyx_t_9)(PyObject *);
+  size_t __pyx_t_10;
   int __pyx_t_11;
   PyObject *__pyx_t_12 = NULL;
   int __pyx_lineno = 0;
@@ -16863,7 +16608,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
  *         return headers
  *     named: tuple[bytes, ...] = ()
 */
-  if (__pyx_v_upgrade) {
+  __pyx_t_1 = __Pyx_PyObject_IsTrue(__pyx_v_upgrade); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 422, __pyx_L1_error)
+  if (__pyx_t_1) {
+
 
     /* "proxy/core/h1.py":423
  *     A protocol switch (Upgrade, 101) keeps its Connection and Upgrade headers."""
@@ -16900,7 +16647,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
  *     for name, value in headers:
 */
   __Pyx_INCREF(__pyx_mstate_global->__pyx_empty_tuple);
-  __pyx_v_named = ((PyObject*)__pyx_mstate_global->__pyx_empty_tuple);
+  __pyx_v_named = __pyx_mstate_global->__pyx_empty_tuple;
 
   /* "proxy/core/h1.py":425
  *         return headers
@@ -16909,10 +16656,10 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
  *     for name, value in headers:
  *         n = name.lower()
 */
-  __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 425, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_1);
-  __pyx_v_out = ((PyObject*)__pyx_t_1);
-  __pyx_t_1 = 0;
+  __pyx_t_2 = PyList_New(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 425, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_2);
+  __pyx_v_out = ((PyObject*)__pyx_t_2);
+  __pyx_t_2 = 0;
 
   /* "proxy/core/h1.py":426
  *     named: tuple[bytes, ...] = ()
@@ -16922,45 +16669,45 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
  *         if n in HOP_BY_HOP:
 */
   if (likely(PyList_CheckExact(__pyx_v_headers)) || PyTuple_CheckExact(__pyx_v_headers)) {
-    __pyx_t_1 = __pyx_v_headers; __Pyx_INCREF(__pyx_t_1);
-    __pyx_t_2 = 0;
-    __pyx_t_3 = NULL;
+    __pyx_t_2 = __pyx_v_headers; __Pyx_INCREF(__pyx_t_2);
+    __pyx_t_3 = 0;
+    __pyx_t_4 = NULL;
   } else {
-    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_v_headers); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 426, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 426, __pyx_L1_error)
+    __pyx_t_3 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_v_headers); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 426, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_2);
+    __pyx_t_4 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 426, __pyx_L1_error)
   }
   for (;;) {
-    if (likely(!__pyx_t_3)) {
-      if (likely(PyList_CheckExact(__pyx_t_1))) {
+    if (likely(!__pyx_t_4)) {
+      if (likely(PyList_CheckExact(__pyx_t_2))) {
         {
-          Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
+          Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
           #if !CYTHON_ASSUME_SAFE_SIZE
           if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 426, __pyx_L1_error)
           #endif
-          if (__pyx_t_2 >= __pyx_temp) break;
+          if (__pyx_t_3 >= __pyx_temp) break;
         }
-        __pyx_t_4 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_1, __pyx_t_2, __Pyx_ReferenceSharing_OwnStrongReference);
-        ++__pyx_t_2;
+        __pyx_t_5 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_2, __pyx_t_3, __Pyx_ReferenceSharing_OwnStrongReference);
+        ++__pyx_t_3;
       } else {
         {
-          Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
+          Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_2);
           #if !CYTHON_ASSUME_SAFE_SIZE
           if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 426, __pyx_L1_error)
           #endif
-          if (__pyx_t_2 >= __pyx_temp) break;
+          if (__pyx_t_3 >= __pyx_temp) break;
         }
         #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
-        __pyx_t_4 = __Pyx_NewRef(PyTuple_GET_ITEM(__pyx_t_1, __pyx_t_2));
+        __pyx_t_5 = __Pyx_NewRef(PyTuple_GET_ITEM(__pyx_t_2, __pyx_t_3));
         #else
-        __pyx_t_4 = __Pyx_PySequence_ITEM(__pyx_t_1, __pyx_t_2);
+        __pyx_t_5 = __Pyx_PySequence_ITEM(__pyx_t_2, __pyx_t_3);
         #endif
-        ++__pyx_t_2;
+        ++__pyx_t_3;
       }
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 426, __pyx_L1_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 426, __pyx_L1_error)
     } else {
-      __pyx_t_4 = __pyx_t_3(__pyx_t_1);
-      if (unlikely(!__pyx_t_4)) {
+      __pyx_t_5 = __pyx_t_4(__pyx_t_2);
+      if (unlikely(!__pyx_t_5)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
           if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 426, __pyx_L1_error)
@@ -16969,9 +16716,9 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
         break;
       }
     }
-    __Pyx_GOTREF(__pyx_t_4);
-    if ((likely(PyTuple_CheckExact(__pyx_t_4))) || (PyList_CheckExact(__pyx_t_4))) {
-      PyObject* sequence = __pyx_t_4;
+    __Pyx_GOTREF(__pyx_t_5);
+    if ((likely(PyTuple_CheckExact(__pyx_t_5))) || (PyList_CheckExact(__pyx_t_5))) {
+      PyObject* sequence = __pyx_t_5;
       Py_ssize_t size = __Pyx_PySequence_SIZE(sequence);
       if (unlikely(size != 2)) {
         if (size > 2) __Pyx_RaiseTooManyValuesError(2);
@@ -16980,50 +16727,50 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
       }
       #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
       if (likely(PyTuple_CheckExact(sequence))) {
-        __pyx_t_5 = PyTuple_GET_ITEM(sequence, 0);
-        __Pyx_INCREF(__pyx_t_5);
-        __pyx_t_6 = PyTuple_GET_ITEM(sequence, 1);
+        __pyx_t_6 = PyTuple_GET_ITEM(sequence, 0);
         __Pyx_INCREF(__pyx_t_6);
+        __pyx_t_7 = PyTuple_GET_ITEM(sequence, 1);
+        __Pyx_INCREF(__pyx_t_7);
       } else {
-        __pyx_t_5 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
-        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 426, __pyx_L1_error)
-        __Pyx_XGOTREF(__pyx_t_5);
-        __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
+        __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
         if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 426, __pyx_L1_error)
         __Pyx_XGOTREF(__pyx_t_6);
+        __pyx_t_7 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
+        if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 426, __pyx_L1_error)
+        __Pyx_XGOTREF(__pyx_t_7);
       }
       #else
-      __pyx_t_5 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 426, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_5);
-      __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 426, __pyx_L1_error)
+      __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 426, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
+      __pyx_t_7 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 426, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_7);
       #endif
-      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+      __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     } else {
       Py_ssize_t index = -1;
-      __pyx_t_7 = PyObject_GetIter(__pyx_t_4); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 426, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_7);
-      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      __pyx_t_8 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_7);
-      index = 0; __pyx_t_5 = __pyx_t_8(__pyx_t_7); if (unlikely(!__pyx_t_5)) goto __pyx_L6_unpacking_failed;
-      __Pyx_GOTREF(__pyx_t_5);
-      index = 1; __pyx_t_6 = __pyx_t_8(__pyx_t_7); if (unlikely(!__pyx_t_6)) goto __pyx_L6_unpacking_failed;
+      __pyx_t_8 = PyObject_GetIter(__pyx_t_5); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 426, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_8);
+      __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+      __pyx_t_9 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_8);
+      index = 0; __pyx_t_6 = __pyx_t_9(__pyx_t_8); if (unlikely(!__pyx_t_6)) goto __pyx_L6_unpacking_failed;
       __Pyx_GOTREF(__pyx_t_6);
-      if (__Pyx_IternextUnpackEndCheck(__pyx_t_8(__pyx_t_7), 2) < (0)) __PYX_ERR(0, 426, __pyx_L1_error)
-      __pyx_t_8 = NULL;
-      __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+      index = 1; __pyx_t_7 = __pyx_t_9(__pyx_t_8); if (unlikely(!__pyx_t_7)) goto __pyx_L6_unpacking_failed;
+      __Pyx_GOTREF(__pyx_t_7);
+      if (__Pyx_IternextUnpackEndCheck(__pyx_t_9(__pyx_t_8), 2) < (0)) __PYX_ERR(0, 426, __pyx_L1_error)
+      __pyx_t_9 = NULL;
+      __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
       goto __pyx_L7_unpacking_done;
       __pyx_L6_unpacking_failed:;
-      __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-      __pyx_t_8 = NULL;
+      __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+      __pyx_t_9 = NULL;
       if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
       __PYX_ERR(0, 426, __pyx_L1_error)
       __pyx_L7_unpacking_done:;
     }
-    __Pyx_XDECREF_SET(__pyx_v_name, __pyx_t_5);
-    __pyx_t_5 = 0;
-    __Pyx_XDECREF_SET(__pyx_v_value, __pyx_t_6);
+    __Pyx_XDECREF_SET(__pyx_v_name, __pyx_t_6);
     __pyx_t_6 = 0;
+    __Pyx_XDECREF_SET(__pyx_v_value, __pyx_t_7);
+    __pyx_t_7 = 0;
 
     /* "proxy/core/h1.py":427
  *     out = []
@@ -17032,18 +16779,18 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
  *         if n in HOP_BY_HOP:
  *             if n == b"connection":
 */
-    __pyx_t_6 = __pyx_v_name;
-    __Pyx_INCREF(__pyx_t_6);
-    __pyx_t_9 = 0;
+    __pyx_t_7 = __pyx_v_name;
+    __Pyx_INCREF(__pyx_t_7);
+    __pyx_t_10 = 0;
     {
-      PyObject *__pyx_callargs[2] = {__pyx_t_6, NULL};
-      __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_lower, __pyx_callargs+__pyx_t_9, (1-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 427, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_4);
+      PyObject *__pyx_callargs[2] = {__pyx_t_7, NULL};
+      __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_lower, __pyx_callargs+__pyx_t_10, (1-__pyx_t_10) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 427, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_5);
     }
-    __Pyx_XDECREF_SET(__pyx_v_n, __pyx_t_4);
-    __pyx_t_4 = 0;
+    __Pyx_XDECREF_SET(__pyx_v_n, __pyx_t_5);
+    __pyx_t_5 = 0;
 
     /* "proxy/core/h1.py":428
  *     for name, value in headers:
@@ -17052,11 +16799,11 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
  *             if n == b"connection":
  *                 named += tuple(t.strip() for t in value.lower().split(b","))
 */
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_HOP_BY_HOP); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 428, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_10 = (__Pyx_PySequence_ContainsTF(__pyx_v_n, __pyx_t_4, Py_EQ)); if (unlikely((__pyx_t_10 < 0))) __PYX_ERR(0, 428, __pyx_L1_error)
-    __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (__pyx_t_10) {
+    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_HOP_BY_HOP); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 428, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
+    __pyx_t_1 = (__Pyx_PySequence_ContainsTF(__pyx_v_n, __pyx_t_5, Py_EQ)); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 428, __pyx_L1_error)
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    if (__pyx_t_1) {
 
 
       /* "proxy/core/h1.py":429
@@ -17066,8 +16813,8 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
  *                 named += tuple(t.strip() for t in value.lower().split(b","))
  *             continue
 */
-      __pyx_t_10 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_v_n, __pyx_mstate_global->__pyx_n_b_connection, Py_EQ); if (unlikely((__pyx_t_10 < 0))) __PYX_ERR(0, 429, __pyx_L1_error)
-      if (__pyx_t_10) {
+      __pyx_t_1 = __Pyx_PyObject_CompareBoolEq_object_bytes(__pyx_v_n, __pyx_mstate_global->__pyx_n_b_connection, Py_EQ); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 429, __pyx_L1_error)
+      if (__pyx_t_1) {
 
 
         /* "proxy/core/h1.py":430
@@ -17077,39 +16824,38 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
  *             continue
  *         out.append((name, value))
 */
-        __pyx_t_7 = __pyx_v_value;
-        __Pyx_INCREF(__pyx_t_7);
-        __pyx_t_9 = 0;
+        __pyx_t_8 = __pyx_v_value;
+        __Pyx_INCREF(__pyx_t_8);
+        __pyx_t_10 = 0;
         {
-          PyObject *__pyx_callargs[2] = {__pyx_t_7, NULL};
-          __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_lower, __pyx_callargs+__pyx_t_9, (1-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+          PyObject *__pyx_callargs[2] = {__pyx_t_8, NULL};
+          __pyx_t_6 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_lower, __pyx_callargs+__pyx_t_10, (1-__pyx_t_10) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+          __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
+          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 430, __pyx_L1_error)
+          __Pyx_GOTREF(__pyx_t_6);
+        }
+        __pyx_t_7 = __pyx_t_6;
+        __Pyx_INCREF(__pyx_t_7);
+        __pyx_t_10 = 0;
+        {
+          PyObject *__pyx_callargs[2] = {__pyx_t_7, __pyx_mstate_global->__pyx_kp_b__2};
+          __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_split, __pyx_callargs+__pyx_t_10, (2-__pyx_t_10) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
+          __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
           if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 430, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_5);
         }
-        __pyx_t_6 = __pyx_t_5;
-        __Pyx_INCREF(__pyx_t_6);
-        __pyx_t_9 = 0;
-        {
-          PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_mstate_global->__pyx_kp_b__3};
-          __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_split, __pyx_callargs+__pyx_t_9, (2-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-          __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-          __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 430, __pyx_L1_error)
-          __Pyx_GOTREF(__pyx_t_4);
-        }
-        __pyx_t_5 = __pyx_pf_5proxy_7_native_7h1parse_11forwardable_genexpr(NULL, __pyx_t_4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 430, __pyx_L1_error)
-        __Pyx_GOTREF(__pyx_t_5);
-        __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        __pyx_t_4 = __Pyx_PySequence_Tuple(__pyx_t_5); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 430, __pyx_L1_error)
-        __Pyx_GOTREF(__pyx_t_4);
+        __pyx_t_6 = __pyx_pf_5proxy_7_native_7h1parse_11forwardable_genexpr(NULL, __pyx_t_5); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 430, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_6);
         __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-        __pyx_t_5 = PyNumber_InPlaceAdd(__pyx_v_named, __pyx_t_4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 430, __pyx_L1_error)
+        __pyx_t_5 = __Pyx_PySequence_Tuple(__pyx_t_6); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 430, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_5);
-        __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (!(likely(PyTuple_CheckExact(__pyx_t_5)) || __Pyx_RaiseUnexpectedTypeError("tuple", __pyx_t_5))) __PYX_ERR(0, 430, __pyx_L1_error)
-        __Pyx_DECREF_SET(__pyx_v_named, ((PyObject*)__pyx_t_5));
-        __pyx_t_5 = 0;
+        __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+        __pyx_t_6 = PyNumber_InPlaceAdd(__pyx_v_named, __pyx_t_5); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 430, __pyx_L1_error)
+        __Pyx_GOTREF(__pyx_t_6);
+        __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+        __Pyx_DECREF_SET(__pyx_v_named, ((PyObject*)__pyx_t_6));
+        __pyx_t_6 = 0;
 
         /* "proxy/core/h1.py":429
  *         n = name.lower()
@@ -17145,16 +16891,16 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
  *     if named:
  *         out = [(n, v) for n, v in out if n.lower() not in named]
 */
-    __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 432, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_5);
+    __pyx_t_6 = PyTuple_New(2); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 432, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
     __Pyx_INCREF(__pyx_v_name);
     __Pyx_GIVEREF(__pyx_v_name);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_v_name) != (0)) __PYX_ERR(0, 432, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_6, 0, __pyx_v_name) != (0)) __PYX_ERR(0, 432, __pyx_L1_error);
     __Pyx_INCREF(__pyx_v_value);
     __Pyx_GIVEREF(__pyx_v_value);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_v_value) != (0)) __PYX_ERR(0, 432, __pyx_L1_error);
-    __pyx_t_11 = __Pyx_PyList_Append(__pyx_v_out, __pyx_t_5); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 432, __pyx_L1_error)
-    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_6, 1, __pyx_v_value) != (0)) __PYX_ERR(0, 432, __pyx_L1_error);
+    __pyx_t_11 = __Pyx_PyList_Append(__pyx_v_out, __pyx_t_6); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 432, __pyx_L1_error)
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
     /* "proxy/core/h1.py":426
@@ -17166,7 +16912,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
 */
     __pyx_L4_continue:;
   }
-  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
   /* "proxy/core/h1.py":433
  *             continue
@@ -17178,10 +16924,10 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
   {
     Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_v_named);
     if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 433, __pyx_L1_error)
-    __pyx_t_10 = (__pyx_temp != 0);
+    __pyx_t_1 = (__pyx_temp != 0);
   }
 
-  if (__pyx_t_10) {
+  if (__pyx_t_1) {
 
 
     /* "proxy/core/h1.py":434
@@ -17192,24 +16938,24 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
  * 
 */
     { /* enter inner scope */
-      __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 434, __pyx_L14_error)
-      __Pyx_GOTREF(__pyx_t_1);
-      __pyx_t_5 = __pyx_v_out; __Pyx_INCREF(__pyx_t_5);
-      __pyx_t_2 = 0;
+      __pyx_t_2 = PyList_New(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 434, __pyx_L14_error)
+      __Pyx_GOTREF(__pyx_t_2);
+      __pyx_t_6 = __pyx_v_out; __Pyx_INCREF(__pyx_t_6);
+      __pyx_t_3 = 0;
       for (;;) {
         {
-          Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_5);
+          Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_6);
           #if !CYTHON_ASSUME_SAFE_SIZE
           if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 434, __pyx_L14_error)
           #endif
-          if (__pyx_t_2 >= __pyx_temp) break;
+          if (__pyx_t_3 >= __pyx_temp) break;
         }
-        __pyx_t_4 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_5, __pyx_t_2, __Pyx_ReferenceSharing_OwnStrongReference);
-        ++__pyx_t_2;
-        if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 434, __pyx_L14_error)
-        __Pyx_GOTREF(__pyx_t_4);
-        if ((likely(PyTuple_CheckExact(__pyx_t_4))) || (PyList_CheckExact(__pyx_t_4))) {
-          PyObject* sequence = __pyx_t_4;
+        __pyx_t_5 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_6, __pyx_t_3, __Pyx_ReferenceSharing_OwnStrongReference);
+        ++__pyx_t_3;
+        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 434, __pyx_L14_error)
+        __Pyx_GOTREF(__pyx_t_5);
+        if ((likely(PyTuple_CheckExact(__pyx_t_5))) || (PyList_CheckExact(__pyx_t_5))) {
+          PyObject* sequence = __pyx_t_5;
           Py_ssize_t size = __Pyx_PySequence_SIZE(sequence);
           if (unlikely(size != 2)) {
             if (size > 2) __Pyx_RaiseTooManyValuesError(2);
@@ -17218,78 +16964,78 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
           }
           #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
           if (likely(PyTuple_CheckExact(sequence))) {
-            __pyx_t_6 = PyTuple_GET_ITEM(sequence, 0);
-            __Pyx_INCREF(__pyx_t_6);
-            __pyx_t_7 = PyTuple_GET_ITEM(sequence, 1);
+            __pyx_t_7 = PyTuple_GET_ITEM(sequence, 0);
             __Pyx_INCREF(__pyx_t_7);
+            __pyx_t_8 = PyTuple_GET_ITEM(sequence, 1);
+            __Pyx_INCREF(__pyx_t_8);
           } else {
-            __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
-            if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 434, __pyx_L14_error)
-            __Pyx_XGOTREF(__pyx_t_6);
-            __pyx_t_7 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
+            __pyx_t_7 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
             if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 434, __pyx_L14_error)
             __Pyx_XGOTREF(__pyx_t_7);
+            __pyx_t_8 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
+            if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 434, __pyx_L14_error)
+            __Pyx_XGOTREF(__pyx_t_8);
           }
           #else
-          __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 434, __pyx_L14_error)
-          __Pyx_GOTREF(__pyx_t_6);
-          __pyx_t_7 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 434, __pyx_L14_error)
+          __pyx_t_7 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 434, __pyx_L14_error)
           __Pyx_GOTREF(__pyx_t_7);
+          __pyx_t_8 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 434, __pyx_L14_error)
+          __Pyx_GOTREF(__pyx_t_8);
           #endif
-          __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+          __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
         } else {
           Py_ssize_t index = -1;
-          __pyx_t_12 = PyObject_GetIter(__pyx_t_4); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 434, __pyx_L14_error)
+          __pyx_t_12 = PyObject_GetIter(__pyx_t_5); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 434, __pyx_L14_error)
           __Pyx_GOTREF(__pyx_t_12);
-          __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-          __pyx_t_8 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_12);
-          index = 0; __pyx_t_6 = __pyx_t_8(__pyx_t_12); if (unlikely(!__pyx_t_6)) goto __pyx_L17_unpacking_failed;
-          __Pyx_GOTREF(__pyx_t_6);
-          index = 1; __pyx_t_7 = __pyx_t_8(__pyx_t_12); if (unlikely(!__pyx_t_7)) goto __pyx_L17_unpacking_failed;
+          __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+          __pyx_t_9 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_12);
+          index = 0; __pyx_t_7 = __pyx_t_9(__pyx_t_12); if (unlikely(!__pyx_t_7)) goto __pyx_L17_unpacking_failed;
           __Pyx_GOTREF(__pyx_t_7);
-          if (__Pyx_IternextUnpackEndCheck(__pyx_t_8(__pyx_t_12), 2) < (0)) __PYX_ERR(0, 434, __pyx_L14_error)
-          __pyx_t_8 = NULL;
+          index = 1; __pyx_t_8 = __pyx_t_9(__pyx_t_12); if (unlikely(!__pyx_t_8)) goto __pyx_L17_unpacking_failed;
+          __Pyx_GOTREF(__pyx_t_8);
+          if (__Pyx_IternextUnpackEndCheck(__pyx_t_9(__pyx_t_12), 2) < (0)) __PYX_ERR(0, 434, __pyx_L14_error)
+          __pyx_t_9 = NULL;
           __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
           goto __pyx_L18_unpacking_done;
           __pyx_L17_unpacking_failed:;
           __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-          __pyx_t_8 = NULL;
+          __pyx_t_9 = NULL;
           if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
           __PYX_ERR(0, 434, __pyx_L14_error)
           __pyx_L18_unpacking_done:;
         }
-        __Pyx_XDECREF_SET(__pyx_8genexpr2__pyx_v_n, __pyx_t_6);
-        __pyx_t_6 = 0;
-        __Pyx_XDECREF_SET(__pyx_8genexpr2__pyx_v_v, __pyx_t_7);
+        __Pyx_XDECREF_SET(__pyx_8genexpr2__pyx_v_n, __pyx_t_7);
         __pyx_t_7 = 0;
-        __pyx_t_7 = __pyx_8genexpr2__pyx_v_n;
-        __Pyx_INCREF(__pyx_t_7);
-        __pyx_t_9 = 0;
+        __Pyx_XDECREF_SET(__pyx_8genexpr2__pyx_v_v, __pyx_t_8);
+        __pyx_t_8 = 0;
+        __pyx_t_8 = __pyx_8genexpr2__pyx_v_n;
+        __Pyx_INCREF(__pyx_t_8);
+        __pyx_t_10 = 0;
         {
-          PyObject *__pyx_callargs[2] = {__pyx_t_7, NULL};
-          __pyx_t_4 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_lower, __pyx_callargs+__pyx_t_9, (1-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-          __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
-          if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 434, __pyx_L14_error)
-          __Pyx_GOTREF(__pyx_t_4);
+          PyObject *__pyx_callargs[2] = {__pyx_t_8, NULL};
+          __pyx_t_5 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_lower, __pyx_callargs+__pyx_t_10, (1-__pyx_t_10) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+          __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
+          if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 434, __pyx_L14_error)
+          __Pyx_GOTREF(__pyx_t_5);
         }
-        __pyx_t_10 = (__Pyx_PySequence_ContainsTF(__pyx_t_4, __pyx_v_named, Py_NE)); if (unlikely((__pyx_t_10 < 0))) __PYX_ERR(0, 434, __pyx_L14_error)
-        __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (__pyx_t_10) {
+        __pyx_t_1 = (__Pyx_PySequence_ContainsTF(__pyx_t_5, __pyx_v_named, Py_NE)); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 434, __pyx_L14_error)
+        __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+        if (__pyx_t_1) {
 
-          __pyx_t_4 = PyTuple_New(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 434, __pyx_L14_error)
-          __Pyx_GOTREF(__pyx_t_4);
+          __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 434, __pyx_L14_error)
+          __Pyx_GOTREF(__pyx_t_5);
           __Pyx_INCREF(__pyx_8genexpr2__pyx_v_n);
           __Pyx_GIVEREF(__pyx_8genexpr2__pyx_v_n);
-          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 0, __pyx_8genexpr2__pyx_v_n) != (0)) __PYX_ERR(0, 434, __pyx_L14_error);
+          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_8genexpr2__pyx_v_n) != (0)) __PYX_ERR(0, 434, __pyx_L14_error);
           __Pyx_INCREF(__pyx_8genexpr2__pyx_v_v);
           __Pyx_GIVEREF(__pyx_8genexpr2__pyx_v_v);
-          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 1, __pyx_8genexpr2__pyx_v_v) != (0)) __PYX_ERR(0, 434, __pyx_L14_error);
-          __Pyx_GIVEREF(__pyx_t_4);
-          if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_t_1, __pyx_t_4))) __PYX_ERR(0, 434, __pyx_L14_error)
-          __pyx_t_4 = 0;
+          if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_8genexpr2__pyx_v_v) != (0)) __PYX_ERR(0, 434, __pyx_L14_error);
+          __Pyx_GIVEREF(__pyx_t_5);
+          if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_t_2, __pyx_t_5))) __PYX_ERR(0, 434, __pyx_L14_error)
+          __pyx_t_5 = 0;
         }
       }
-      __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+      __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_XDECREF(__pyx_8genexpr2__pyx_v_n); __pyx_8genexpr2__pyx_v_n = 0;
       __Pyx_XDECREF(__pyx_8genexpr2__pyx_v_v); __pyx_8genexpr2__pyx_v_v = 0;
       goto __pyx_L21_exit_scope;
@@ -17299,8 +17045,8 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
       goto __pyx_L1_error;
       __pyx_L21_exit_scope:;
     } /* exit inner scope */
-    __Pyx_DECREF_SET(__pyx_v_out, ((PyObject*)__pyx_t_1));
-    __pyx_t_1 = 0;
+    __Pyx_DECREF_SET(__pyx_v_out, ((PyObject*)__pyx_t_2));
+    __pyx_t_2 = 0;
 
     /* "proxy/core/h1.py":433
  *             continue
@@ -17339,11 +17085,11 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_8forwardable(CYTHON_UNUSED Py
 
   /* function exit code */
   __pyx_L1_error:;
-  __Pyx_XDECREF(__pyx_t_1);
-  __Pyx_XDECREF(__pyx_t_4);
+  __Pyx_XDECREF(__pyx_t_2);
   __Pyx_XDECREF(__pyx_t_5);
   __Pyx_XDECREF(__pyx_t_6);
   __Pyx_XDECREF(__pyx_t_7);
+  __Pyx_XDECREF(__pyx_t_8);
   __Pyx_XDECREF(__pyx_t_12);
   __Pyx_AddTraceback("proxy._native.h1parse.forwardable", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = NULL;
@@ -17436,7 +17182,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 438, __pyx_L3_error)
     }
-    __pyx_v_first_line = ((PyObject*)values[0]);
+    __pyx_v_first_line = values[0];
     __pyx_v_headers = values[1];
   }
   goto __pyx_L6_skip;
@@ -17452,22 +17198,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_first_line), (&PyBytes_Type), 0, "first_line", 2))) __PYX_ERR(0, 438, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_10encode_head(__pyx_self, __pyx_v_first_line, __pyx_v_headers);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -17667,7 +17403,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_10encode_head(CYTHON_UNUSED P
     PyObject *__pyx_temp;
     {
       __pyx_temp = __pyx_r;
-      __pyx_r = ((PyObject*)__pyx_t_1);
+      __pyx_r = __pyx_t_1;
     }
     __Pyx_XDECREF(__pyx_temp);
   }
@@ -17768,7 +17504,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 446, __pyx_L3_error)
     }
-    __pyx_v_data = ((PyObject*)values[0]);
+    __pyx_v_data = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
@@ -17783,22 +17519,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_data), (&PyBytes_Type), 0, "data", 2))) __PYX_ERR(0, 446, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7_native_7h1parse_12encode_chunk(__pyx_self, __pyx_v_data);
 
   /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_r = NULL;
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
     Py_XDECREF(values[__pyx_temp]);
   }
-  goto __pyx_L7_cleaned_up;
-  __pyx_L0:;
-  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
-    Py_XDECREF(values[__pyx_temp]);
-  }
-  __pyx_L7_cleaned_up:;
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -17821,7 +17547,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_12encode_chunk(CYTHON_UNUSED 
  * 
  * 
 */
-  __pyx_t_1 = __Pyx_PyBytes_GET_SIZE(__pyx_v_data); if (unlikely(__pyx_t_1 == ((Py_ssize_t)-1))) __PYX_ERR(0, 447, __pyx_L1_error)
+  __pyx_t_1 = PyObject_Length(__pyx_v_data); if (unlikely(__pyx_t_1 == ((Py_ssize_t)-1))) __PYX_ERR(0, 447, __pyx_L1_error)
   __pyx_t_2 = PyLong_FromSsize_t(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 447, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
 
@@ -17840,7 +17566,7 @@ static PyObject *__pyx_pf_5proxy_7_native_7h1parse_12encode_chunk(CYTHON_UNUSED 
     PyObject *__pyx_temp;
     {
       __pyx_temp = __pyx_r;
-      __pyx_r = ((PyObject*)__pyx_t_2);
+      __pyx_r = __pyx_t_2;
     }
     __Pyx_XDECREF(__pyx_temp);
   }
@@ -17917,12 +17643,13 @@ static PyObject *__pyx_tp_vectorcall_5proxy_7_native_7h1parse___pyx_defaults(PyO
 static void __pyx_tp_dealloc_5proxy_7_native_7h1parse___pyx_defaults(PyObject *o) {
   struct __pyx_defaults *p = (struct __pyx_defaults *)o;
   #if CYTHON_USE_TP_FINALIZE
-  if (unlikely(__Pyx_PyObject_GetSlot(o, tp_finalize, destructor)) && (!PyType_IS_GC(Py_TYPE(o)) || !__Pyx_PyObject_GC_IsFinalized(o))) {
+  if (unlikely(__Pyx_PyObject_GetSlot(o, tp_finalize, destructor)) && !__Pyx_PyObject_GC_IsFinalized(o)) {
     if (__Pyx_PyObject_GetSlot(o, tp_dealloc, destructor) == __pyx_tp_dealloc_5proxy_7_native_7h1parse___pyx_defaults) {
       if (PyObject_CallFinalizerFromDealloc(o)) return;
     }
   }
   #endif
+  PyObject_GC_UnTrack(o);
   Py_CLEAR(p->arg0);
   PyTypeObject *tp = Py_TYPE(o);
   #if CYTHON_USE_TYPE_SLOTS
@@ -17937,9 +17664,33 @@ static void __pyx_tp_dealloc_5proxy_7_native_7h1parse___pyx_defaults(PyObject *o
   Py_DECREF(tp);
   #endif
 }
+
+static int __pyx_tp_traverse_5proxy_7_native_7h1parse___pyx_defaults(PyObject *o, visitproc v, void *a) {
+  int e;
+  struct __pyx_defaults *p = (struct __pyx_defaults *)o;
+  {
+    e = __Pyx_call_type_traverse(o, 1, v, a);
+    if (e) return e;
+  }
+  if (p->arg0) {
+    e = (*v)(p->arg0, a); if (e) return e;
+  }
+  return 0;
+}
+
+static int __pyx_tp_clear_5proxy_7_native_7h1parse___pyx_defaults(PyObject *o) {
+  PyObject* tmp;
+  struct __pyx_defaults *p = (struct __pyx_defaults *)o;
+  tmp = ((PyObject*)p->arg0);
+  p->arg0 = Py_None; Py_INCREF(Py_None);
+  Py_XDECREF(tmp);
+  return 0;
+}
 #if CYTHON_USE_TYPE_SPECS
 static PyType_Slot __pyx_type_5proxy_7_native_7h1parse___pyx_defaults_slots[] = {
   {Py_tp_dealloc, (void *)__pyx_tp_dealloc_5proxy_7_native_7h1parse___pyx_defaults},
+  {Py_tp_traverse, (void *)__pyx_tp_traverse_5proxy_7_native_7h1parse___pyx_defaults},
+  {Py_tp_clear, (void *)__pyx_tp_clear_5proxy_7_native_7h1parse___pyx_defaults},
   {Py_tp_new, (void *)__pyx_tp_new_5proxy_7_native_7h1parse___pyx_defaults},
   #if (!CYTHON_COMPILING_IN_PYPY || PYPY_VERSION_NUM >= 0x07030800) && (!CYTHON_COMPILING_IN_LIMITED_API || __PYX_LIMITED_VERSION_HEX >= 0x030E0000)
   #if CYTHON_VECTORCALL_TPNEW
@@ -17952,7 +17703,7 @@ static PyType_Spec __pyx_type_5proxy_7_native_7h1parse___pyx_defaults_spec = {
   "proxy._native.h1parse.__pyx_defaults",
   sizeof(struct __pyx_defaults),
   0,
-  Py_TPFLAGS_DEFAULT|Py_TPFLAGS_HAVE_VERSION_TAG,
+  Py_TPFLAGS_DEFAULT|Py_TPFLAGS_HAVE_VERSION_TAG|Py_TPFLAGS_HAVE_GC,
   __pyx_type_5proxy_7_native_7h1parse___pyx_defaults_slots,
 };
 #else
@@ -17977,10 +17728,10 @@ static PyTypeObject __pyx_type_5proxy_7_native_7h1parse___pyx_defaults = {
   0, /*tp_getattro*/
   0, /*tp_setattro*/
   0, /*tp_as_buffer*/
-  Py_TPFLAGS_DEFAULT|Py_TPFLAGS_HAVE_VERSION_TAG, /*tp_flags*/
+  Py_TPFLAGS_DEFAULT|Py_TPFLAGS_HAVE_VERSION_TAG|Py_TPFLAGS_HAVE_GC, /*tp_flags*/
   0, /*tp_doc*/
-  0, /*tp_traverse*/
-  0, /*tp_clear*/
+  __pyx_tp_traverse_5proxy_7_native_7h1parse___pyx_defaults, /*tp_traverse*/
+  __pyx_tp_clear_5proxy_7_native_7h1parse___pyx_defaults, /*tp_clear*/
   0, /*tp_richcompare*/
   0, /*tp_weaklistoffset*/
   0, /*tp_iter*/
@@ -19526,8 +19277,7 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
   if (!__Pyx_CyFunction_InitDefaults(__pyx_t_11, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 115, __pyx_L1_error)
   __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 115, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_2, NULL, 1) < (0)) __PYX_ERR(0, 115, __pyx_L1_error)
-  __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_11)->arg0 = ((PyObject*)__pyx_t_2);
+  __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_11)->arg0 = __pyx_t_2;
   __Pyx_GIVEREF(__pyx_t_2);
   __pyx_t_2 = 0;
   __Pyx_CyFunction_SetDefaultsGetter(__pyx_t_11, __pyx_pf_5proxy_7_native_7h1parse_14__defaults__);
@@ -19737,8 +19487,7 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
   if (!__Pyx_CyFunction_InitDefaults(__pyx_t_11, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 177, __pyx_L1_error)
   __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 177, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_2, NULL, 1) < (0)) __PYX_ERR(0, 177, __pyx_L1_error)
-  __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_11)->arg0 = ((PyObject*)__pyx_t_2);
+  __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_11)->arg0 = __pyx_t_2;
   __Pyx_GIVEREF(__pyx_t_2);
   __pyx_t_2 = 0;
   __Pyx_CyFunction_SetDefaultsGetter(__pyx_t_11, __pyx_pf_5proxy_7_native_7h1parse_16__defaults__);
@@ -19980,8 +19729,7 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
   if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 287, __pyx_L1_error)
   __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 287, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_2, NULL, 1) < (0)) __PYX_ERR(0, 287, __pyx_L1_error)
-  __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_4)->arg0 = ((PyObject*)__pyx_t_2);
+  __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_4)->arg0 = __pyx_t_2;
   __Pyx_GIVEREF(__pyx_t_2);
   __pyx_t_2 = 0;
   __Pyx_CyFunction_SetDefaultsGetter(__pyx_t_4, __pyx_pf_5proxy_7_native_7h1parse_18__defaults__);
@@ -20079,8 +19827,7 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
   if (!__Pyx_CyFunction_InitDefaults(__pyx_t_12, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 348, __pyx_L1_error)
   __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 348, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_2, NULL, 1) < (0)) __PYX_ERR(0, 348, __pyx_L1_error)
-  __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_12)->arg0 = ((PyObject*)__pyx_t_2);
+  __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_12)->arg0 = __pyx_t_2;
   __Pyx_GIVEREF(__pyx_t_2);
   __pyx_t_2 = 0;
   __Pyx_CyFunction_SetDefaultsGetter(__pyx_t_12, __pyx_pf_5proxy_7_native_7h1parse_20__defaults__);
@@ -20167,8 +19914,7 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
   if (!__Pyx_CyFunction_InitDefaults(__pyx_t_12, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 399, __pyx_L1_error)
   __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 399, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_4, NULL, 1) < (0)) __PYX_ERR(0, 399, __pyx_L1_error)
-  __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_12)->arg0 = ((PyObject*)__pyx_t_4);
+  __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_12)->arg0 = __pyx_t_4;
   __Pyx_GIVEREF(__pyx_t_4);
   __pyx_t_4 = 0;
   __Pyx_CyFunction_SetDefaultsGetter(__pyx_t_12, __pyx_pf_5proxy_7_native_7h1parse_22__defaults__);
@@ -20200,8 +19946,7 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
   if (!__Pyx_CyFunction_InitDefaults(__pyx_t_11, __pyx_mstate_global->__pyx_ptype_5proxy_7_native_7h1parse___pyx_defaults)) __PYX_ERR(0, 405, __pyx_L1_error)
   __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_MAX_HEAD_SIZE); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 405, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_4, NULL, 1) < (0)) __PYX_ERR(0, 405, __pyx_L1_error)
-  __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_11)->arg0 = ((PyObject*)__pyx_t_4);
+  __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_11)->arg0 = __pyx_t_4;
   __Pyx_GIVEREF(__pyx_t_4);
   __pyx_t_4 = 0;
   __Pyx_CyFunction_SetDefaultsGetter(__pyx_t_11, __pyx_pf_5proxy_7_native_7h1parse_24__defaults__);
@@ -20238,30 +19983,21 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
  *     """Headers minus the hop-by-hop ones and those the Connection header names.
  *     A protocol switch (Upgrade, 101) keeps its Connection and Upgrade headers."""
 */
-  __pyx_t_12 = __Pyx_PyBool_FromLong(((int)0)); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 419, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_12);
-  {
-    PyObject* __pyx_temp[1] = {__pyx_t_12};
-    __pyx_t_11 = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 419, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_11);
-  }
-  __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
   __pyx_t_12 = __Pyx_PyDict_NewPresized(3); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 419, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_headers, __pyx_mstate_global->__pyx_n_u_Headers) < (0)) __PYX_ERR(0, 419, __pyx_L1_error)
   if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_upgrade, __pyx_mstate_global->__pyx_n_u_bool) < (0)) __PYX_ERR(0, 419, __pyx_L1_error)
   if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_Headers) < (0)) __PYX_ERR(0, 419, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_9forwardable, 0, __pyx_mstate_global->__pyx_n_u_forwardable, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[36])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 419, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
+  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_9forwardable, 0, __pyx_mstate_global->__pyx_n_u_forwardable, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[36])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 419, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_11);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_11);
   #endif
-  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_t_11);
-  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_12);
-  __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
+  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_11, __pyx_mstate_global->__pyx_tuple[16]);
+  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_11, __pyx_t_12);
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_forwardable, __pyx_t_4) < (0)) __PYX_ERR(0, 419, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_forwardable, __pyx_t_11) < (0)) __PYX_ERR(0, 419, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
 
   /* "proxy/core/h1.py":438
  * 
@@ -20270,18 +20006,18 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
  *     parts = [first_line]
  *     for name, value in headers:
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 438, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_first_line, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 438, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_headers, __pyx_mstate_global->__pyx_n_u_Headers) < (0)) __PYX_ERR(0, 438, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 438, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyDict_NewPresized(3); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 438, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_11);
+  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_first_line, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 438, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_headers, __pyx_mstate_global->__pyx_n_u_Headers) < (0)) __PYX_ERR(0, 438, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_11, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 438, __pyx_L1_error)
   __pyx_t_12 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_11encode_head, 0, __pyx_mstate_global->__pyx_n_u_encode_head, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[37])); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 438, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_12);
   #endif
-  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_12, __pyx_t_4);
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_12, __pyx_t_11);
+  __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
   if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_encode_head, __pyx_t_12) < (0)) __PYX_ERR(0, 438, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
 
@@ -20296,15 +20032,15 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
   __Pyx_GOTREF(__pyx_t_12);
   if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_data, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 446, __pyx_L1_error)
   if (PyDict_SetItem(__pyx_t_12, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 446, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_13encode_chunk, 0, __pyx_mstate_global->__pyx_n_u_encode_chunk, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[38])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 446, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
+  __pyx_t_11 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7_native_7h1parse_13encode_chunk, 0, __pyx_mstate_global->__pyx_n_u_encode_chunk, NULL, __pyx_mstate_global->__pyx_n_u_proxy__native_h1parse, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[38])); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 446, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_11);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_11);
   #endif
-  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_12);
+  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_11, __pyx_t_12);
   __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_encode_chunk, __pyx_t_4) < (0)) __PYX_ERR(0, 446, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_encode_chunk, __pyx_t_11) < (0)) __PYX_ERR(0, 446, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
 
   /* "proxy/core/h1.py":450
  * 
@@ -20318,10 +20054,10 @@ __Pyx_RefNannySetupContext("PyInit_h1parse", 0);
  * 
  * Theory of operation: a parser is fed bytes (``feed``) and calls its handler:
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 1, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_test, __pyx_t_4) < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_t_11 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 1, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_11);
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_test, __pyx_t_11) < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
 
   /*--- Wrapped vars code ---*/
 
@@ -20377,12 +20113,6 @@ static int __Pyx_InitCachedBuiltins(__pyx_mstatetype *__pyx_mstate) {
   __pyx_mstate->__pyx_umethod_PyDict_Type_pop.method_name = &__pyx_mstate->__pyx_n_u_pop;
   __pyx_mstate->__pyx_umethod_PyDict_Type_values.type = (PyObject*)&PyDict_Type;
   __pyx_mstate->__pyx_umethod_PyDict_Type_values.method_name = &__pyx_mstate->__pyx_n_u_values;
-  __pyx_mstate->__pyx_umethod_PyBytes_Type__partition.type = (PyObject*)(&PyBytes_Type);
-  __pyx_mstate->__pyx_umethod_PyBytes_Type__partition.method_name = &__pyx_mstate->__pyx_n_u_partition;
-  __pyx_mstate->__pyx_umethod_PyBytes_Type__split.type = (PyObject*)(&PyBytes_Type);
-  __pyx_mstate->__pyx_umethod_PyBytes_Type__split.method_name = &__pyx_mstate->__pyx_n_u_split;
-  __pyx_mstate->__pyx_umethod_PyBytes_Type__strip.type = (PyObject*)(&PyBytes_Type);
-  __pyx_mstate->__pyx_umethod_PyBytes_Type__strip.method_name = &__pyx_mstate->__pyx_n_u_strip;
   return 0;
   __pyx_L1_error:;
   return -1;
@@ -20481,6 +20211,17 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[5]);
 
+  /* "proxy/core/h1.py":271
+ *         raise ParseError(502, "malformed response status line")
+ *     headers: Headers = []
+ *     for line in lines[1:]:             # <<<<<<<<<<<<<<
+ *         name, sep, value = line.partition(b":")
+ *         if not sep or not name or name != name.strip():
+*/
+  __pyx_mstate_global->__pyx_slice[0] = PySlice_New(__pyx_mstate_global->__pyx_int_1, Py_None, Py_None); if (unlikely(!__pyx_mstate_global->__pyx_slice[0])) __PYX_ERR(0, 271, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_mstate_global->__pyx_slice[0]);
+  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[0]);
+
   /* "proxy/core/h1.py":274
  *         name, sep, value = line.partition(b":")
  *         if not sep or not name or name != name.strip():
@@ -20494,6 +20235,17 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[6]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[6]);
+
+  /* "proxy/core/h1.py":276
+ *             raise ParseError(502, "malformed response header")
+ *         headers.append((name, value.strip()))
+ *     return ResponseHead(int(parts[1]), parts[2] if len(parts) > 2 else b"", parts[0][5:], headers)             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  __pyx_mstate_global->__pyx_slice[1] = PySlice_New(__pyx_mstate_global->__pyx_int_5, Py_None, Py_None); if (unlikely(!__pyx_mstate_global->__pyx_slice[1])) __PYX_ERR(0, 276, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_mstate_global->__pyx_slice[1]);
+  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[1]);
 
   /* "proxy/core/h1.py":290
  *         self.handler = handler
@@ -20612,10 +20364,47 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[15]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[15]);
+
+  /* "proxy/core/h1.py":419
+ * 
+ * 
+ * def forwardable(headers: Headers, upgrade: bool = False) -> Headers:             # <<<<<<<<<<<<<<
+ *     """Headers minus the hop-by-hop ones and those the Connection header names.
+ *     A protocol switch (Upgrade, 101) keeps its Connection and Upgrade headers."""
+*/
+  {
+    PyObject* __pyx_temp[1] = {((PyObject*)Py_False)};
+    __pyx_mstate_global->__pyx_tuple[16] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[16])) __PYX_ERR(0, 419, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[16]);
+  }
+  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[16]);
   #if CYTHON_IMMORTAL_CONSTANTS
   {
     PyObject **table = __pyx_mstate->__pyx_tuple;
-    for (Py_ssize_t i=0; i<16; ++i) {
+    for (Py_ssize_t i=0; i<17; ++i) {
+      #if PY_VERSION_HEX >= 0x030F0000
+      PyUnstable_SetImmortal(table[i]);
+      #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
+      if ((PY_SSIZE_T_MAX <= _Py_IMMORTAL_REFCNT_LOCAL)) break;
+      #if PY_VERSION_HEX < 0x030E0000
+      if (_Py_IsOwnedByCurrentThread(table[i]) && Py_REFCNT(table[i]) == 1)
+      #else
+      if (PyUnstable_Object_IsUniquelyReferenced(table[i]))
+      #endif
+      {
+        Py_SET_REFCNT(table[i], ((Py_ssize_t)_Py_IMMORTAL_REFCNT_LOCAL + 1));
+      }
+      #else
+      if ((PY_SSIZE_T_MAX < _Py_IMMORTAL_INITIAL_REFCNT)) break;
+      Py_SET_REFCNT(table[i], _Py_IMMORTAL_INITIAL_REFCNT);
+      #endif
+    }
+  }
+  #endif
+  #if CYTHON_IMMORTAL_CONSTANTS
+  {
+    PyObject **table = __pyx_mstate->__pyx_slice;
+    for (Py_ssize_t i=0; i<2; ++i) {
       #if PY_VERSION_HEX >= 0x030F0000
       PyUnstable_SetImmortal(table[i]);
       #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -20649,41 +20438,41 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{1},{1},{179},{196},{20},{114},{77},{8},{7},{6},{2},{22},{9},{19},{25},{30},{20},{15},{16},{22},{25},{26},{36},{3},{6},{10},{16},{4},{12},{10},{7},{15},{14},{15},{7},{23},{15},{17},{17},{18},{21},{10},{13},{21},{9},{4},{6},{10},{19},{8},{19},{7},{11},{20},{8},{12},{21},{6},{17},{6},{15},{1},{17},{26},{23},{40},{22},{18},{27},{22},{23},{23},{32},{30},{28},{31},{33},{43},{43},{30},{24},{33},{37},{28},{29},{32},{34},{44},{44},{34},{20},{12},{17},{11},{7},{8},{8},{8},{13},{10},{15},{8},{11},{12},{9},{8},{12},{13},{5},{6},{8},{6},{4},{18},{4},{4},{5},{5},{5},{7},{18},{5},{6},{4},{10},{14},{4},{9},{6},{12},{11},{3},{8},{3},{17},{5},{3},{4},{9},{4},{10},{11},{28},{7},{7},{16},{10},{15},{3},{7},{4},{9},{7},{12},{9},{7},{3},{7},{5},{4},{10},{6},{4},{5},{5},{6},{8},{25},{6},{1},{4},{5},{4},{10},{7},{6},{7},{9},{19},{19},{9},{6},{3},{1},{19},{6},{9},{5},{3},{21},{4},{3},{9},{6},{12},{9},{14},{15},{4},{6},{6},{4},{4},{3},{10},{5},{6},{11},{3},{5},{3},{5},{1},{6},{11},{5},{13},{6},{7},{3},{1},{5},{6},{7}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{1},{1},{196},{20},{114},{77},{7},{6},{2},{22},{9},{19},{25},{30},{20},{15},{16},{22},{25},{26},{36},{3},{6},{10},{16},{4},{12},{10},{7},{15},{14},{15},{7},{23},{15},{17},{17},{18},{21},{10},{13},{21},{9},{4},{6},{10},{19},{8},{19},{7},{11},{20},{8},{12},{21},{6},{17},{6},{15},{1},{17},{26},{23},{40},{22},{18},{27},{22},{23},{23},{32},{30},{28},{31},{33},{43},{43},{30},{24},{33},{37},{28},{29},{32},{34},{44},{44},{34},{20},{12},{17},{11},{7},{8},{8},{8},{13},{10},{15},{8},{11},{12},{9},{8},{12},{13},{5},{6},{8},{6},{4},{18},{4},{4},{5},{5},{5},{7},{18},{5},{6},{4},{10},{14},{4},{9},{6},{12},{11},{3},{8},{3},{17},{5},{3},{4},{9},{4},{10},{11},{28},{7},{7},{16},{10},{15},{3},{7},{4},{9},{7},{12},{9},{7},{3},{7},{5},{4},{10},{6},{4},{5},{5},{6},{8},{25},{6},{1},{4},{5},{4},{10},{7},{6},{7},{9},{19},{19},{9},{6},{3},{1},{19},{6},{9},{5},{3},{21},{4},{3},{9},{6},{12},{9},{14},{15},{4},{6},{6},{4},{4},{3},{10},{5},{10},{6},{11},{3},{5},{3},{5},{1},{6},{11},{5},{13},{6},{7},{3},{1},{5},{6},{7}};
     const struct { const unsigned int length: 10; } bytes_length_index[] = {{0},{2},{4},{1},{8},{1},{1},{5},{3},{1},{2},{7},{4},{7},{7},{5},{10},{14},{4},{10},{7},{16},{2},{7},{17},{7},{1},{3},{2},{2},{140},{23},{132},{53},{63},{224},{68},{28},{25},{558},{5},{35},{145},{150},{370},{25},{49},{7},{18},{7},{69},{34},{92},{110},{14},{153},{120},{48},{47},{266},{25},{28},{85},{108},{21}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (3262 bytes) */
-static const char cstring[] = "x\332\255W\313[\023K\026\2271*\"(\021\020|];x\021\037\030\047\202/\364\363~1D\003\"\020\010\342\363\266\235t\205\2646\235\320\335\341\245\363\315,\263\354e-{\331\313^f\231e\226\265\314\362\376\t\363\047\3149U\235\020^\336;\363\215\232\356\256:U\247~\365;O\243\277\315\025m\"\331\005\305\226\022\333v\241hH\232%\251D\327\262\304Tl\242oK\226mj9\233\230\270\310\220\026\222\013w\047\036OH\212\241J&\371Jr\266%Y\345lNW,\213XR1/e\313\232nk\206do\227\210\025\225\246\363\322v\261,\031\204\250\222]\224J\260\256}\203] \206d\021\033?\244Q\3050\212\266bkEC\206\355\232\261:*\251\232\t\207h\033\004w\277Tt\213D\027\311z\231X\2665&\001\334B,\026\225\342R\336$V\001\007R\256h\030\270\003d%@\275F,KY%\223\322&\201\345p\237\222bZD\332\324\354B\227\004\1774[\272\211g\227\314\342\326\266\264ij6\240\322\340V\305MC\312n\303\350\326\030\277-\352\336\324t]\002\210@\212b\332\222\002\327\332\224r\3339\235p]Y\222/\232\004\246\001L\251h\3001\005\305\202Y~E\003\357h\026\313\253\005P\277\367\016\272^\260\355\022\314\211]{&\245T2>\305\001$\346\347\346\222\211LK\271%)p\030\277\216\nH\341,C\235\3448\304V)\307\351\204\363\201:]\345\014\233\342X`\005l\255F30\025\020$Y@I\256\000\252\200\t\273\230+\352\326S\351\313\027\223\254)\232\001\226\370\362E*\200\026n1\301\213\244\344\321-\220\253\002Q\324\250\242\2522\234GT\315R\262:\\\032\237\2539\315\330PtME\273\330@\302]\235\030\253vA\263\204\\]St m\215\250Ml\223R\373T\223G8\200\230\207\010\300\020v\331\222t\315 \007\245\223\255\273\004\267\343F\276\227\003#\335+\304\242\245\355&\035\250\036H*J\272b\256\222\366YbZ\355\202=p\332$v\271\244\223\217\331bQ\037\2234\260\364\017i\256h\2201A\024\274@\3609nl\047f\247\223s\231D\313C\333\276\364\"\230qJ\261\225\244\241\316\347\337\010\243\244\346\027\344\027\357ex\245\300\270:1\203W\024\002$[T\267\333\206\304P\333F\0100%@\246\300\025\026\320I\314\204\242\353Y%\367-i\232Eswz\337p\271\264j\302F\234\010\234T\314\213\tA\200\230\2316\220o\036\256\212\336\024\315\306\2272r\"\265<\367\372M\374\235\214\316+/M\177H\276\231~\225\312""\310K+\323\231DJ^X\234\317\314\047\346g\347\222\311)y*\236\211#Y\013\361\345\245\344\024\327\314\021\355~Ee\031\\\320\226\345\205\300\232\213d\r\374\2549\342k\002\250\301\013\257\336\366\331R\320\004\331|\213u\273\337\255\205K\311\305\267\311E\001\02706\001/q/\022\317\326ZYN\305b{\250:0\261\273\366\240\244T^+\0351\035}\246\027s\220\362\236GW\211A\266J\207(\316C^\025\263\355\22698\263\017\301\036\021)\346\017\231\025\232\301\350\340\344\272\265\357~\207N\267\235q\204\034\002\210\330GI\177r`\323\337\177\"\026!\371\247\013,9W\\\203X\265\311O\226\006)\361\257,-\233z\273t\257\021\016\237?\224\246\275\0138\025k\212QV\216\324.\254v\204l?\225{\204\207p\271_~\220\314\303W\034\316\346\376\265?\243s\377Z\221\317!\324\267\267\3407\005\235\207<G\266 \256\363\262\034t\007\004C\216\367\0172$^\250\327k|\002\313\313\026\017G\265\230\303W\276l\360w3J\261\220\3617\261\025\261\035\007E\265\254s\215kf\021\222(4;\204\013\014e\215O\227L\002%\226\177\256\2039\232\323\226^\264\371:\310\357\250\275\335b\032\322\002\225\036\272 \"\302[\370}YdV\245T\202d\rU\303R\254m#\247\025\243\255\325\026\032\006\213\005\257\0339\245l\221\\\241l|\343\017\242\346\260\314\301}d\333Tr\004Sy\016\313\006\177\250\330\367\354\366>A\265\225E\265U\241\256\250\220c\205\331@\250\022\361\224\205f\361-\204\370\017\253e\001\034\214`jm\332\244\000\205\215l\020\2449\207\327\345WF\315y\315P\363\232\t< >\250\t\233\212\251bqo\373<\220\312\362\246\262\006mE0\002C\312\330\263\310\033\340T\000\037\307\242G\301\257\000\000\202\204.\254 \312\034\242\305\237li;$p\307v\025\205\246\223i\302\337\001\275f\251\332\252\306]\306\372Z\324\340\342\244$Cs\262A\004M\010\037\177`\334M\3546\320\232k\312\026\047\006\337\232\321raN\004?Z\3004\3201\360\247\302}l\374\211%A\260\211\002\035\304M+|\016\211\243C\302\245\025\025\"\335\200\247\224x\323\0477\333\021\256\204O\231\360\204\353\301\355\361\003\244%\336\361D\301\233\261\205\216\026b|Y\251lBw\277\t\377d\316\205I\024P\016}6\201E\334\244\255\266/\350\205d\241\276ubkh\233\320\373\230\206\211\377K(""YD\317[\350>\004>m\225\344\225\262\016(th\021\371\005\332\354\010\353\305\226\362\232U\206>\335\266y\033\005^\247\t\207#\330,o\202\243k`\221U\016J\374\227 \210\"`b\003\032\3132\341\017+0zO\027\376\225F\266z\272F\254\236\256\261{\177\307q,\032\233\234l\366\317\330\222\2442\231\205{\261h+\2540\210\366\207N\320\250\026\212\226\215~r\227\373\t\322\251\021\225\263zww\013\240E\240p\rS1,\010\233\273<\244v\321nmM\306\\\245\032c\307\006\234On\370\217\320\331\212\322\010\365T\322\215P\330\t7\304\260\263r\262\2429\353\215\316\356\312\224s\322Q\032\235g*\367+KNG\243{\300Y\242\0354\334\3509W\261\234H\243\373\202C\350C\367\274\373\310\033\366\246\375\264\257\264$\227\350\0105\335\0017\357\305\333V\203\3663\225\047N\212\316z\235~\310\177]\265j\021vl\320\331q\341\3603\354\314e:Nsn\330\035\365\302\354\330Ez\321\275\305\356<\253\306\377}\362\330\211\316\177\001\242s\225\365F\350\032\205GW%\362S\244\347*\246\323\347\304\033\275\027\351\000-\270J\243\273\007\245\217\234a\347%\205\255\247P\335\331J\3269\356\214;*\275N\227\335_\335\234\027\366n\370\307\375G\325\010\002\005\232\256\320yv\347i\365!\213/\261\245\014n+W\022\225\035\332G\343\200\206\235\223\334\016\367\242\027\341\340\207\335\210\373\304\213\303&ve\314\233\255v4B\335\2258r\333\302\331SYq\342\3162\035\246/\335a7\336\010\235\256\014:\035\310<B\033q\326i\007;v\225~p\327qo\242\262\341\244\221\263\356J\322\t\013\344@w\030aX\225\010\277\314\013\047G\373\001|\304\275\357~\364;\374+\325\245Z\250\226\254\207\353\303\365\024\313,\343%\277\202\315\006(\350\031\004\014\000\246\3239\301\365\202\2108\217\351\004\335\201{G\220\236\211\212\315\351\030\241\226;\342Z\336\257^\336\2177\272\317;\267i\034\017A\013l:Yz\222\022\367\241\307a?\003\320\307i\214&\301l#n\331\213{o\375q_\3617\253\331\332\251Z\271\236d\351E\266\230\001(l\371\003\373\360\021\356\307\256F\2755\366\364u\375!K\177a_4\246\355\260\235\357\007\311\215\200\312[\336c\177\262\232\346\004_wc\356\264\367\316O\263\320\200\223\376\203\343]ot\367:gh\014_\235\364\024]\017dH\331U\252P""\356\034\310^\204\361\353w\236FO\350\035\242!@|\031\234\263\273\317\031g\027\242\236\202\256\322\307\256\334\367\257\263\007\251z\010\201\177d\037?5z/8_\301\312C\354\326\363\252R\375Q\217\241sm@ \300\255\033\275\341\266\021\270i\370\n}\342Ny\047\274t\243\267\317\231p\312\364\215\327\347%\330\275\227\265\\\275\277\276\314\026e&gY\2260\222o\364_\2427@\363\200\253\200\275{\373!,\022\364\273\027\361\306=\215=J\26340\366\026\325\304\032\375C\364\004\375\014\242\007`\342\360\276\271\2308j\275\321?\020\340\331\241a:\352\366\201\203\001x\025\234\346\201\333\351u\371\021\\8\356(\200j\332]t-v\373){\272\300\026\300>o\331\333\025\304s\333\215\273\313\340\013\275\203\316w\360\251\007\336i\177\300\327\252\345\332<\272?\307\230\202%\351\326\221\327\250\355N\240\331\033\375\203\216\r\007\365xK\020A\261\306\320/4/\224\001\300\360e\360\220W\3568\304aK\307\262\270\316\001\331+7\266\207;o\275\235(\033\366\234\005;\000a\227w\251\376\277p\327\016$\314BC\020\213\370@\007z\005{:\273Y7\204;\016\337@\n\304\341M\017\226\\\244\227\0001\372U\257s\n3\231\010\223m6\204N\005\261s\003\302\257\237\246\351*\277\362SH\222B<\201\241\325\357$\340\364\226\315\302h\261o\360\302t\305W\215\241\217\236\203\270|J\263nH\230\024\375q\200\335H\325;Z\261\311\206\037\371\353\325\356Z\274\005\010\243c\313\331\204\270\007`=p\276\022(\265!\346\037!\310\377\021\262\300z\235\376\216\354]pr\354\342\035\370\332\013\270\205\352q\265\243z\245\226n\241j\213\313\237Db\353\212\220\374\253\237\352\341#C\016\227\346En\342n8W\215Tc\373B`\320\371\001\211#\351\375\342\227\253\323\265\345\372=\366\3763\373\374;\373=\307r\337\330\2672+o\354\363\354\007\264\307]\362:\016\367\273v7\371\357UO8[\220[\357x\031\277\337_\252\236\250\312\365\370\237\037\363\227B&\274\337\201\0172\336]y\211y\220\2079\216R\016\177\315\2011\321=\270\313|\207\3424\345v\264%}\026\272\202\247\343k\006T\363})\020\201Qy\251b\241_\250\341\315\370\201\350\025\275O\337\212\203\205\342\274\373\202W\326Q\377\274\037;\372\220k\364\037^\n\374\013\212\344be\233\267\031""\240b\306Q\202\027_\301\306\236\261g\263\365Y\366\356\375^)\276^\213V x\3158*\273t\307{\346\177\257\215B9\214\010@\021H\032\257\274\337\2527k\327k\237\331\"\224\0370\225\212\272\377\311\242\317\331\363\271\272\016E\352/\353\266\253Ok\253\365t]\371\231v\321x\\w\322A\255b!\311\355\362\"\201>\0301)\306b/j7\352\347\330\n\354Yg\353\346\236\303\002f\023<\047\217\273\032\2737]\017\377\321y\036\352\3774M\243z\360\371A\307\244\327\274\263\276^\213\264\035\210\305\020\037\302\017\006 \371[\364&hy\344\335\364G\253C\265!\010\256vx\047\240;\211@\027\266\346\305\332\200\261\324\207\200\225\275\230fEz\234q4\272\341\256xS\376i\366dFP=\343\024\250\352\336\004\253_\252>aS+l\345\335\036\243\355K\246\315W\223\220q\377!{\362\272\036\333s\246\306\256\305\374\260\037i;\0322\363Q\353\203\025\373yc\241\210{\t\022V{&\014:\t13N\225fZI\363\264\026h<[Q\235Ql\2440\224p\207\351\360T\004\275-\204\365\266\3737\350 wsW\320rB\0333\314\013i\207\327\357\255\370/D*-C\027\230\241\203\260\256\037\nq\240\316r~\205\255!\250i!\010\204\204\277.z\232NX\025\306\317.z\313\345\271\2157\013ox\326\026\360\002\356\202\260l\246~\213\336q3p\352\022t\3323\325V^\0177\303\024\210\033vo{\373#\016\224\261\320\210\233n\034\325_q\031v\334\035<\207\367Ae\002J\3343\336\204g\373\017\253a6\371\272~\277\276\3022`\360O\354\323\347\306\271\336\266\202\020\257\205\333RO+\223\264+\305\336}\220\362\217\037\220\321\342\354\352]\236/\337W\025\366\233\350W\336\363D\2530%{0F[\236T\206\034s\034\312\302\216\037>\354,Q\324\005\025\377\001#\326p\035";
-    PyObject *data = __Pyx_DecompressString(cstring, 3262, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (3153 bytes) */
+static const char cstring[] = "x\332\255VKw\323H\026&\203\201\020\022\210IB\302\253\221C\207g0c\302\243I8\3641\216\301\t!\211c\207\360l\241H\345X\215,9\222\234\027\314\231Yz\251e-\265\324RK/\275\364\262\226^\366O\230\2370\267\252dGv\022\272g\316\004,\251\352V\335\372\352\273\317\370\257+h\263\202,\333\232\024\014](&\022q!)\024Ld\025\351@\220\r]G\262\255\202\254\214L\241\204,K\332@\323\3026\202\345\332\256P\226L\013\t\333\252]\354\023\340O\265\205[v\021\te\323\330\331\025\266M\325F\026LZ\202\261\255\013\353\2730\272=)H\272\302to\253\232&\350\206-X\266d\332\202$\350h[\220we\r1]\353\250`\230\010\246\001L\331\320\341\230\242d\301,\322\005\013\351\266`\027M\243\262Q\004\365\361\216;hZ\321\266\3130\307wuL\n\231tr\226\001H--.\246S\371\266rK\220\3400v\035\005\220\302Y\2722\315p\360\255\202,\351\024\353:\022lCS\004zK\223\037\013\254\330EC\211\347a* H\260\200\022\271\010\252\200\t\333\220\r\315\232\021\276|1QIRuU\337\370\362E(\202\026\213\251a\274\010R\301\006\202)WE$)qE\265\244u\r.K\237\033\262\252oI\232\252P{\330p\371{\032\3227\354\242jq\271R\2224 \253\004\347\005\230\246\205\360T\213?P\214\314C\004`\000\273b\t\232\252\243\203\322\351\366\035\202[1\343\336\227\3018\367\213\211xy\267E\003U\017\344\030\202&\231\033(<\213L+,\350\200\023\222\330\225\262\206>\256\033\2066)\250`\341\357\302\242\241\243IN\020\274@\3609\251\357\246\026\346\322\213\371T\3333C_\232\001\346\233\225l)\255+K\2057\334\030\231\245e\361\305{\021^\0310\252\206\314\340\0257tq\335PvCC\244+\241\021\005\230\341 3\340\002\313\3249\314\224\244i\353\222\3745m\232\206\271?\3355\\-o\230\260\221N\004\316\311\347\371\004\047\200\317\314\351\224o\211\302\227\264\226h!\231\313\213\251\314\352\342\3537\311w\"uZ17\367!\375f\356U&/\346\326\346\362\251\214\270\274\262\224_J--,\246\323\263\342l2\237\244d-\047Ws\351Y\246\231!\332\377\212\213\"\270\236-\212\313\2015WP\311\260Qk\304\326\004P\203\027\275z\350\263\255\240\005\262\365\346\353\366\277\333\013s\351\225\267\351\025\016\0270\266\000\347\230\027\361g{\255(f\022\211\016\252\016L\354\257=()WJ\345#""\246\343\3174C\2264\353y|\003\351h\247|\210\342\002B\n\237\r[\346\340L\027\202\016\0212\n\207\314r\315`tpr\315\352\272\337\241\323\2413\216\220C\000!\373(\351\017\016l\371\373\017\304<$\377t\201%\312F\tb\325F?X\032\244\302\277\262\264bjai\247\021\016\237?\224\246\316\005\214\212\222\244W\244#\265s\253\035!\353\246\262Cx\010\227\335\362\203d\036\276\342p6\273\327\376\210\316\356\265<\237C\250\357\356\300oV\225mq\021\355@\\\027D\221\2251\t\366\303\237\254I\226%B\342\205:]b\023\264\274\354\260pT\014\231\276\n\025\235\275[QJ\013\030{#[\342\333\351\300P*\032\323X2\rH\242\266\251\"&\320\245\022\233.\233\010J+\373\334\004s\264\246-\315\260\331:\310\357T{\330b*\245\005*\274\rE\211\2077\367\373\n\317\254R\271\014\311\032\252\206%Y\273\272\254\032\361\366j\213\032\206\026\013V7d\251b!\271X\321\277\262\007RdZ\346\340>\242mJ2\242\251\\\246e\203=\024\332\357\354\367<A\265\025y\265U\240\256(\220c\271\331@\250 \376\024\271f\376\315\205\364?\255\226Ep0DSk\313&E(lh\013Q\232ez]ve\252\271\240\352JA5\201\007\212\017j\302\266d*\264\270\207>\017\244\262\202)\225\240\235\010F`H\221\366*\342\0268\025\300\247c\336\233\320\257\000\000\005\t\335W\221\2279\212\226\376DK\335C\201;\206U\024[N\246r\177\007\364\252\245\250\033*s\031\353wC\205\213\243\262\010\315\311\026\3424Q\370\364\007\306\335\246\335\006\265fI\332a\304\320\267\252\267]\230\021\301\216\3460u\352\030\364\247\300}l\372\343K\202`\343\005:\210\233v\370\034\022G\207\204K;*x\272\001O)\263fOl\265#L\t\2332\341\t\327\203\333\323\017\220\226Y\307\023\007o\266\341\226\361b\202-+WLdJ\333\360_d\\\230H\002\345&\222\021,b&m\267{A/$r\365\355\023\333C\333\204\336\307\324\301\370\246Z\266\220V\260\250\373 \370\264\025T\220*\032\240\320\2405\244}2\363*~\225\220Ea\047\337\\)Y\025\350\324m\2335T\340\177*w=D\333\345mpy\025l\263\301\340\331\273e\370\014\342\t8\331\202\026\263\202\330\303\n\314?\320G\377\t\023;\003}\023\326@\337\344\375\277\323q\"\236\230\236nu\320\2649\311\344\363\313\367\023\361v\200\321p\352\016\242\240e-\032\226M=\346\036\363\030J""\254\212\024\306\357\275\375-\200\226\002\205k\230\222nA\000\335c\301\265\217vgg:\341J\265\00496\342|r\243\177D\316V\245fd\240\232mF\242N\264\311\207\275\325\223U\325\331l\366\366Wg\235\223\216\324\354=S}P\3159=\315\376\021\047\207{p\2649p\256j9\261f\377\005\007\341\307\356y\367\2117\356\315\371Y_jK.\341\tl\272#n\301K\206V\203\3663\325\247N\006/x\275~\304\177]\263\3521rl\324\331s\341\3603\344\314e<\205e7\352\336\364\242\344\330E|\321\275M\356>\253%\377}\362\330\211\336\177\001\242s\325\315f\344\032\206G_5\366C\244\347\252\2463\344$\233\203\027\361\010.\272R\263\177\200J\2378\343\316K\014[OQug\253\353\316qg\312Q\360u\274\352\376\354\312^\324\273\341\037\367\237\324b\024(\320t\005/\221\2733\265\307$\231#\271<\335V\251\246\252{x\010\047\001\r9\047\270=\356E/\306\300\217\2731\367\251\227\204M\344\312\244\267P\353iF\372\253I\312m\033\347@u\315I:\253x\034\277t\307\335d3r\272:\352\364P\346)\264\tg\023\367\220cW\361\007w\223\356MU\267\234,\345\254\277\232v\242\0349\320\035\2450\254j\214]\346\205#\343a\000\037s\037\270\037\375\036\377J-W\217\324\323\215hc\274\221!\371Uz\311\337\301f#\030\364\214\002\006\000\323\353\234`zA\204\234_\360C\274\007\367\216Qz\036VmF\307\004\266\334\t\327\362~\366\n~\262\331\177\336\271\203\223\364\020j\201mg\035\237\304\310}\3541\330\317\000\364q\234\300i0\333\204[\361\222\336[\177\312\227\374\355\332z\375T\275\322H\223\354\nY\311\003\024\262\372\201|\370\010\367#W\343^\211\314\274n<&\331/\344\213J\324=\262\367\355 \2711Py\333\373\305\237\256e\031\301\327\335\204;\347\275\363\263$2\342d\377`x7\233\375\203\316\031\234\240\257^|\no\0062J\331U,a\346\034\224\275\030a\327\357=M=ap\014G\000\361ep\316\376!g\212\\\210{\022u\225!r\345\201\177\235<\3124\"\024\370G\362\361Ss\360\202\363;Xy\214\334~^\223j\337\033\t\352\\[\020\010p\353\346`44\0027\215^\301O\335Y\357\204\227m\016\0169\017\235\n~\343\ry)r\377e]n\0147V\311\212H\304u\262\216\010*4\207/\341\033\240y\304\225\300\336\203\303\020\026)\374\315\213yS\236J\236dI\026\030{K\325$\232\303c\370\004\376\014""\242G`\342h\327\\\202\037\265\331\034\036\t\360\354\341(\276\351\016\201\203\001x\005\234\346\221\333\353\365\3711\272p\312\221\000\325\234\273\342Z\344\316\014\231Y&\313`\237\267\344\355\032\305s\307M\272\253\340\013\203\243\3167\360\251G\336i\177\304Wk\225\372\022u\177\2061\003K\262\355#\257a\333}H\315\336\034\036ul8h\300\313A\004%\232c?\341\002W\006\000\243\227\301C^\271S\020\207m\035\253\374:\007d\257\334D\007w\336f\230(\033\366\234\005;\000a\227\367\251\376\277p\027\006\022%\2211\210E\372\240\016\364\n\366\364\366\223~\010w:|\003)\220\016oy\260\344\"\276\004\210\251_\r:\247h&\343a\262K\306\250SA\354\334\200\360\033\306Y\274\301\256<\003I\222\213\037\322\320\032vRpz\333fQj\261\257\360\242\351\212\255\232\244>z\016\342r\006\257\273\021nR\352\217#\344F\246\321\323\216M2\376\304\337\254\365\327\223m@4:v\234m\210{\0006\000\347K\201R\033b\376\t\005\371?B\346X\257\343\337({\027\034\231\\\274\013_\235\200\333\250~\251\365\324\256\324\263mT\241\270\374A$\266\257\010\311\277\366\251\021=2\344\350\322\002\317M\314\r\027k\261Z\242+\004F\235\357\2208\322\336O~\2456W_m\334\047\357?\223\317\277\221\337d\"\177%_+\244\262\325\345\331\217\360\200\233\363z\016\367\273\260\233\374\367\252\037:;\220[\357zy\177\330\317\325N\324\304F\362\317\217\371K!\023\355v\340\203\214\367W_\322<\310\302\234\2162\016{-\2021\251{0\227\371\006\305i\326\355\t%}\022\271BO\247\257yP\315\366e@\004Fe\245\212D~\302\2727\357\007\242W\370\001~\313\017\346\212\013\356\013VYo\372\347\375\304\321\207\\\303\377\3602\340_P$W\252\273\254\315\000\025\363\216\024\274\330\n2\371\214<[h,\220w\357;\245\364\365\232\267\002\301k\336Q\310\245\273\3363\377[\375&\224\303\030\007\024\203\244\361\312\373\265v\253~\275\376\231\254@\371\001S)T\367?I\3749y\276\330\320\240H\375e\335vm\246\276\321\3106\244\037i\347\215\307u\047\033\324*\022\021\334>/\026\350\203\021\021\022$\361\242~\243q\216\254\301\236M\262iv\034\0260\233b9y\312U\311\375\271F\364\217\336\363P\377\347p\226\252\007\237\037uL|\315;\353k\365X\350@Z\014\351\203\373""\301\010$\177\013\337\002-O\274[\376\315\332X}\014\202+\014\357\004t\0471\350\302J^\"\004\214d>\004\254tbZ\340\351q\336Q\361\226\273\346\315\372\247\311\323yN\365\274S\304\212{\013\254~\251\366\224\314\256\221\265w\035F\353J\246\255W\213\220)\3771y\372\272\221\3508S%\327\022~\324\217\205\216\206\314|\324\372`E7o$\022s/A\302\ng\302\240\223\3403SXj\245\225,Kk\201\306\263U\305\271I\033)\032Jt\207\351\260T\004\275-\204\365\256\3737\350 \367sW\320rB\0333\316\ni\2177\354\255\371/x*\255@\027\230\307\243\260n\030\nq\240\316r~\206\255\021\250i\021\010\204\224\277\311{\232^X\025\245\237}\370\266\313r\033k\026\336\260\254\315\341\005\334\005a\331J\375\026\276\353\346\341\324\034t\332\363\265v^\217\266\302\024\210\033w\357x\335\021\007\312Hd\302\3156\217\352\257\230\214v\334=,\207\017Ae\002J\3343\336C\317\366\037\327\242d\372u\343Ac\215\344\301\340\237\310\247\317\315s\203\241\202\220\254GC\251\247\235I\302Ji\357>\212\331\307w\310hIr\365\036\313\227\357k\022\371\225\367+\357Y\242\225\210\264~0F\333\236T\201\034s\034\312\302\236\037=\354,^\3249\025\377\001\274\3720#";
+    PyObject *data = __Pyx_DecompressString(cstring, 3153, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (4355 bytes) */
-static const char cstring[] = "\377.?Note t\377hat Cyth\377on is de\377liberate\377ly stric\367ter!\001n PE\377P-484 an\377d reject\377s subcla\377sses of \377builtin \377types. I\377f you ne\177ed to p%\000\376%\tthen se\375t\200\000e \047ann\377otation_\376<\000ing\047 di\355rb\000iv\242\000o F\377alse.Req\177uests, \254\000\377h11. A f\337resh \n\000 c\247onn.\001\310\000p\263\000m\377essage: \363we,\000\315\000pars\377e with\n \177   it (\202\000\377 proxy w\327rit\304\000i\323\000owon by\013\000),\351\002>X\001will \240\000\222 \337art a\324\000w \337cycleG\002be\317fore\024\000\212\000po\375nd\000has be\372\336\002n\340\001rough\374q\000\266\013llhttp\342\325\000s1\002\323\003\016\004 HE\373AD\352\"CONNEwCT U\005s aj\000Z\312\002d\247\000 h\221@:\317\002\306J\003 c\312\"}\000\366 ld\272\335\"r\265# me\351@d\337.The \232$ s\346\220 ch\243@\207 toc\377ols; ``r\337emain\207@``? holds\244B\223\"\347 af\223a\250!hea\277d.add_\274@e?disabl\362\000\002\001\377gcinvali\375d\224Atent-l\377engthise\275n\"\001dmal\262 mL\233`\225\004: \007\t\214# ]\001\353er\006\020s\254`us oline%\017: \304\005\354\327\004\340B/c\242@/h1\347.py\207%\274\001 to\177o large\n\t\307ers\r\t\202\n\017\010tu\377ple[bool\367, i\347@| No\307ne,\273c\004\000\026\000]A\377nyCLIENT\371C\231\204\006\000\007Close\377dDataEnd\367OfM\260\204\003HOP_\367BY_\004\000Hand\367ler\000\004.on_\357body\004\010end\244\022\010\215AH\222@\274\000H\330`P\376\360\204\001rCallba\177ckError\r\007\376\000\014Upgrade\3003\001\342\205\0048\003\013\003\234\204\003J\003In\274\266A\252\206\002alRe\267\204\003L\377AST_CHUN\337KMAX_\271\204\001_S\377IZEMIGHT\377_SWITCH_\377PROTOCOL\377NEED_DAT\375A\251!PAUSED\370\245\002\234\002\000\007.__in\177it__Pro\225\204\002?Remote\006\005\312\002\000\215\207\004\224\207\004\367\001\000\0108\006\235\005\245\005\"\003\370\360\205\003\253!a\006SERVE\021R\251\003\241\000\251\005S\237\205\002\000\003\215\006\037__H11\236*\000\016\"\007\376\033\r._pump_\376\001\023.<local\377s>.genex{prG\017feedz\003\360\216I\000\017s""\014\273I.eof\374\036\020T\003ttptoo\303ls\321\014\002\022\333\010\t\024re\037set_H(\023V\030\350\204\005\316#\025on_\234\207\003\000\036s_\377complete81\030\255\213\004\007!url\304\t\367+\260\263\047\343*\307\204\005!\025._\321Bm\017anuaE\026\260CK\024\254M\000\342J\265\207\004e\026\27022\r\213\212\003\2703^\r\370\2639\212\r\312\212\003__Pyx\376\001\000Dict_Ne\177xtRef__\227\217\004\337e____\354\217\002_g\277etitem\014\002osnt&\000\030\001doc\037\001gfun\003\002\266\207\003__\305\214\001\2367\001meta9\003F\000m\357odulM\002mro\377_entries\356]\001namd\002pre\227paro\002q\214@\017\005s\367lot#\002test\364\216\000\246Ii\341arout\247ine\331\206\003\362\204\003u\324\211\003a\377ppendarg\377sasyncio\027.co\047\004s\321\212\001\302\213\001\364\217\002\377causechu\273nk\000\002edc\343\214\001_\377in_trace\222\307\212\001c\263\213\001\000\002d\364\220\001\362\220\007c\356\213!nt_\350\215\003dat\347ado\213\000\303\215\002nco\027dee\001\002_T\003\006\003\027\003\357dend\210\217\001heokfe\246\213\001_\215Dhi\337 \213ve\343!c\363\207\001\366\207\002V\001f?indfir\205 \203\216\001\177forward\377\216\001\374\000\010\272\210\016framin\351g\322\210\004\306@_\200\221\001_ve\037rsion\014\001\236\220\003\026\001<\216d\263\001h11h\205\215\003\360\217\001>\364\217\001_size\210\204\0047\t\365h\263\210\005i\246\215\003inti\337sdigi\256bsj\377oinkeep_\037alive\217\220\003\302\217\001\306\217\001r\332@w\352\217\001\374\205\001max\327\207\002\026\004\001in\264\207\006e\205!v\002\305\221\003\371n\254a\260adnext\262\000\001_\036\002\242\216\004on\331`dp\240\210\004\245\210\006\256\210\006\214\210\007on_\356\207\r\373on\373$on_ur\025l\325`p\277\224\002_\336\223\005\367\210\002\322\224\002\337rpart\336\000on\336\005\001spop\322\224\002._\377native.h\3751\371\224\002purera\365w\000\000_\273\205\001srea\377sonreceiGve_\251a\356\222\006\252\223\004_Y\003\374i\006\006\006tretur\375n\372@ripsel\353fs\273ae\010\000tde\377faultspl\263it\241\222\003\275Hst,\004u\377msupertt~\366\221\001ttheir\354b\377et""hrowtr?ailing\220\002\215\227\003\376\277\205\004urlvval\353ue\000\002s\261d\r\n\r\377\n\r\n %x\r\n\177%s\r\n,/0\016\001?1.1:: \271\225\004\314\225\001\177HTTP/1.\316\205\006\347ose\252\205\016\242\224\004hos\345t\244a-\243b\242\227\001ied\232\250\227\002-\340\227\007te\244\002\304\000r\177ansfer-\332\205\002\367ing\355\206\004xx:1\377\240a\2701\320\000\025\220\377\\\240\021\340\004\016\210a\377\330\004\r\210Q\330\004\021\367\220\021\330\t\003\010\210\006\210\377i\220q\330\010\014\210D\377\220\006\220a\330\010\013\210\3772\210S\220\001\330\014\025\377\220S\230\001\230\021\330\r\377\017\210s\220!\330\014\026\377\220e\2306\240\022\2407\377\250\"\250I\260Q\260a\376\021\006\032\230%\230r\240\025\317\240f\250A#\010j\000\013\210\3779\220H\230L\250\010\260\377\004\260K\270s\300!\320\337\000\027\220z\240z\000\013\320\377\013\033\2303\230c\240\021\377\240\047\250\021\320\000\031\230\377\031\240)\320+<\270A\277\360\006\000\005\010\200\217\000\017\277\210q\330\004\037\230\002\000\n\357\210!\330\004\217\030\017\210r\377\220\023\220A\330\020\031\230\377\025\230h\240a\330\014\r~\304\0017\220\"\220F\2308\000\375\007K\001\016\210b\220\003\220\3773\220d\230#\230U\240\377$\240c\250\021\250&\260o\003\2607\270Z\000\013\210\244 \377\034\230O\320+;\2706\377\320AS\320ST\330\004\377\007\200u\210C\210z\230\377\023\230A\330\010\017\320\017\277 \240\001\240\031\250*\001\320\377\013\"\240!\2409\250A\377\320\000\034\320\034,\250L\177\270\001\330\004\014\210A\330!\376\311&\r\210W\220A\220U\377\230\"\230F\240\"\240A\177\330\004\t\210\027\220\001\366!\377\013\2107\220%\220q\230\177\001\320\000\035\230Z\240\344\000\235\014f\000v\220Q\375 D\000E\343\220\021\264\003\354 \245@\007\200s\373\210!/\000\"\220B\220c\373\230\024\272\000!\2402\240[\377\260\001\260\034\270S\300\004\377\300E\310\021\310\"\310H\377\320TU\330\010\016\210j\226\261@\025\230\346@\027\323@\262 \010\363\220\005S\002\030\000e\2208\230\3274\230z\365\000!\343A4\210\375t\212\"%\230s\240%\240\377s\250$\250f\260A\330?\014\022\220*\230Aa""\001\361\000\377\210w\220b\230\006\230e\267\2406\250\260A\210<\262\000\003\357\2301\230E\264@%\240u\377\250A\250V\2603\260a\377\260w\270b\300\007\300u\377\310E\320QR\320RT~\210\000\320UZ\320Z[\335\000\377\320\035.\250m\320;K\377\3106\320Q`\320`i\277\320iz\320z{\313/!\376\207`)\2508\260:\270Q\373\330\004\233`#\2401\240I\377\250X\260Q\320\004\025\220\277Q\340\010\013\2104\215`\014\277\020\220\013\2301\330\004\000\010\357\230\007\230q\025\004\014\210E\237\220\035\230a\230\302\204\002\272!!\333\320\004\373\001\010\t\206a\020\030\333\230\004\257\000\033\250\332\000\023\220\2773\320\026.\250a\247a\023\377\320\0342\260#\3205H\373\310\004\265\001[\320[\\\330\357\020\026\220j\343@\030\320)\277>\270a\270|\310h\000\017\337\210v\220S\230\363\000\330\020\367\021\330\014\005\006\360\006\000\021\377\034\2309\240D\250\005\250\377Q\330\020\023\2204\220u\377\230M\250\023\250C\320/\377F\300c\310\024\310U\320\377R_\320_b\320be\377\320ef\330\024\032\230&\356\275`\025\240a\355@\020\024\220\377H\230C\230{\250!\250\3773\250i\3207Q\320Q\357U\320UVC\0011\330\024_\030\230\005\230]\030\0005\340@\365\021\005\0141e\003q\330\024\025\376\211\004z\230\021\230\047\240\023\374\336`\272\000d\230!\2305\240\337\010\250\n\260!\220\0013\220\375a\223\000I\240R\240s\320\177*;\320;P\320P\235@\357V\320VW\214\001*\240A\367\240U\250&\000\027\220{\240\377!\2405\250\t\260\025\260\237i\270u\300O\373\204\001\237\002H\372 \000Qj\006\037\230t\2404\276\363A\330\024\027\220tf\000\r\377\250S\260\003\2601\330\030\367\036\230fG\003\2501\330\021=\033\237`G\2403\240\343 \344\001qH\023\004\314\000\013\016G\2401\257*\373\250q\235)t\2505\260\016\036\205@q\330\020\033\341\047\367\200B\231\t?\021\320\004\030\230\001\000\002\204\211\001\377G\2201\330\010\014\320\014w \240\001\223\211\001M\230\021\n\002;(\250 \000\031\230\032\257\000\324a\267\020\220\007\306\210\001\240!\243\205\001y\373\320\030\321a\014\022\220&\230\177\001\230\024\230Q\230g\326!\257\250;\260a\030\0044\327\205\001\024\217\220C\220q\300a\256C\331@\026o\220k\240""\021\252\210\002\017\210B\000\375,\240\204\001\017\210t\220;\230\347b\240\004\315C\214\204\001\025\320&\367H\310\001\223\206\006\320\"7\260\177q\270\014\300A\320\004\212\004\276\232\205\001x\220w\230a\227\205\001\r\270}\000\376\210\003G\0018\2307\241\001\t\354\261\205\001\201\200/\017\210\334a#\230^\376\326@\020\026\220c\320\031+\360\340@\334\211\001\247\007\253\207\004\320\"8\270\037\001\270\034\300Q\215\006\215\206\010\357\205\030\374\355\205\003\340\000<\270A\270\\\310\310\331\205\t\345\205\013\232\206\001f\226\210\003\202\204\002N\270\347!\2701\305\047\376\204\002\027\220|\377\2401\240E\250\036\260u\377\270I\300U\310/\320Y\377]\320]^\320^c\320\377ck\320ku\320uv\375\330\314\204\0135\230\r\240S\250\361\001\342s\300\204\t)/4\220x\230\377s\240+\250T\260\024\260\177S\270\005\270_\310AE\037\306\216\205\"\021\330\262\204\014\222\204\004\375\210\nF\220\377!\320\004\032\230*\240Av\333\216\001H\220\002\002N\230#\232b~\314\211\002{\230\"\230D\240\317g\377\240!\320\004\034\230H\240\276\326`\034\230J\240a2\003H\277\230A\230Q\320\004\246\214\002\320\177\004\036\230n\250J\260\024\004\337G\2302\230V\216\205\001\014\210\356S\003f\240B\325\215\002\047\260\022\367\2601\330L\026\037\230}\250\377H\260A\330\010\r\210R{\210y\342\217\002\010\014\210J\374\217\001\366\002\002\320\004\037\000\320,<\320\377<L\310L\320XY\330\344\021\n\252\220\001K\257\220\003\000\004J\220d\377\320\032+\250<\260{\300\337\047\310\021\310!\314\220\001N\230\377!\2309\240G\250?\270\377(\300#\300]\320R`\353\320`\203`dX\001\177\320.\377>\320>N\310l\320Z\375[3&t\270;\300g\310\347Q\310aB\031\363\217\003#\220Q\375\330\246\214\003\320\004 \240\n\250\371!\254\004\013\000\320 1\3201\377B\300&\310\017\320W`?\320`q\320qr\305\010\374\004\367H\220C\217\212\0023\240i\320\377/I\310\021\340\010\022\220\337\"\220I\230Q\234\222\0011\330\377\014\027\220r\230\037\250\016\317\260l\300!f\010\245\215\001\014\025\372x\000\010\216\215\001\025\220a\220s\377\230(\240!\2407\250(\377\260\047\270\030\300\030\310\021\376\222\n\005\220U\230!""\2303\357\230m\2501\216\010\320HZ\330\217$\324&\204bL\230\213\211\002J\220\377i\230v\240W\250D\260\357\t\3209J\345#J\220h\377\230d\240(\250\047\260\032\377\2709\320DW\320WX\224\250J\276\211\014\210\316\211\003\210\301@\214\"3\177\2606\3209K\3101\373\n\177i\320\0371\260\021\260\306B\216t\004G\2201\030\025\226\004\250-\320\277\004!\240\032\2501\307\220\001tq\220\203\211\004\303\217\004\226\211\0033\230a\317\207\005\345Q\262\223\002\014\222\001\305\221\001d\220\047\263\230\025\317\217\003\370\217\001r\220\371\216\002s\377\220!\2204\220y\240\002\343\240$\334\214\001\265\210\004\354\223\004\017\320\017\376\224\223\0015\250\001\250\024\250W\373\260B\370\212\003u\220A\220T\377\230\027\240\001\240\024\240R\373\240q\365\221\003s\220$\220j\377\240\004\240D\250\004\250H\357\260C\260q\316\220\003\010\240\001~\214\213\001\020\220\n\230)\240\370\217\002}q\253\210\001M\240\021\240!\230\004\246\265$H\220\222\206\002\303\222\003x\346@+\373\240Ts\000S\260\004\260J\327\270a\330\204\214\004\021\364\206\003G\230\336\336@\"\240*\250\342\205\rM\230\037\021\320\004%\240\322b\313\221\022\027\002v\230\227\001\001\330\312\221\001\023\220;\344\221\001\377\240\013\2504\250t\2606\377\270\021\320:K\3102\310\367W\320T\356@\\\320\\]w\330\017\020\234\214\010A\300\021\360\207\010\320\254\004j\004N\004\270\226\001\027\326a\017\210\377|\2301\230A\320\035-\276\253\211\002Y\270a\320?\252\220\003Y\036\277\212\002a\320ab\374\206\010\371\206\004\301f\377u\230D\240\003\2404\240\307z\260\021\251\210\n\272\004\317\216\003\210H\001\220\210 ";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 4355, 6785);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (4197 bytes) */
+static const char cstring[] = "\377.?Reques\377ts, on h\37711. A fr\367esh\t\001 con\337necti\031\000pe\377r messag\337e: we,\000ly\377 parse w\377ith\n    \377it (the \377proxy wr\357ites\022\000s o\337wn by\013\000),\357 andW\002wil\377l not st\377art a ne\177w cycleG\002?before\024\000\212\000\367pond\000has \377been sen\377t throug\365hq\000.\267\nllht\213tp\021\000s1\002\323\003\016\004 \357HEAD|\002CON\337NECT U\005s iaj\000\312\002d\247\000 h\243\000y:\317\002J\003 can\250\001\177be told{\000\361e9\000\266\"\223 thod\263.T\366\000\232$ s\220 c\367hed\206!toco\377ls; ``re\377maining`\227` hC\000sB\002\223\" \367aft\336 its \377head.dis\347abl\352\000\002\001gci\277nvalid\214At\376\372\000-lengthyi\206 \"\001dmal\252 5mm\000r\311C: \007\t\204#\346T\002er\006\020\376 tus_ line%\017:\273\006\354\317\004\330B/c\232@/h1\307.pyl\004\263\002\232 o \337large\n\ter\361s\r\t\202\n\017\010tupl\377e[bool, \375i\337@| None\361,\263c\004\000\026\000]Any\177CLIENTC\221\204\006\376\000\007ClosedD\377ataEndOf\375M\250\204\003HOP_BYu_\004\000H\370`ler\000\004\377.on_bodyN\004\010end\022\010\205AH\212@\352\274\000H\320`P\350\204\001rCa\377llbackEr\347ror\r\007\000\014Upg\017rade3\001\332\205\0048\003\013\003\254\224\204\003J\003In\266Aa\337\205\001a\367lRe\257\204\003LAST\377_CHUNKMA\373X_\261\204\001_SIZE\377MIGHT_SW\377ITCH_PRO\377TOCOLNEE\277D_DATA\251!P\037AUSED\245\002\234\002\000\007\367.__\370`t__P\373ro\215\204\002Remot\001e\006\005\312\002\205\207\004\214\207\004\367\001\000\0108\006\300\235\005\245\005\"\003\350\205\003\253!a\006SE\217RVER\251\003\241\000\251\005S\370\227\205\002\000\003\215\006__H11\360\236*\000\016\"\007\033\r._pu\367mp_\001\023.<lo\377cals>.ge\337nexprG\017fe\203edz\003\216I\000\017s\014\273I.\347eof\036\020T\003ttp\037tools\321\014\002\022\333\010\376\t\024reset_Hp(\023V\030\350\204\005#\025on_\367\207\001\373er\000\036s_com\037plete1\030\245\213\004\007!\007url\304\t\367+\263\047\343*\307\204\005\366!\025._\321Bmanu\001aE\026\260CK\024\254M\342J\265\207\004e\026\000\27022\r""\351#\2703^\r\2639\212\r\312\212\003\337__Pyx\001\000Di\377ct_NextR\257ef__\302\214\002a\267@_\377__class_\177getitem\r\000\346\324@nt&\000\007\001doc\316\016\001fun\003\002\266\207\003__<\275\214\001&\001meta9\003E\000\277module\022\002r\377o_entrie\335sL\001nam\022\002pr/epar\035\002q\214@\017\005\357slot#\002tes\351t\215\000\246Ii\341arouOtine\331\206\003\362\204\003u\324\211\003\377appendar\377gsasynci/o.co\047\004s\321\212\001\302\213\001\376\354\217\002causechwunk\000\002edc\343\214\001\377_in_trac%e\307\212\001c\263\213\001\000\002d\354\220\001\352\220\007\273co\214 nt_\350\215\003d\237atado\213\000\241\205\002n_codee\001\002_T\003\274\006\003\027\003dend\200\217\001h\257eofe\246\213\001_\215Dh-i\337 ve\343!c\363\207\001\366\207\002\376V\001findfir\374\205 \203\216\001forwar\361d\377\216\001\000\010\272\210\016fram\247ing\322\210\004\306@_\370\220\001_\177version\014\001\216\245@hod\026\001\216d\263\001h\30711h\205\215\003\350\217\001\354\217\001_s\247ize\210\204\0047\th\263\210\005i\376\246\215\003intisdi\373gi\256bsjoin\377keep_aliCve\217\220\003\302\217\001\306\217\001\332@w\352\217\001\316\374\205\001max\327\207\002\004\001in\"\264\207\006e\205!v\002\241\003n\254a\260a_dnext\000\001_\036\002\026\242\216\004on\331`d\240\210\004\245\210\006\256\210\006n\214\210\007on_\356\207\ron\373$\277on_url\325`p\342\267\224\002_\326\223\005\367\210\002\312\224\002rpa\333rt\336\000on\005\001sp\373op\312\224\002._nat\356\343\000.h1\361\224\002pur\257eraw\000\000_\273\205\001s\377reasonre\213ce\210 _\251a\346\222\006\216\222\004_\370Y\003i\006\006\006tretu\373rn\372@ripse\327lfs\273ae\010\000td\377efaultsp\207lit\243\225\002\321b\253\222\003\307Hs\375t6\004umsupe\367rtt\200\222\001tthe\353ir\366be\253\225\001wtr\277ailing\232\002t\337yping\311\205\004ur\177lvvalue\000\002\375s\273d\r\n\r\n\r\n\377 %x\r\n%s\r\357\n,/0\016\0011.1\347:: \273\225\004\316\225\001HTT\357P/1.\330\205\006ose\274\264\205\016\254\224\004host\256a-\\\255b\244\227\001ied\252\227\002-\342\227\007\363t""e\244\002\304\000rans\317fer-\344\205\002\244\007xx\377:1\240a\2701\320\000\377\025\220\\\240\021\340\004\016\377\210a\330\004\r\210Q\330\337\004\021\220\021\330\t\003\010\210\377\006\210i\220q\330\010\014\377\210D\220\006\220a\330\010\377\013\2102\210S\220\001\330\377\014\025\220S\230\001\230\021\377\330\r\017\210s\220!\330\377\014\026\220e\2306\240\022\377\2407\250\"\250I\260Q\373\260a\021\006\032\230%\230r?\240\025\240f\250A#\010j\000\377\013\2109\220H\230L\250\377\010\260\004\260K\270s\300\177!\320\000\027\220z\240z\000\377\013\320\013\033\2303\230c\377\240\021\240\047\250\021\320\000\377\031\230\031\240)\320+<\377\270A\360\006\000\005\010\200\376\217\000\017\210q\330\004\037\230\276\002\000\n\210!\330\004\217\030\017\377\210r\220\023\220A\330\020\377\031\230\025\230h\240a\330\373\014\r\304\0017\220\"\220F\365\2308\000\007K\001\016\210b\220\377\003\2203\220d\230#\230\377U\240$\240c\250\021\250\277&\260\003\2607\270Z\000\013\375\210\244 \034\230O\320+;\377\2706\320AS\320ST\377\330\004\007\200u\210C\210\377z\230\023\230A\330\010\017\377\320\017 \240\001\240\031\250\376*\001\320\013\"\240!\2409\377\250A\320\000\034\320\034,\377\250L\270\001\330\004\014\210\371A\330!\311&\r\210W\220A\377\220U\230\"\230F\240\"\377\240A\330\004\t\210\027\220\375\001\366!\013\2107\220%\220\377q\230\001\320\000\035\230Zu\240\344\000\014f\000v\220Q\375 \216D\000E\220\021\264\003\354 \245@\007\357\200s\210!/\000\"\220B\357\220c\230\024\272\000!\2402\377\240[\260\001\260\034\270S\377\300\004\300E\310\021\310\"\377\310H\320TU\330\010\016[\210j\261@\025\230\346@\027\323@\316\262 \010\220\005S\002\030\000e\220_8\2304\230z\365\000!\343A\3674\210t\212\"%\230s\240\377%\240s\250$\250f\260\377A\330\014\022\220*\230A\374a\001\361\000\210w\220b\230\006\337\230e\2406\250\260A\210<\276\262\000\003\2301\230E\264@%\377\240u\250A\250V\2603\377\260a\260w\270b\300\007\377\300u\310E\320QR\320\373RT\210\000\320UZ\320Z\375[\335\000\320\035.\250m\320\377;K\3106\320Q`\320\377`i\320iz\320z{\372\313/!\207`)\2508""\260:\357\270Q\330\004\233`#\2401\377\240I\250X\260Q\320\004\377\025\220Q\340\010\013\2104\376\215`\014\020\220\013\2301\330\276\004\000\010\230\007\230q\025\004\014\177\210E\220\035\230a\230\302\204\002n\272!!\320\004\373\001\010\t\206ao\020\030\230\004\257\000\033\250\332\000\377\023\2203\320\026.\250a\376\247a\023\320\0342\260#\320\3575H\310\004\265\001[\320[\277\\\330\020\026\220j\343@\030\377\320)>\270a\270|\310~h\000\017\210v\220S\230\363\000\337\330\020\021\330\014\005\006\360\006\377\000\021\034\2309\240D\250\377\005\250Q\330\020\023\2204\377\220u\230M\250\023\250C\377\320/F\300c\310\024\310\377U\320R_\320_b\320\377be\320ef\330\024\032\273\230&\275`\025\240a\355@\020\377\024\220H\230C\230{\250\377!\2503\250i\3207Q\277\320QU\320UVC\0011\177\330\024\030\230\005\230]\030\000\3255\340@\021\005\0141e\003q\330\373\024\025\211\004z\230\021\230\047\363\240\023\336`\272\000d\230!\230\1775\240\010\250\n\260!\220\001\3673\220a\223\000I\240R\240\377s\320*;\320;P\320\275P\235@V\320VW\214\001*\337\240A\240U\250&\000\027\220\377{\240!\2405\250\t\260\177\025\260i\270u\300O\373\204\001\352\237\002H \000Qj\006\037\230t\373\2404\363A\330\024\027\220t\376f\000\r\250S\260\003\2601\337\330\030\036\230fG\003\2501\367\330\021\033\237`G\2403\240\304\343 \344\001H\023\004\314\000\013\016G\240\3551\257*\250q\235)t\2505{\260\016\205@q\330\020\033\341\047\374\367\200B\231\t\021\320\004\030\230\001\374\000\002\204\211\001G\2201\330\010\014\337\320\014 \240\001\223\211\001M\230\355\021\n\002(\250 \000\031\230\032\334\257\000\324a\020\220\007\306\210\001\240!\356\243\205\001y\320\030\321a\014\022\220\377&\230\001\230\024\230Q\230\275g\326!\250;\260a\030\0044>\327\205\001\024\220C\220q\300a\256C\276\331@\026\220k\240\021\252\210\002\017\365\210B\000,\240\204\001\017\210t\220\237;\230b\240\004\315C\214\204\001\025\337\320&H\310\001\223\206\006\320\"\3777\260q\270\014\300A\320\371\004\212\004\232\205\001x\220w\230a\342\227\205\001\r}\000\376\210\003G\0018\2307\262\241\001\t\261\205\001\201""\200/\017\210\334a#\373\230^\326@\020\026\220c\320\303\031+\340@\334\211\001\247\007\253\207\004\320\"\1778\270\001\270\034\300Q\215\006\360\215\206\010\357\205\030\355\205\003\340\000<\270A\270#\\\310\331\205\t\345\205\013\232\206\001f\226\210\003\202\204\002\237N\270!\2701\305\047\376\204\002\027\377\220|\2401\240E\250\036\377\260u\270I\300U\310/\377\320Y]\320]^\320^\377c\320ck\320ku\320\367uv\330\314\204\0135\230\r\240\307S\250\001\342s\300\204\t)/4\220\377x\230s\240+\250T\260\377\024\260S\270\005\270_\310\031AE\037\216\205\"\021\330\262\204\014\222\204\004\375\210\n\377F\220!\320\004\032\230*\333\240A\333\216\001H\220\002\002N\230\371#\232b\314\211\002{\230\"\230D\375\240\317g\240!\320\004\034\230\373H\240\326`\034\230J\240a\3762\003H\230A\230Q\320\004\376\246\214\002\320\004\036\230n\250J}\260\024\004G\2302\230V\216\205\001\273\014\210S\003f\240B\325\215\002\047\337\260\022\2601\330L\026\037\230\377}\250H\260A\330\010\r\357\210R\210y\342\217\002\010\014\210\331J\374\217\001\002\002\320\004\037\000\320,\377<\320<L\310L\320X\223Y\330\021\n\252\220\001K\257\220\003\000\004J\377\220d\320\032+\250<\260\177{\300\047\310\021\310!\314\220\001\377N\230!\2309\240G\250\377?\270(\300#\300]\320\257R`\320`\203`dX\001\177\377\320.>\320>N\310l\367\320Z[3&t\270;\300\237g\310Q\310aB\031\363\217\003#\367\220Q\330\246\214\003\320\004 \240\347\n\250!\254\004\013\000\320 1\377\3201B\300&\310\017\320\377W`\320`q\320qr\334\305\010\374\004H\220C\217\212\0023\240\377i\320/I\310\021\340\010\177\022\220\"\220I\230Q\234\222\001\3771\330\014\027\220r\230\037?\250\016\260l\300!f\010\245\215\001\353\014\025x\000\010\216\215\001\025\220a\377\220s\230(\240!\2407\377\250(\260\047\270\030\300\030\373\310\021\222\n\005\220U\230!\277\2303\230m\2501\216\010\320cHZ\217$\324&\204bL\230\213\211\002\377J\220i\230v\240W\250\277D\260\t\3209J\345#J\377\220h\230d\240(\250\047\377\260\032\2709\320DW\320SWX\250J\276\211\014\210\316\211\003\210\301@\376\214\"3\2606\3209K\310\3751\373\ni\320\0371\260\0219\260""\306Bt\004G\2201\030\025\226\004\376\250-\320\004!\240\032\2501\306\307\220\001t\220\203\211\004\303\217\004\226\211\0033\230\225a\317\207\005Q\262\223\002\014\222\001\305\221\001d\317\220\047\230\025\317\217\003\370\217\001r\220\376\371\216\002s\220!\2204\220y\217\240\002\240$\334\214\001\265\210\004\354\223\004\017\373\320\017\224\223\0015\250\001\250\024\357\250W\260B\370\212\003u\220A\377\220T\230\027\240\001\240\024\357\240R\240q\365\221\003s\220$\377\220j\240\004\240D\250\004\277\250H\260C\260q\316\220\003\010\373\240\001\214\213\001\020\220\n\230)\365\240\370\217\002q\253\210\001M\240\021\240\231!\230\004\265$H\220\222\206\002\303\222\003x\356\346@+\240Ts\000S\260\004_\260J\270a\330\204\214\004\021\364\206\003{G\230\336@\"\240*\250\342\205\r\177M\230\021\320\004%\240\322b\330\313\221\022\027\002\230\227\001\001\330\312\221\001\023\220\375;\344\221\001\240\013\2504\250t\377\2606\270\021\320:K\310\3372\310W\320T\356@\\\320\337\\]\330\017\020\234\214\010A\300A\021\360\207\010\254\004j\004N\004\270\226\001\027\326a\377\017\210|\2301\230A\320\373\035-\253\211\002Y\270a\320?z\252\220\003Y\277\212\002a\320ab\374\206\010\374\371\206\004\301fu\230D\240\003\240\0374\240z\260\021\251\210\n\272\004\317\216\003\007\210H\220\210 ";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 4197, 6608);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (6785 bytes) */
-static const char bytes[] = ".?Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.Requests, on h11. A fresh h11 connection per message: we only parse with\n    it (the proxy writes its own bytes), and h11 will not start a new cycle\n    before a response has been sent through it.Requests, on llhttp.Responses, on llhttp. HEAD and CONNECT responses are parsed by hand:\n    llhttp cannot be told the request method.The message switched protocols; ``remaining`` holds the bytes after its head.add_notedisableenablegcinvalid content-lengthisenabledmalformed request: malformed response headermalformed response status linemalformed response: protocol switchproxy/core/h1.pyrequest head too largerequest headers too largeresponse headers too largetuple[bool, int | None, bytes, bool]AnyCLIENTConnectionConnectionClosedDataEndOfMessageHOP_BY_HOPHandlerHandler.on_bodyHandler.on_endHandler.on_headHeadersHttpParserCallbackErrorHttpParserErrorHttpParserUpgradeHttpRequestParserHttpResponseParserInformationalResponseLAST_CHUNKMAX_HEAD_SIZEMIGHT_SWITCH_PROTOCOLNEED_DATANonePAUSEDParseErrorParseError.__init__ProtocolRemoteProtocolErrorRequestRequestHeadRequestHead.__init__ResponseResponseHeadResponseHead.__init__SERVERSWITCHED_PROTOCOLSwitchSwitch.__init____H11RequestParser_H11RequestParser.__init___H11RequestParser._pump_H11RequestParser._pump.<locals>.genexpr_H11RequestParser.feed_H11ResponseParser_H11ResponseParser.__init___H11ResponseParser.eof_H11ResponseParser.feed_HttptoolsRequestParser_HttptoolsRequestParser.__init___HttptoolsRequestParser._reset_HttptoolsRequestParser.feed_HttptoolsRequestParser.on_body_HttptoolsRequestParser.on_header_HttptoolsRequestParser.on_headers_complete_HttptoolsRequestParser.on_message_complete_HttptoolsRequestParser.on_url_HttptoolsResponseParser_HttptoolsResponseParser.__init___HttptoolsResponseParser._feed_manual_HttptoolsResponseParser.eof_Httptool""sResponseParser.feed_HttptoolsResponseParser.on_body_HttptoolsResponseParser.on_header_HttptoolsResponseParser.on_headers_complete_HttptoolsResponseParser.on_message_complete_HttptoolsResponseParser.on_status__Pyx_PyDict_NextRef__annotate____class_getitem____context____doc____func____init____main____metaclass____module____mro_entries____name____prepare____qualname____slots____test___feed_manual_is_coroutine_pump_reset_upgradeappendargsasyncio.coroutinesbodyboolbytescausechunkchunkedcline_in_tracebackcloseclosedconnconnectioncontent_lengthdatadone_headencodeencode_chunkencode_headendendswitheoferror_status_hinteventexcfeedfeed_datafindfirst_lineforwardableforwardable.<locals>.genexprframinggenexprget_http_versionget_methodget_status_codeh11handlerheadhead_sizeheadershttp_versionhttptoolsin_bodyintisdigititemsjoinkeep_alivelengthlinelineslowermanualmax_headmax_incomplete_event_sizemethodnnamenamednextnext_eventon_bodyon_endon_headon_headeron_headers_completeon_message_completeon_statuson_urloutpparse_response_headparserpartitionpartspopproxy._native.h1parsepurerawraw_itemsreasonreceive_dataremainingrequest_parserresponse_parserrestreturnrstripselfsendsepsetdefaultsplitstatusstatus_codestrstripsumsuperttargettheir_statethrowtrailing_datatypingupgradeurlvvaluevaluesversion\r\n\r\n\r\n %x\r\n%s\r\n,/0\r\n\r\n1.1:: CONNECTHEADHTTP/1.chunkedcloseconnectioncontent-lengthhostkeep-aliveproxiedproxy-connectiontetrailertransfer-encodingupgradexx:1\240a\2701\320\000\025\220\\\240\021\340\004\016\210a\330\004\r\210Q\330\004\021\220\021\330\004\016\210a\330\004\010\210\006\210i\220q\330\010\014\210D\220\006\220a\330\010\013\2102\210S\220\001\330\014\025\220S\230\001\230\021\330\r\017\210s\220!\330\014\026\220e\2306\240\022\2407\250\"\250I\260Q\260a\330\r\017\210s\220!\330\014\032\230%\230r\240\025\240f\250A\330\r\017\210s\220!\330\014\026\220a\330\004\013\2109\220H\230L\250\010\260\004\260K\270s\300!\320\000\027\220z\240\021\330\004\013\320\013\033\2303\230c\240\021\240\047\250""\021\320\000\031\230\031\240)\320+<\270A\360\006\000\005\010\200q\330\010\017\210q\330\004\037\230q\330\004\n\210!\330\004\010\210\006\210i\220q\330\010\014\210D\220\006\220a\330\010\013\2102\210S\220\001\330\014\017\210r\220\023\220A\330\020\031\230\025\230h\240a\330\014\r\330\010\013\2107\220\"\220F\230!\330\004\007\200q\330\010\016\210b\220\003\2203\220d\230#\230U\240$\240c\250\021\250&\260\003\2607\270!\330\004\013\2101\320\000\034\230O\320+;\2706\320AS\320ST\330\004\007\200u\210C\210z\230\023\230A\330\010\017\320\017 \240\001\240\031\250!\330\004\013\320\013\"\240!\2409\250A\320\000\034\320\034,\250L\270\001\330\004\014\210A\210Q\330\004\010\210\006\210i\220q\330\010\r\210W\220A\220U\230\"\230F\240\"\240A\330\004\t\210\027\220\001\220\021\330\004\013\2107\220%\220q\230\001\320\000\035\230Z\240q\330\004\014\210C\210v\220Q\220a\330\004\014\210E\220\021\220\"\220F\230!\2306\240\021\330\004\007\200s\210!\2107\220\"\220B\220c\230\024\230U\240!\2402\240[\260\001\260\034\270S\300\004\300E\310\021\310\"\310H\320TU\330\010\016\210j\230\001\230\025\230a\330\004\027\220q\330\004\010\210\010\220\005\220Q\220a\330\010\016\210e\2208\2304\230z\250\021\250!\330\010\013\2104\210t\2203\220d\230%\230s\240%\240s\250$\250f\260A\330\014\022\220*\230A\230U\240!\330\010\017\210w\220b\230\006\230e\2406\250\021\330\004\013\210<\220q\230\003\2301\230E\240\021\240%\240u\250A\250V\2603\260a\260w\270b\300\007\300u\310E\320QR\320RT\320TU\320UZ\320Z[\320\000\035\320\035.\250m\320;K\3106\320Q`\320`i\320iz\320z{\330\004\007\200u\210C\210z\230\023\230A\330\010\017\320\017!\240\021\240)\2508\260:\270Q\330\004\013\320\013#\2401\240I\250X\260Q\320\004\025\220Q\340\010\013\2104\210q\330\014\020\220\013\2301\330\014\020\220\010\230\007\230q\320\004\025\220Q\340\010\014\210E\220\035\230a\230q\330\010\014\210E\220\021\220!\320\004\027\220q\330\010\t\330\014\r\330\020\030\230\004\230E\240\033\250A\330\014\023\2203\320\026.\250a\330\020\031\230\023\320\0342\260#\3205H\310\004\310E\320Q[\320[\\\330\020""\026\220j\240\001\240\030\320)>\270a\270|\3101\330\014\017\210v\220S\230\003\2301\330\020\021\330\014\017\210v\220S\230\003\2301\360\006\000\021\034\2309\240D\250\005\250Q\330\020\023\2204\220u\230M\250\023\250C\320/F\300c\310\024\310U\320R_\320_b\320be\320ef\330\024\032\230&\240\001\240\025\240a\240q\330\020\024\220H\230C\230{\250!\2503\250i\3207Q\320QU\320UV\330\020\023\2201\330\024\030\230\005\230]\250!\2505\260\001\260\021\330\020\023\2201\330\024\030\230\005\230]\250!\2501\330\020\023\2204\220q\330\024\025\330\020\021\330\014\017\210z\230\021\230\047\240\023\240A\330\020\026\220d\230!\2305\240\010\250\n\260!\330\020\023\2203\220a\220u\230I\240R\240s\320*;\320;P\320PR\320RV\320VW\330\024\032\230*\240A\240U\250!\330\020\027\220{\240!\2405\250\t\260\025\260i\270u\300O\320ST\330\020\024\220H\230H\240A\240Q\330\020\023\2204\220q\330\024\037\230t\2404\240u\250A\330\024\027\220t\2305\240\r\250S\260\003\2601\330\030\036\230f\240A\240U\250!\2501\330\021\033\2301\230G\2403\240a\330\020\024\220H\230H\240A\240U\250!\2505\260\001\330\021\033\2301\230G\2403\240a\330\020\024\220H\230G\2401\330\020\023\2204\220u\230M\250\023\250C\250q\330\024\032\230&\240\001\240\025\240a\240t\2505\260\016\270a\270q\330\020\033\2309\240D\250\005\250Q\330\020\024\220H\230C\230{\250!\2503\250i\3207Q\320QU\320UV\330\020\023\2201\330\024\030\230\005\230]\250!\2505\260\001\260\021\330\020\023\2201\330\024\030\230\005\230]\250!\2501\330\020\023\2204\220q\330\024\025\330\021\033\2301\230G\2403\240a\330\020\021\320\004\030\230\001\320\004\030\230\001\330\010\014\210G\2201\330\010\014\320\014 \240\001\330\010\014\210M\230\021\330\010\014\320\014(\250\001\320\004\031\230\032\2401\330\010\t\330\014\020\220\007\220z\240\021\240!\330\010\017\210y\320\030.\250a\330\014\022\220&\230\001\230\024\230Q\230g\240U\250!\250;\260a\330\010\017\210y\320\0304\260A\330\014\024\220C\220q\330\014\017\210z\230\021\230\047\240\021\330\020\026\220k\240\021\330\014\r\330\010\017\210y\320\030,\250A\330\014\017\210t\220;\230b""\240\004\240A\330\020\026\220j\240\001\240\025\320&H\310\001\330\014\022\220*\230A\230U\320\"7\260q\270\014\300A\320\004\031\230\032\2401\330\010\013\2104\210x\220w\230a\330\014\020\220\r\230Q\230a\330\014\r\330\010\017\210t\2208\2307\240!\330\010\t\330\014\020\220\007\220z\240\021\240!\330\010\017\210y\320\030.\250a\330\014\022\220&\230\001\230\024\230Q\230g\240U\250!\250;\260a\330\010\017\210y\320\0304\260A\330\014\017\210z\230\021\230#\230^\2501\330\020\026\220c\320\031+\2501\330\014\r\330\010\017\210y\320\030,\250A\330\014\022\220*\230A\230U\320\"8\270\001\270\034\300Q\320\004\031\230\032\2401\330\010\014\210E\220\035\230a\230q\330\010\t\330\014\r\330\020\030\230\004\230E\240\033\250A\330\014\023\2203\320\026.\250a\330\020\026\220j\240\001\240\025\320&<\270A\270\\\310\021\330\014\017\210v\220S\230\003\2301\330\020\021\330\014\017\210v\220S\230\003\2301\330\020\026\220f\230A\230U\240!\2404\240u\250N\270!\2701\330\014\017\210z\230\021\230\047\240\023\240A\330\020\027\220|\2401\240E\250\036\260u\270I\300U\310/\320Y]\320]^\320^c\320ck\320ku\320uv\330\020\024\220H\230H\240A\240Q\330\020\023\2205\230\r\240S\250\001\330\024\032\230&\240\001\240\025\240a\240t\2505\260\016\270a\270q\330\021\033\2301\230G\2403\240a\330\020\027\220|\2401\240E\250\036\260u\270I\300U\310/\320Y]\320]^\320^c\320ck\320ku\320uv\330\020\024\220H\230H\240A\240Q\330\020\023\2204\220x\230s\240+\250T\260\024\260S\270\005\270_\310A\330\024\032\230&\240\001\240\025\240a\240t\2505\260\016\270a\270q\330\021\033\2301\230G\2403\240a\330\020\024\220H\230H\240A\240U\250!\2505\260\001\330\021\033\2301\230G\2403\240a\330\020\024\220H\230G\2401\330\020\021\330\021\033\2301\230G\2403\240a\330\020\021\320\004\031\230\032\2401\330\010\014\210E\220\035\230a\230q\330\010\014\210F\220!\320\004\032\230*\240A\330\010\014\210H\220A\330\010\014\210N\230#\230Q\230a\330\010\013\2104\210{\230\"\230D\240\001\330\014\022\220*\230A\230U\240!\320\004\034\230H\240A\320\004\034\230J\240a\330\010\014\210H\220H\230A\230Q\320\004""\035\230Z\240q\320\004\036\230n\250J\260a\330\010\014\210H\220G\2302\230V\2401\330\010\014\210N\230#\230Q\230f\240B\240c\250\021\250\047\260\022\2601\330\010\013\2104\210{\230\"\230D\240\001\330\014\022\220*\230A\230U\240!\320\004\037\230}\250H\260A\330\010\r\210R\210y\230\001\230\021\330\010\014\210J\220a\330\010\014\210J\220a\320\004\037\230}\320,<\320<L\310L\320XY\330\010\014\210J\220a\330\010\014\210J\220a\330\010\014\210K\220q\330\010\014\210K\220q\330\010\014\210J\220d\320\032+\250<\260{\300\047\310\021\310!\330\010\014\210N\230!\2309\240G\250?\270(\300#\300]\320R`\320`c\320cd\320\004\037\230\177\320.>\320>N\310l\320Z[\330\010\014\210J\220a\330\010\014\210J\220a\330\010\014\210K\220q\330\010\014\210K\220q\330\010\014\210J\220d\320\032+\250<\260t\270;\300g\310Q\310a\330\010\014\210N\230!\2309\240G\250?\270(\300#\300]\320R`\320`c\320cd\330\010\013\2107\220#\220Q\330\014\020\220\013\2301\320\004 \240\n\250!\330\010\014\210K\220q\320\004 \320 1\3201B\300&\310\017\320W`\320`q\320qr\330\010\014\210K\220q\330\010\014\210J\220a\330\010\014\210H\220C\220{\240!\2403\240i\320/I\310\021\340\010\022\220\"\220I\230Q\330\010\013\2101\330\014\027\220r\230\037\250\016\260l\300!\330\010\013\2107\220#\220Q\330\014\025\220Q\340\014\025\220Q\330\010\014\210E\220\025\220a\220s\230(\240!\2407\250(\260\047\270\030\300\030\310\021\330\010\013\2107\220#\220Q\330\014\020\220\005\220U\230!\2303\230m\2501\320\004 \320 1\3201B\300&\320HZ\320Z[\330\010\014\210K\220q\330\010\014\210J\220a\330\010\014\210L\230\001\330\010\014\210J\220i\230v\240W\250D\260\t\3209J\310!\330\010\014\210J\220h\230d\240(\250\047\260\032\2709\320DW\320WX\320XY\330\010\014\210J\220a\330\010\014\320\014 \240\001\330\010\014\210M\230\021\330\010\014\210M\230\021\330\010\014\210K\220q\320\004 \320 3\2606\3209K\3101\330\010\014\210K\220q\330\010\014\210J\220i\320\0371\260\021\260!\330\010\014\210L\230\001\330\010\014\210G\2201\320\004 \320 3\2606\3209K\3101\330\010\014\210K\220q\330\010\014\210L\230\001\330\010\014\210H""\220C\220{\240!\2403\240i\320/I\310\021\320\004!\240\032\2501\330\010\017\210t\2208\2307\240!\330\010\013\2104\210q\330\014\017\210t\2208\2303\230a\330\020\026\220f\230A\230Q\330\014\r\330\010\014\210K\220q\330\010\016\210d\220\047\230\025\230a\230q\330\010\013\2104\210r\220\021\330\014\017\210s\220!\2204\220y\240\002\240$\240a\330\020\026\220j\240\001\240\025\240a\330\014\r\330\010\017\320\017\"\240!\2405\250\001\250\024\250W\260B\260a\330\010\017\210u\220A\220T\230\027\240\001\240\024\240R\240q\330\010\013\2104\210s\220$\220j\240\004\240D\250\004\250H\260C\260q\330\014\020\220\010\230\010\240\001\240\021\330\014\020\220\n\230)\2401\330\014\017\210q\330\020\024\220M\240\021\240!\330\014\r\330\010\014\210M\230\021\330\010\014\210H\220H\230A\230Q\330\010\013\2104\210x\220s\230+\240T\250\024\250S\260\004\260J\270a\330\014\022\220&\230\001\230\021\330\010\014\210H\220G\2301\320\004\"\240*\250A\330\010\r\210R\210y\230\001\230\021\330\010\014\210M\230\021\320\004%\240Q\330\010\013\2104\210q\330\014\020\220\013\2301\330\014\020\220\010\230\007\230q\320\004%\240Q\330\010\014\210D\220\001\330\010\t\330\014\023\220;\230a\230q\240\013\2504\250t\2606\270\021\320:K\3102\310W\320TX\320X\\\320\\]\330\017\020\330\014\022\220*\230A\230U\320\"A\300\021\330\010\014\210H\220A\330\010\014\210H\220H\230A\230Q\320\004%\240Q\330\010\014\210D\220\001\330\010\017\210r\220\027\230\001\330\010\017\210|\2301\230A\320\035-\250T\260\024\260Y\270a\320?P\320PR\320RY\320Y]\320]a\320ab\330\010\014\210J\220a\330\010\014\210K\220q\330\010\014\210M\230\021\330\010\014\210K\220u\230D\240\003\2404\240z\260\021\330\010\014\210H\220H\230A\230Q\320\004%\240Q\330\010\014\210G\2201\330\010\014\210H\220G\2301";
+    #else /* compression: none (6608 bytes) */
+static const char bytes[] = ".?Requests, on h11. A fresh h11 connection per message: we only parse with\n    it (the proxy writes its own bytes), and h11 will not start a new cycle\n    before a response has been sent through it.Requests, on llhttp.Responses, on llhttp. HEAD and CONNECT responses are parsed by hand:\n    llhttp cannot be told the request method.The message switched protocols; ``remaining`` holds the bytes after its head.disableenablegcinvalid content-lengthisenabledmalformed request: malformed response headermalformed response status linemalformed response: protocol switchproxy/core/h1.pyrequest head too largerequest headers too largeresponse headers too largetuple[bool, int | None, bytes, bool]AnyCLIENTConnectionConnectionClosedDataEndOfMessageHOP_BY_HOPHandlerHandler.on_bodyHandler.on_endHandler.on_headHeadersHttpParserCallbackErrorHttpParserErrorHttpParserUpgradeHttpRequestParserHttpResponseParserInformationalResponseLAST_CHUNKMAX_HEAD_SIZEMIGHT_SWITCH_PROTOCOLNEED_DATANonePAUSEDParseErrorParseError.__init__ProtocolRemoteProtocolErrorRequestRequestHeadRequestHead.__init__ResponseResponseHeadResponseHead.__init__SERVERSWITCHED_PROTOCOLSwitchSwitch.__init____H11RequestParser_H11RequestParser.__init___H11RequestParser._pump_H11RequestParser._pump.<locals>.genexpr_H11RequestParser.feed_H11ResponseParser_H11ResponseParser.__init___H11ResponseParser.eof_H11ResponseParser.feed_HttptoolsRequestParser_HttptoolsRequestParser.__init___HttptoolsRequestParser._reset_HttptoolsRequestParser.feed_HttptoolsRequestParser.on_body_HttptoolsRequestParser.on_header_HttptoolsRequestParser.on_headers_complete_HttptoolsRequestParser.on_message_complete_HttptoolsRequestParser.on_url_HttptoolsResponseParser_HttptoolsResponseParser.__init___HttptoolsResponseParser._feed_manual_HttptoolsResponseParser.eof_HttptoolsResponseParser.feed_HttptoolsResponseParser.on_body_HttptoolsResponseParser.on_header_HttptoolsResponseParser.on_headers_complete_HttptoolsResponseParser.on_message_complete_HttptoolsResponseP""arser.on_status__Pyx_PyDict_NextRef__annotate____class_getitem____context____doc____func____init____main____metaclass____module____mro_entries____name____prepare____qualname____slots____test___feed_manual_is_coroutine_pump_reset_upgradeappendargsasyncio.coroutinesbodyboolbytescausechunkchunkedcline_in_tracebackcloseclosedconnconnectioncontent_lengthdatadone_headencodeencode_chunkencode_headendendswitheoferror_status_hinteventexcfeedfeed_datafindfirst_lineforwardableforwardable.<locals>.genexprframinggenexprget_http_versionget_methodget_status_codeh11handlerheadhead_sizeheadershttp_versionhttptoolsin_bodyintisdigititemsjoinkeep_alivelengthlinelineslowermanualmax_headmax_incomplete_event_sizemethodnnamenamednextnext_eventon_bodyon_endon_headon_headeron_headers_completeon_message_completeon_statuson_urloutpparse_response_headparserpartitionpartspopproxy._native.h1parsepurerawraw_itemsreasonreceive_dataremainingrequest_parserresponse_parserrestreturnrstripselfsendsepsetdefaultsplitstartswithstatusstatus_codestrstripsumsuperttargettheir_statethrowtrailing_datatypingupgradeurlvvaluevaluesversion\r\n\r\n\r\n %x\r\n%s\r\n,/0\r\n\r\n1.1:: CONNECTHEADHTTP/1.chunkedcloseconnectioncontent-lengthhostkeep-aliveproxiedproxy-connectiontetrailertransfer-encodingupgradexx:1\240a\2701\320\000\025\220\\\240\021\340\004\016\210a\330\004\r\210Q\330\004\021\220\021\330\004\016\210a\330\004\010\210\006\210i\220q\330\010\014\210D\220\006\220a\330\010\013\2102\210S\220\001\330\014\025\220S\230\001\230\021\330\r\017\210s\220!\330\014\026\220e\2306\240\022\2407\250\"\250I\260Q\260a\330\r\017\210s\220!\330\014\032\230%\230r\240\025\240f\250A\330\r\017\210s\220!\330\014\026\220a\330\004\013\2109\220H\230L\250\010\260\004\260K\270s\300!\320\000\027\220z\240\021\330\004\013\320\013\033\2303\230c\240\021\240\047\250\021\320\000\031\230\031\240)\320+<\270A\360\006\000\005\010\200q\330\010\017\210q\330\004\037\230q\330\004\n\210!\330\004\010\210\006\210i\220q\330\010\014\210D\220\006\220a\330\010""\013\2102\210S\220\001\330\014\017\210r\220\023\220A\330\020\031\230\025\230h\240a\330\014\r\330\010\013\2107\220\"\220F\230!\330\004\007\200q\330\010\016\210b\220\003\2203\220d\230#\230U\240$\240c\250\021\250&\260\003\2607\270!\330\004\013\2101\320\000\034\230O\320+;\2706\320AS\320ST\330\004\007\200u\210C\210z\230\023\230A\330\010\017\320\017 \240\001\240\031\250!\330\004\013\320\013\"\240!\2409\250A\320\000\034\320\034,\250L\270\001\330\004\014\210A\210Q\330\004\010\210\006\210i\220q\330\010\r\210W\220A\220U\230\"\230F\240\"\240A\330\004\t\210\027\220\001\220\021\330\004\013\2107\220%\220q\230\001\320\000\035\230Z\240q\330\004\014\210C\210v\220Q\220a\330\004\014\210E\220\021\220\"\220F\230!\2306\240\021\330\004\007\200s\210!\2107\220\"\220B\220c\230\024\230U\240!\2402\240[\260\001\260\034\270S\300\004\300E\310\021\310\"\310H\320TU\330\010\016\210j\230\001\230\025\230a\330\004\027\220q\330\004\010\210\010\220\005\220Q\220a\330\010\016\210e\2208\2304\230z\250\021\250!\330\010\013\2104\210t\2203\220d\230%\230s\240%\240s\250$\250f\260A\330\014\022\220*\230A\230U\240!\330\010\017\210w\220b\230\006\230e\2406\250\021\330\004\013\210<\220q\230\003\2301\230E\240\021\240%\240u\250A\250V\2603\260a\260w\270b\300\007\300u\310E\320QR\320RT\320TU\320UZ\320Z[\320\000\035\320\035.\250m\320;K\3106\320Q`\320`i\320iz\320z{\330\004\007\200u\210C\210z\230\023\230A\330\010\017\320\017!\240\021\240)\2508\260:\270Q\330\004\013\320\013#\2401\240I\250X\260Q\320\004\025\220Q\340\010\013\2104\210q\330\014\020\220\013\2301\330\014\020\220\010\230\007\230q\320\004\025\220Q\340\010\014\210E\220\035\230a\230q\330\010\014\210E\220\021\220!\320\004\027\220q\330\010\t\330\014\r\330\020\030\230\004\230E\240\033\250A\330\014\023\2203\320\026.\250a\330\020\031\230\023\320\0342\260#\3205H\310\004\310E\320Q[\320[\\\330\020\026\220j\240\001\240\030\320)>\270a\270|\3101\330\014\017\210v\220S\230\003\2301\330\020\021\330\014\017\210v\220S\230\003\2301\360\006\000\021\034\2309\240D\250\005\250Q\330\020\023""\2204\220u\230M\250\023\250C\320/F\300c\310\024\310U\320R_\320_b\320be\320ef\330\024\032\230&\240\001\240\025\240a\240q\330\020\024\220H\230C\230{\250!\2503\250i\3207Q\320QU\320UV\330\020\023\2201\330\024\030\230\005\230]\250!\2505\260\001\260\021\330\020\023\2201\330\024\030\230\005\230]\250!\2501\330\020\023\2204\220q\330\024\025\330\020\021\330\014\017\210z\230\021\230\047\240\023\240A\330\020\026\220d\230!\2305\240\010\250\n\260!\330\020\023\2203\220a\220u\230I\240R\240s\320*;\320;P\320PR\320RV\320VW\330\024\032\230*\240A\240U\250!\330\020\027\220{\240!\2405\250\t\260\025\260i\270u\300O\320ST\330\020\024\220H\230H\240A\240Q\330\020\023\2204\220q\330\024\037\230t\2404\240u\250A\330\024\027\220t\2305\240\r\250S\260\003\2601\330\030\036\230f\240A\240U\250!\2501\330\021\033\2301\230G\2403\240a\330\020\024\220H\230H\240A\240U\250!\2505\260\001\330\021\033\2301\230G\2403\240a\330\020\024\220H\230G\2401\330\020\023\2204\220u\230M\250\023\250C\250q\330\024\032\230&\240\001\240\025\240a\240t\2505\260\016\270a\270q\330\020\033\2309\240D\250\005\250Q\330\020\024\220H\230C\230{\250!\2503\250i\3207Q\320QU\320UV\330\020\023\2201\330\024\030\230\005\230]\250!\2505\260\001\260\021\330\020\023\2201\330\024\030\230\005\230]\250!\2501\330\020\023\2204\220q\330\024\025\330\021\033\2301\230G\2403\240a\330\020\021\320\004\030\230\001\320\004\030\230\001\330\010\014\210G\2201\330\010\014\320\014 \240\001\330\010\014\210M\230\021\330\010\014\320\014(\250\001\320\004\031\230\032\2401\330\010\t\330\014\020\220\007\220z\240\021\240!\330\010\017\210y\320\030.\250a\330\014\022\220&\230\001\230\024\230Q\230g\240U\250!\250;\260a\330\010\017\210y\320\0304\260A\330\014\024\220C\220q\330\014\017\210z\230\021\230\047\240\021\330\020\026\220k\240\021\330\014\r\330\010\017\210y\320\030,\250A\330\014\017\210t\220;\230b\240\004\240A\330\020\026\220j\240\001\240\025\320&H\310\001\330\014\022\220*\230A\230U\320\"7\260q\270\014\300A\320\004\031\230\032\2401\330\010\013\2104\210x\220w\230a\330\014\020""\220\r\230Q\230a\330\014\r\330\010\017\210t\2208\2307\240!\330\010\t\330\014\020\220\007\220z\240\021\240!\330\010\017\210y\320\030.\250a\330\014\022\220&\230\001\230\024\230Q\230g\240U\250!\250;\260a\330\010\017\210y\320\0304\260A\330\014\017\210z\230\021\230#\230^\2501\330\020\026\220c\320\031+\2501\330\014\r\330\010\017\210y\320\030,\250A\330\014\022\220*\230A\230U\320\"8\270\001\270\034\300Q\320\004\031\230\032\2401\330\010\014\210E\220\035\230a\230q\330\010\t\330\014\r\330\020\030\230\004\230E\240\033\250A\330\014\023\2203\320\026.\250a\330\020\026\220j\240\001\240\025\320&<\270A\270\\\310\021\330\014\017\210v\220S\230\003\2301\330\020\021\330\014\017\210v\220S\230\003\2301\330\020\026\220f\230A\230U\240!\2404\240u\250N\270!\2701\330\014\017\210z\230\021\230\047\240\023\240A\330\020\027\220|\2401\240E\250\036\260u\270I\300U\310/\320Y]\320]^\320^c\320ck\320ku\320uv\330\020\024\220H\230H\240A\240Q\330\020\023\2205\230\r\240S\250\001\330\024\032\230&\240\001\240\025\240a\240t\2505\260\016\270a\270q\330\021\033\2301\230G\2403\240a\330\020\027\220|\2401\240E\250\036\260u\270I\300U\310/\320Y]\320]^\320^c\320ck\320ku\320uv\330\020\024\220H\230H\240A\240Q\330\020\023\2204\220x\230s\240+\250T\260\024\260S\270\005\270_\310A\330\024\032\230&\240\001\240\025\240a\240t\2505\260\016\270a\270q\330\021\033\2301\230G\2403\240a\330\020\024\220H\230H\240A\240U\250!\2505\260\001\330\021\033\2301\230G\2403\240a\330\020\024\220H\230G\2401\330\020\021\330\021\033\2301\230G\2403\240a\330\020\021\320\004\031\230\032\2401\330\010\014\210E\220\035\230a\230q\330\010\014\210F\220!\320\004\032\230*\240A\330\010\014\210H\220A\330\010\014\210N\230#\230Q\230a\330\010\013\2104\210{\230\"\230D\240\001\330\014\022\220*\230A\230U\240!\320\004\034\230H\240A\320\004\034\230J\240a\330\010\014\210H\220H\230A\230Q\320\004\035\230Z\240q\320\004\036\230n\250J\260a\330\010\014\210H\220G\2302\230V\2401\330\010\014\210N\230#\230Q\230f\240B\240c\250\021\250\047\260\022\2601\330\010\013\2104\210{\230\"\230D""\240\001\330\014\022\220*\230A\230U\240!\320\004\037\230}\250H\260A\330\010\r\210R\210y\230\001\230\021\330\010\014\210J\220a\330\010\014\210J\220a\320\004\037\230}\320,<\320<L\310L\320XY\330\010\014\210J\220a\330\010\014\210J\220a\330\010\014\210K\220q\330\010\014\210K\220q\330\010\014\210J\220d\320\032+\250<\260{\300\047\310\021\310!\330\010\014\210N\230!\2309\240G\250?\270(\300#\300]\320R`\320`c\320cd\320\004\037\230\177\320.>\320>N\310l\320Z[\330\010\014\210J\220a\330\010\014\210J\220a\330\010\014\210K\220q\330\010\014\210K\220q\330\010\014\210J\220d\320\032+\250<\260t\270;\300g\310Q\310a\330\010\014\210N\230!\2309\240G\250?\270(\300#\300]\320R`\320`c\320cd\330\010\013\2107\220#\220Q\330\014\020\220\013\2301\320\004 \240\n\250!\330\010\014\210K\220q\320\004 \320 1\3201B\300&\310\017\320W`\320`q\320qr\330\010\014\210K\220q\330\010\014\210J\220a\330\010\014\210H\220C\220{\240!\2403\240i\320/I\310\021\340\010\022\220\"\220I\230Q\330\010\013\2101\330\014\027\220r\230\037\250\016\260l\300!\330\010\013\2107\220#\220Q\330\014\025\220Q\340\014\025\220Q\330\010\014\210E\220\025\220a\220s\230(\240!\2407\250(\260\047\270\030\300\030\310\021\330\010\013\2107\220#\220Q\330\014\020\220\005\220U\230!\2303\230m\2501\320\004 \320 1\3201B\300&\320HZ\320Z[\330\010\014\210K\220q\330\010\014\210J\220a\330\010\014\210L\230\001\330\010\014\210J\220i\230v\240W\250D\260\t\3209J\310!\330\010\014\210J\220h\230d\240(\250\047\260\032\2709\320DW\320WX\320XY\330\010\014\210J\220a\330\010\014\320\014 \240\001\330\010\014\210M\230\021\330\010\014\210M\230\021\330\010\014\210K\220q\320\004 \320 3\2606\3209K\3101\330\010\014\210K\220q\330\010\014\210J\220i\320\0371\260\021\260!\330\010\014\210L\230\001\330\010\014\210G\2201\320\004 \320 3\2606\3209K\3101\330\010\014\210K\220q\330\010\014\210L\230\001\330\010\014\210H\220C\220{\240!\2403\240i\320/I\310\021\320\004!\240\032\2501\330\010\017\210t\2208\2307\240!\330\010\013\2104\210q\330\014\017\210t\2208\2303\230a\330\020\026\220f\230A\230Q\330\014""\r\330\010\014\210K\220q\330\010\016\210d\220\047\230\025\230a\230q\330\010\013\2104\210r\220\021\330\014\017\210s\220!\2204\220y\240\002\240$\240a\330\020\026\220j\240\001\240\025\240a\330\014\r\330\010\017\320\017\"\240!\2405\250\001\250\024\250W\260B\260a\330\010\017\210u\220A\220T\230\027\240\001\240\024\240R\240q\330\010\013\2104\210s\220$\220j\240\004\240D\250\004\250H\260C\260q\330\014\020\220\010\230\010\240\001\240\021\330\014\020\220\n\230)\2401\330\014\017\210q\330\020\024\220M\240\021\240!\330\014\r\330\010\014\210M\230\021\330\010\014\210H\220H\230A\230Q\330\010\013\2104\210x\220s\230+\240T\250\024\250S\260\004\260J\270a\330\014\022\220&\230\001\230\021\330\010\014\210H\220G\2301\320\004\"\240*\250A\330\010\r\210R\210y\230\001\230\021\330\010\014\210M\230\021\320\004%\240Q\330\010\013\2104\210q\330\014\020\220\013\2301\330\014\020\220\010\230\007\230q\320\004%\240Q\330\010\014\210D\220\001\330\010\t\330\014\023\220;\230a\230q\240\013\2504\250t\2606\270\021\320:K\3102\310W\320TX\320X\\\320\\]\330\017\020\330\014\022\220*\230A\230U\320\"A\300\021\330\010\014\210H\220A\330\010\014\210H\220H\230A\230Q\320\004%\240Q\330\010\014\210D\220\001\330\010\017\210r\220\027\230\001\330\010\017\210|\2301\230A\320\035-\250T\260\024\260Y\270a\320?P\320PR\320RY\320Y]\320]a\320ab\330\010\014\210J\220a\330\010\014\210K\220q\330\010\014\210M\230\021\330\010\014\210K\220u\230D\240\003\2404\240z\260\021\330\010\014\210H\220H\230A\230Q\320\004%\240Q\330\010\014\210G\2201\330\010\014\210H\220G\2301";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 224; i++) {
+    for (int i = 0; i < 223; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
-      if (likely(string) && i >= 23) PyUnicode_InternInPlace(&string);
+      if (likely(string) && i >= 21) PyUnicode_InternInPlace(&string);
       if (unlikely(!string)) {
         Py_XDECREF(data);
         __PYX_ERR(0, 1, __pyx_L1_error)
@@ -20691,8 +20480,8 @@ static const char bytes[] = ".?Note that Cython is deliberately stricter than PE
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 224; i < 289; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-224].length;
+    for (int i = 223; i < 288; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-223].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -20702,14 +20491,14 @@ static const char bytes[] = ".?Note that Cython is deliberately stricter than PE
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 289; i++) {
+    for (Py_ssize_t i = 0; i < 288; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 224;
+      PyObject **table = stringtab + 223;
       for (Py_ssize_t i=0; i<65; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
@@ -20733,18 +20522,18 @@ static const char bytes[] = ".?Note that Cython is deliberately stricter than PE
   }
   {
     PyObject **numbertab = __pyx_mstate->__pyx_number_tab + 0;
-    int8_t const cint_constants_1[] = {0,2,4,100,101};
+    int8_t const cint_constants_1[] = {0,1,2,4,5,100,101};
     int16_t const cint_constants_2[] = {200,300,400,431,502};
     int32_t const cint_constants_4[] = {65536L};
-    for (int i = 0; i < 11; i++) {
-      numbertab[i] = PyLong_FromLong((i < 5 ? cint_constants_1[i - 0] : (i < 10 ? cint_constants_2[i - 5] : cint_constants_4[i - 10])));
+    for (int i = 0; i < 13; i++) {
+      numbertab[i] = PyLong_FromLong((i < 7 ? cint_constants_1[i - 0] : (i < 12 ? cint_constants_2[i - 7] : cint_constants_4[i - 12])));
       if (unlikely(!numbertab[i])) __PYX_ERR(0, 1, __pyx_L1_error)
     }
   }
   #if CYTHON_IMMORTAL_CONSTANTS
   {
     PyObject **table = __pyx_mstate->__pyx_number_tab;
-    for (Py_ssize_t i=0; i<11; ++i) {
+    for (Py_ssize_t i=0; i<13; ++i) {
       #if PY_VERSION_HEX >= 0x030F0000
       PyUnstable_SetImmortal(table[i]);
       #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -22289,156 +22078,6 @@ static void __Pyx_RaiseArgtupleInvalid(
                  (num_expected == 1) ? "" : "s", num_found);
 }
 
-/* FormatTypeName (used by pybuiltin_invalid) */
-#if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
-static __Pyx_TypeName
-__Pyx_PyType_GetFullyQualifiedName(PyTypeObject* tp)
-{
-    PyObject *module = NULL, *name = NULL, *result = NULL;
-    #if __PYX_LIMITED_VERSION_HEX < 0x030b0000
-    name = __Pyx_PyObject_GetAttrStr((PyObject *)tp,
-                                               __pyx_mstate_global->__pyx_n_u_qualname);
-    #else
-    name = PyType_GetQualName(tp);
-    #endif
-    if (unlikely(name == NULL) || unlikely(!PyUnicode_Check(name))) goto bad;
-    module = __Pyx_PyObject_GetAttrStr((PyObject *)tp,
-                                               __pyx_mstate_global->__pyx_n_u_module);
-    if (unlikely(module == NULL) || unlikely(!PyUnicode_Check(module))) goto bad;
-    if (PyUnicode_CompareWithASCIIString(module, "builtins") == 0) {
-        result = name;
-        name = NULL;
-        goto done;
-    }
-    result = PyUnicode_FromFormat("%U.%U", module, name);
-    if (unlikely(result == NULL)) goto bad;
-  done:
-    Py_XDECREF(name);
-    Py_XDECREF(module);
-    return result;
-  bad:
-    PyErr_Clear();
-    if (name) {
-        result = name;
-        name = NULL;
-    } else {
-        result = __Pyx_NewRef(__pyx_mstate_global->__pyx_kp_u_);
-    }
-    goto done;
-}
-#endif
-
-/* pybuiltin_invalid (used by pyint_simplify) */
-static void __Pyx_PyBuiltin_Invalid(PyObject *obj, const char *builtin_type_name, const char *argname) {
-    __Pyx_TypeName obj_type_name = __Pyx_PyType_GetFullyQualifiedName(Py_TYPE(obj));
-    #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
-    if (unlikely(!obj_type_name)) return;
-    #endif
-    if (argname) {
-        PyErr_Format(PyExc_TypeError,
-            "Argument '%.200s' has incorrect type (expected %.5s, got " __Pyx_FMT_TYPENAME ")",
-            argname, builtin_type_name, obj_type_name
-        );
-    } else {
-        PyErr_Format(PyExc_TypeError,
-            "Expected %.5s, got " __Pyx_FMT_TYPENAME,
-            builtin_type_name, obj_type_name
-        );
-    }
-    __Pyx_DECREF_TypeName(obj_type_name);
-}
-
-/* pyint_simplify */
-static int __Pyx__PyInt_FromNumber(PyObject **number_var, const char *argname);
-static CYTHON_INLINE int __Pyx_PyInt_FromNumber(PyObject **number_var, const char *argname, int accept_none) {
-    PyObject *number = *number_var;
-    if (likely((accept_none && number == Py_None) || PyLong_CheckExact(number))) {
-        return 0;
-    }
-    return __Pyx__PyInt_FromNumber(number_var, argname);
-}
-static int __Pyx__PyInt_FromNumber(PyObject **number_var, const char *argname) {
-    PyObject *number = *number_var;
-    PyObject *int_object;
-    if (likely(PyNumber_Check(number))) {
-        int_object = PyNumber_Long(number);
-        if (unlikely(!int_object)) goto bad;
-    } else {
-        __Pyx_PyBuiltin_Invalid(number, "int", argname);
-        goto bad;
-    }
-    *number_var = int_object;
-    Py_DECREF(number);
-    return 0;
-bad:
-    *number_var = NULL;
-    Py_DECREF(number);
-    return -1;
-}
-
-/* ArgTypeTestError (used by ArgTypeTest) */
-static void __Pyx_ArgTypeError(PyObject *obj, PyTypeObject *type, const char *name, int exact)
-{
-    __Pyx_TypeName type_name;
-    __Pyx_TypeName obj_type_name;
-    PyObject *extra_info = __pyx_mstate_global->__pyx_empty_unicode;
-    int from_annotation_subclass = 0;
-    if (unlikely(!type)) {
-        PyErr_SetString(PyExc_SystemError, "Missing type object");
-        return;
-    } else if (exact == 2) {
-        if (__Pyx_TypeCheck(obj, type)) {
-            from_annotation_subclass = 1;
-            extra_info = __pyx_mstate_global->__pyx_kp_u_Note_that_Cython_is_deliberately;
-        }
-    }
-    type_name = __Pyx_PyType_GetFullyQualifiedName(type);
-    #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
-    if (unlikely(!type_name)) return;
-    #endif
-    obj_type_name = __Pyx_PyType_GetFullyQualifiedName(Py_TYPE(obj));
-    #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
-    if (unlikely(!obj_type_name)) goto obj_type_name_failed;
-    #endif
-    PyErr_Format(PyExc_TypeError,
-        "Argument '%.200s' has incorrect type (expected " __Pyx_FMT_TYPENAME ", got " __Pyx_FMT_TYPENAME ")"
-#if __PYX_LIMITED_VERSION_HEX < 0x030C0000
-        "%s%U"
-#endif
-        , name, type_name, obj_type_name
-#if __PYX_LIMITED_VERSION_HEX < 0x030C0000
-        , (from_annotation_subclass ? ". " : ""), extra_info
-#endif
-        );
-#if __PYX_LIMITED_VERSION_HEX >= 0x030C0000
-    if (exact == 2 && from_annotation_subclass) {
-        PyObject *res;
-        PyObject *vargs[2];
-        vargs[0] = PyErr_GetRaisedException();
-        vargs[1] = extra_info;
-        res = PyObject_VectorcallMethod(__pyx_mstate_global->__pyx_kp_u_add_note, vargs, 2, NULL);
-        Py_XDECREF(res);
-        PyErr_SetRaisedException(vargs[0]);
-    }
-#endif
-    __Pyx_DECREF_TypeName(obj_type_name);
-#if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
-obj_type_name_failed:
-#endif
-    __Pyx_DECREF_TypeName(type_name);
-    return;
-}
-
-/* ArgTypeTest */
-static CYTHON_INLINE int __Pyx_ArgTypeTest(PyObject *obj, PyTypeObject *type, int none_allowed, const char *name, int exact) {
-    if (likely(Py_IS_TYPE(obj, type) | (none_allowed && (obj == Py_None))))
-        return 1;
-    if (!exact && likely(type) && likely(__Pyx_TypeCheck(obj, type)))
-        return 1;
-    __Pyx_ArgTypeError(obj, type, name, exact);
-    return 0;
-}
-
 /* PyObjectFastCallMethod */
 #if !CYTHON_VECTORCALL
 static PyObject *__Pyx_PyObject_FastCallMethod(PyObject *name, PyObject *const *args, size_t nargsf) {
@@ -22620,71 +22259,6 @@ __pyx_return_false:
 }
 #endif
 #endif
-static CYTHON_INLINE int __Pyx_PyObject_CompareBoolEq_bytes_bytes(PyObject *op1, PyObject *op2, int pyop) {
-    CYTHON_UNUSED_VAR(pyop);
-    if (unlikely(op1 == Py_None)) {
-        if (op2 == Py_None) goto __pyx_return_true; else goto __pyx_return_false;
-    }
-    if (unlikely(op2 == Py_None)) {
-        if (op1 == Py_None) goto __pyx_return_true; else goto __pyx_return_false;
-    }
-    #if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
-    if (likely(op1 != Py_None)) {
-        if (op1 == op2) goto __pyx_return_true;
-        if (likely(op2 != Py_None)) {
-            return __Pyx_PyObject_ComparePyBytesPyBytesBoolEq(op1, op2);
-        }
-        goto __pyx_richcmp;
-    }
-    #endif
-    if ((0)) goto __pyx_richcmp;
-    if ((0)) goto __pyx_return_true;
-    if ((0)) goto __pyx_return_false;
-__pyx_richcmp:
-    return __Pyx_PyObject_RichCompareBool(op1, op2, Py_EQ);
-__pyx_return_true:
-    return 1;
-__pyx_return_false:
-    return 0;
-}
-
-/* PyObjectCompare */
-#if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
-#ifndef __Pyx_DEFINED_PyObject_ComparePyBytesPyBytesBoolEq
-#define __Pyx_DEFINED_PyObject_ComparePyBytesPyBytesBoolEq
-static CYTHON_INLINE int __Pyx_PyObject_ComparePyBytesPyBytesBoolEq(PyObject* s1, PyObject* s2) {
-    #if CYTHON_ASSUME_SAFE_SIZE && CYTHON_ASSUME_SAFE_MACROS
-    const char *ps1, *ps2;
-    Py_ssize_t length = PyBytes_GET_SIZE(s1);
-    if (length != PyBytes_GET_SIZE(s2)) goto __pyx_return_false;
-    ps1 = PyBytes_AS_STRING(s1);
-    ps2 = PyBytes_AS_STRING(s2);
-    #else
-    char *ps1, *ps2;
-    Py_ssize_t length, length2;
-    if (unlikely(PyBytes_AsStringAndSize(s1, &ps1, &length) == -1)) return -1;
-    if (unlikely(PyBytes_AsStringAndSize(s2, &ps2, &length2) == -1)) return -1;
-    if (length != length2) goto __pyx_return_false;
-    #endif
-    if (ps1[0] != ps2[0]) goto __pyx_return_false;
-    if (length == 1) goto __pyx_return_true;
-    {
-        int cmp;
-#if CYTHON_USE_UNICODE_INTERNALS && (PY_VERSION_HEX < 0x030B0000)
-        Py_hash_t hash1 = ((PyBytesObject*)s1)->ob_shash;
-        Py_hash_t hash2 = ((PyBytesObject*)s2)->ob_shash;
-        if (hash1 != hash2 && hash1 != -1 && hash2 != -1) goto __pyx_return_false;
-#endif
-        cmp = memcmp(ps1, ps2, (size_t)length);
-        if (cmp == 0) goto __pyx_return_true; else goto __pyx_return_false;
-    }
-__pyx_return_true:
-    return 1;
-__pyx_return_false:
-    return 0;
-}
-#endif
-#endif
 #if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
 #ifndef __Pyx_DEFINED_PyObject_ComparePyByteArrayPyBytesBoolEq
 #define __Pyx_DEFINED_PyObject_ComparePyByteArrayPyBytesBoolEq
@@ -22749,6 +22323,45 @@ __pyx_return_true:
 __pyx_return_false:
     return 0;
 }
+
+/* FormatTypeName (used by RaiseErrorWithObjectTypes) */
+#if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
+static __Pyx_TypeName
+__Pyx_PyType_GetFullyQualifiedName(PyTypeObject* tp)
+{
+    PyObject *module = NULL, *name = NULL, *result = NULL;
+    #if __PYX_LIMITED_VERSION_HEX < 0x030b0000
+    name = __Pyx_PyObject_GetAttrStr((PyObject *)tp,
+                                               __pyx_mstate_global->__pyx_n_u_qualname);
+    #else
+    name = PyType_GetQualName(tp);
+    #endif
+    if (unlikely(name == NULL) || unlikely(!PyUnicode_Check(name))) goto bad;
+    module = __Pyx_PyObject_GetAttrStr((PyObject *)tp,
+                                               __pyx_mstate_global->__pyx_n_u_module);
+    if (unlikely(module == NULL) || unlikely(!PyUnicode_Check(module))) goto bad;
+    if (PyUnicode_CompareWithASCIIString(module, "builtins") == 0) {
+        result = name;
+        name = NULL;
+        goto done;
+    }
+    result = PyUnicode_FromFormat("%U.%U", module, name);
+    if (unlikely(result == NULL)) goto bad;
+  done:
+    Py_XDECREF(name);
+    Py_XDECREF(module);
+    return result;
+  bad:
+    PyErr_Clear();
+    if (name) {
+        result = name;
+        name = NULL;
+    } else {
+        result = __Pyx_NewRef(__pyx_mstate_global->__pyx_kp_u__3);
+    }
+    goto done;
+}
+#endif
 
 /* RaiseErrorWithObjectTypes (used by PyNumberBinop) */
 static void __Pyx_RaiseErrorWithTypes1(PyObject* exc_type, const char *message, const char *arg, PyTypeObject *type_obj1, PyTypeObject *type_obj2) {
@@ -23962,6 +23575,78 @@ static CYTHON_INLINE PyObject *__Pyx_GetItemInt_Fast(PyObject *o, Py_ssize_t i,
     return __Pyx_GetItemInt_Generic_size(o, i);
 }
 
+/* RaiseErrorWithObjectType (used by SliceObject) */
+static void __Pyx_RaiseErrorWithType(PyObject* exc_type, const char* message, PyTypeObject *type_obj) {
+    __Pyx_TypeName type_name = __Pyx_PyType_GetFullyQualifiedName(type_obj);
+    #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
+    if (unlikely(!type_name)) return;
+    #endif
+    PyErr_Format(exc_type, message, type_name);
+    __Pyx_DECREF_TypeName(type_name);
+}
+
+/* SliceObject */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_GetSlice(PyObject* obj,
+        Py_ssize_t cstart, Py_ssize_t cstop,
+        PyObject** _py_start, PyObject** _py_stop, PyObject** _py_slice,
+        int has_cstart, int has_cstop, CYTHON_UNUSED int wraparound) {
+#if CYTHON_USE_TYPE_SLOTS
+    PyMappingMethods* mp = Py_TYPE(obj)->tp_as_mapping;
+    if (likely(mp && mp->mp_subscript))
+#else
+    if ((1))
+#endif
+    {
+        PyObject* result;
+        PyObject *py_slice, *py_start, *py_stop;
+        if (_py_slice) {
+            py_slice = *_py_slice;
+        } else {
+            PyObject* owned_start = NULL;
+            PyObject* owned_stop = NULL;
+            if (_py_start) {
+                py_start = *_py_start;
+            } else {
+                if (has_cstart) {
+                    owned_start = py_start = PyLong_FromSsize_t(cstart);
+                    if (unlikely(!py_start)) goto bad;
+                } else
+                    py_start = Py_None;
+            }
+            if (_py_stop) {
+                py_stop = *_py_stop;
+            } else {
+                if (has_cstop) {
+                    owned_stop = py_stop = PyLong_FromSsize_t(cstop);
+                    if (unlikely(!py_stop)) {
+                        Py_XDECREF(owned_start);
+                        goto bad;
+                    }
+                } else
+                    py_stop = Py_None;
+            }
+            py_slice = PySlice_New(py_start, py_stop, Py_None);
+            Py_XDECREF(owned_start);
+            Py_XDECREF(owned_stop);
+            if (unlikely(!py_slice)) goto bad;
+        }
+#if CYTHON_USE_TYPE_SLOTS
+        result = mp->mp_subscript(obj, py_slice);
+#else
+        result = PyObject_GetItem(obj, py_slice);
+#endif
+        if (!_py_slice) {
+            Py_DECREF(py_slice);
+        }
+        return result;
+    } else {
+        __Pyx_RaiseTypeErrorWithObjectType(
+            "'" __Pyx_FMT_TYPENAME "' object is unsliceable", obj);
+    }
+bad:
+    return NULL;
+}
+
 /* SwapException */
 #if CYTHON_FAST_THREAD_STATE
 static CYTHON_INLINE void __Pyx__ExceptionSwap(PyThreadState *tstate, PyObject **type, PyObject **value, PyObject **tb) {
@@ -24447,78 +24132,6 @@ __pyx_return_false:
     return 0;
 }
 
-/* RaiseErrorWithObjectType (used by SliceObject) */
-static void __Pyx_RaiseErrorWithType(PyObject* exc_type, const char* message, PyTypeObject *type_obj) {
-    __Pyx_TypeName type_name = __Pyx_PyType_GetFullyQualifiedName(type_obj);
-    #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
-    if (unlikely(!type_name)) return;
-    #endif
-    PyErr_Format(exc_type, message, type_name);
-    __Pyx_DECREF_TypeName(type_name);
-}
-
-/* SliceObject */
-static CYTHON_INLINE PyObject* __Pyx_PyObject_GetSlice(PyObject* obj,
-        Py_ssize_t cstart, Py_ssize_t cstop,
-        PyObject** _py_start, PyObject** _py_stop, PyObject** _py_slice,
-        int has_cstart, int has_cstop, CYTHON_UNUSED int wraparound) {
-#if CYTHON_USE_TYPE_SLOTS
-    PyMappingMethods* mp = Py_TYPE(obj)->tp_as_mapping;
-    if (likely(mp && mp->mp_subscript))
-#else
-    if ((1))
-#endif
-    {
-        PyObject* result;
-        PyObject *py_slice, *py_start, *py_stop;
-        if (_py_slice) {
-            py_slice = *_py_slice;
-        } else {
-            PyObject* owned_start = NULL;
-            PyObject* owned_stop = NULL;
-            if (_py_start) {
-                py_start = *_py_start;
-            } else {
-                if (has_cstart) {
-                    owned_start = py_start = PyLong_FromSsize_t(cstart);
-                    if (unlikely(!py_start)) goto bad;
-                } else
-                    py_start = Py_None;
-            }
-            if (_py_stop) {
-                py_stop = *_py_stop;
-            } else {
-                if (has_cstop) {
-                    owned_stop = py_stop = PyLong_FromSsize_t(cstop);
-                    if (unlikely(!py_stop)) {
-                        Py_XDECREF(owned_start);
-                        goto bad;
-                    }
-                } else
-                    py_stop = Py_None;
-            }
-            py_slice = PySlice_New(py_start, py_stop, Py_None);
-            Py_XDECREF(owned_start);
-            Py_XDECREF(owned_stop);
-            if (unlikely(!py_slice)) goto bad;
-        }
-#if CYTHON_USE_TYPE_SLOTS
-        result = mp->mp_subscript(obj, py_slice);
-#else
-        result = PyObject_GetItem(obj, py_slice);
-#endif
-        if (!_py_slice) {
-            Py_DECREF(py_slice);
-        }
-        return result;
-    } else {
-        __Pyx_RaiseTypeErrorWithObjectType(
-            "'" __Pyx_FMT_TYPENAME "' object is unsliceable", obj);
-    }
-bad:
-    return NULL;
-}
-
 /* PyLongBinop */
 #if !CYTHON_COMPILING_IN_PYPY
 static PyObject* __Pyx_Fallback___Pyx_PyLong_AddObjC(PyObject *op1, PyObject *op2, int inplace) {
@@ -24671,256 +24284,27 @@ static CYTHON_INLINE int __Pyx_PyLong_BoolNeObjC(PyObject *op1, PyObject *op2, l
     return __Pyx_PyObject_RichCompareBool(op1, op2, Py_NE);
 }
 
-/* PyObjectCall2Args (used by CallUnboundCMethod1) */
-static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2) {
-    PyObject *args[3] = {NULL, arg1, arg2};
-    return __Pyx_PyObject_FastCall(function, args+1, 2 | __Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET);
-}
-
-/* CallUnboundCMethod1 */
-#if CYTHON_COMPILING_IN_CPYTHON
-static CYTHON_INLINE PyObject* __Pyx_CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg) {
-    int was_initialized =  __Pyx_CachedCFunction_GetAndSetInitializing(cfunc);
-    if (likely(was_initialized == 2 && cfunc->func)) {
-        int flag = cfunc->flag;
-        if (flag == METH_O) {
-            return __Pyx_CallCFunction(cfunc, self, arg);
-        } else if (flag == METH_FASTCALL) {
-            return __Pyx_CallCFunctionFast(cfunc, self, &arg, 1);
-        } else if (flag == (METH_FASTCALL | METH_KEYWORDS)) {
-            return __Pyx_CallCFunctionFastWithKeywords(cfunc, self, &arg, 1, NULL);
-        }
-    }
-#if CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
-    else if (unlikely(was_initialized == 1)) {
-        __Pyx_CachedCFunction tmp_cfunc = {
-#ifndef __cplusplus
-            0
-#endif
-        };
-        tmp_cfunc.type = cfunc->type;
-        tmp_cfunc.method_name = cfunc->method_name;
-        return __Pyx__CallUnboundCMethod1(&tmp_cfunc, self, arg);
-    }
-#endif
-    PyObject* result = __Pyx__CallUnboundCMethod1(cfunc, self, arg);
-    __Pyx_CachedCFunction_SetFinishedInitializing(cfunc);
-    return result;
-}
-#endif
-static PyObject* __Pyx__CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg){
-    PyObject *result = NULL;
-    if (unlikely(!cfunc->func && !cfunc->method) && unlikely(__Pyx_TryUnpackUnboundCMethod(cfunc) < 0)) return NULL;
-#if CYTHON_COMPILING_IN_CPYTHON
-    if (cfunc->func && (cfunc->flag & METH_VARARGS)) {
-        PyObject *args = PyTuple_New(1);
-        if (unlikely(!args)) return NULL;
-        Py_INCREF(arg);
-        PyTuple_SET_ITEM(args, 0, arg);
-        if (cfunc->flag & METH_KEYWORDS)
-            result = __Pyx_CallCFunctionWithKeywords(cfunc, self, args, NULL);
-        else
-            result = __Pyx_CallCFunction(cfunc, self, args);
-        Py_DECREF(args);
-    } else
-#endif
-    {
-        result = __Pyx_PyObject_Call2Args(cfunc->method, self, arg);
-    }
-    return result;
-}
-
-/* RaiseErrorWithObjectType1 (used by RaiseUnexpectedTypeError) */
-static void __Pyx_RaiseErrorWithType1(PyObject* exc_type, const char* message, const char *arg, PyTypeObject *type_obj) {
-    __Pyx_TypeName type_name = __Pyx_PyType_GetFullyQualifiedName(type_obj);
-    #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
-    if (unlikely(!type_name)) return;
-    #endif
-    PyErr_Format(exc_type, message, arg, type_name);
-    __Pyx_DECREF_TypeName(type_name);
-}
-
-/* RaiseUnexpectedTypeError */
-static int __Pyx_RaiseUnexpectedTypeError(const char *expected, PyObject *obj) {
-    __Pyx_RaiseTypeErrorWithObjectType1(
-        "Expected %.42s, got " __Pyx_FMT_TYPENAME,
-        expected, obj);
-    return 0;
-}
-
-/* bytes_tailmatch */
-static int __Pyx_PyBytes_SingleTailmatch(PyObject* self, PyObject* arg,
-                                         Py_ssize_t start, Py_ssize_t end, int direction) {
-    char* self_ptr;
-    Py_ssize_t self_len;
-    char* sub_ptr;
-    Py_ssize_t sub_len;
-    int retval;
-    #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030b0000
-    PyObject *converted_arg = NULL;
-    #else
-    Py_buffer view;
-    view.obj = NULL;
-    #endif
-    #if !(CYTHON_ASSUME_SAFE_MACROS && CYTHON_ASSUME_SAFE_SIZE)
-    if (PyBytes_AsStringAndSize(self, &self_ptr, &self_len) == -1) return -1;
-    #else
-    self_ptr = PyBytes_AS_STRING(self);
-    self_len = PyBytes_GET_SIZE(self);
-    #endif
-    if (PyBytes_Check(arg)) {
-        #if !(CYTHON_ASSUME_SAFE_MACROS && CYTHON_ASSUME_SAFE_SIZE)
-        if (PyBytes_AsStringAndSize(arg, &sub_ptr, &sub_len) == -1) return -1;
-        #else
-        sub_ptr = PyBytes_AS_STRING(arg);
-        sub_len = PyBytes_GET_SIZE(arg);
-        #endif
-    }
-    #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030b0000
-    else if (PyByteArray_Check(arg)) {
-        sub_ptr = PyByteArray_AsString(arg);
-        if (unlikely(!sub_ptr)) return -1;
-        sub_len = PyByteArray_Size(arg);
-        if (unlikely(sub_len < 0)) return -1;
-    } else {
-        PyObject *as_memoryview = PyMemoryView_FromObject(arg);
-        if (!as_memoryview) return -1;
-        Py_DECREF(as_memoryview);
-        converted_arg = PyBytes_FromObject(arg);
-        if (!converted_arg) return -1;
-        if (PyBytes_AsStringAndSize(converted_arg, &sub_ptr, &sub_len) == -1) {
-            Py_DECREF(converted_arg);
-            return -1;
-        }
-    }
-    #else // LIMITED_API >= 030B0000 or !LIMITED_API
-    else {
-        if (unlikely(PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) == -1))
-            return -1;
-        sub_ptr = (char*) view.buf;
-        sub_len = view.len;
-    }
-    #endif
-    if (end > self_len)
-        end = self_len;
-    else if (end < 0)
-        end += self_len;
-    if (end < 0)
-        end = 0;
-    if (start < 0)
-        start += self_len;
-    if (start < 0)
-        start = 0;
-    if (direction > 0) {
-        if (end-sub_len > start)
-            start = end - sub_len;
-    }
-    if (start + sub_len <= end)
-        retval = !memcmp(self_ptr+start, sub_ptr, (size_t)sub_len);
-    else
-        retval = 0;
-    #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030b0000
-    Py_XDECREF(converted_arg);
-    #else
-    if (view.obj)
-        PyBuffer_Release(&view);
-    #endif
-    return retval;
-}
-static int __Pyx_PyBytes_TailmatchTuple(PyObject* self, PyObject* substrings,
-                                        Py_ssize_t start, Py_ssize_t end, int direction) {
-    Py_ssize_t i, count = __Pyx_PyTuple_GET_SIZE(substrings);
-    #if !CYTHON_ASSUME_SAFE_SIZE
-    if (unlikely(count < 0)) return -1;
-    #endif
-    for (i = 0; i < count; i++) {
-        int result;
-#if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
-        result = __Pyx_PyBytes_SingleTailmatch(self, PyTuple_GET_ITEM(substrings, i),
-                                               start, end, direction);
-#else
-        PyObject* sub = __Pyx_PySequence_ITEM(substrings, i);
-        if (unlikely(!sub)) return -1;
-        result = __Pyx_PyBytes_SingleTailmatch(self, sub, start, end, direction);
-        Py_DECREF(sub);
-#endif
-        if (result) {
-            return result;
-        }
-    }
-    return 0;
-}
-static int __Pyx_PyBytes_Tailmatch(PyObject* self, PyObject* substr,
-                                   Py_ssize_t start, Py_ssize_t end, int direction) {
-    if (unlikely(PyTuple_Check(substr))) {
-        return __Pyx_PyBytes_TailmatchTuple(self, substr, start, end, direction);
-    }
-    return __Pyx_PyBytes_SingleTailmatch(self, substr, start, end, direction);
-}
-
-/* TupleOrListFromArrayImpl (used by ListFromArray) */
-CYTHON_UNUSED static PyObject *
-__Pyx_PyList_FromArray(PyObject *const *src, Py_ssize_t n) {
-    PyObject *res = PyList_New(n);
-    if (unlikely(res == NULL)) return NULL;
-    #if CYTHON_COMPILING_IN_CPYTHON
-    __Pyx_copy_object_array(src, ((PyListObject*)res)->ob_item, n);
-    #else
-    Py_ssize_t i;
-    for (i = 0; i < n; i++) {
-        Py_INCREF(src[i]);
-        if (unlikely(__Pyx_PyList_SET_ITEM(res, i, src[i]) < (0))) {
-            Py_DECREF(res);
-            return NULL;
-        }
-    }
-    #endif
-    return res;
-}
-
-/* SliceTupleAndList */
-#if CYTHON_COMPILING_IN_CPYTHON
-static CYTHON_INLINE void __Pyx_crop_slice(Py_ssize_t* _start, Py_ssize_t* _stop, Py_ssize_t* _length) {
-    Py_ssize_t start = *_start, stop = *_stop, length = *_length;
-    if (start < 0) {
-        start += length;
-        if (start < 0)
-            start = 0;
-    }
-    if (stop < 0)
-        stop += length;
-    else if (stop > length)
-        stop = length;
-    *_length = stop - start;
-    *_start = start;
-    *_stop = stop;
-}
-static CYTHON_INLINE PyObject* __Pyx_PyTuple_GetSlice(
-            PyObject* src, Py_ssize_t start, Py_ssize_t stop) {
-    Py_ssize_t length = PyTuple_GET_SIZE(src);
-    __Pyx_crop_slice(&start, &stop, &length);
-    return __Pyx_PyTuple_FromArray(((PyTupleObject*)src)->ob_item + start, length);
-}
-static CYTHON_INLINE PyObject* __Pyx_PyList_GetSlice_locked(
-            PyObject* src, Py_ssize_t start, Py_ssize_t stop) {
-    Py_ssize_t length = PyList_GET_SIZE(src);
-    __Pyx_crop_slice(&start, &stop, &length);
-    if (length <= 0) {
-        return PyList_New(0);
-    }
-    return __Pyx_PyList_FromArray(((PyListObject*)src)->ob_item + start, length);
-}
-static CYTHON_INLINE PyObject* __Pyx_PyList_GetSlice(
-            PyObject* src, Py_ssize_t start, Py_ssize_t stop) {
-    PyObject *result;
-    __Pyx_BEGIN_CRITICAL_SECTION(src);
-    result = __Pyx_PyList_GetSlice_locked(src, start, stop);
-    __Pyx_END_CRITICAL_SECTION();
-    return result;
-}
-#endif // CYTHON_COMPILING_IN_CPYTHON
-
 /* PyObjectCompare */
+#ifndef __Pyx_DEFINED_PyObject_CompareStrStrBoolNe
+#define __Pyx_DEFINED_PyObject_CompareStrStrBoolNe
+static CYTHON_INLINE int __Pyx_PyObject_CompareStrStrBoolNe(PyObject* s1, PyObject* s2) {
+    #if __PYX_LIMITED_VERSION_HEX >= 0x030e0000
+    int result = PyUnicode_Equal(s1, s2);
+    #if !CYTHON_COMPILING_IN_CPYTHON
+    if (unlikely(result == -1)) return -1;
+    #endif
+    if (result != 0) goto __pyx_return_false; else goto __pyx_return_true;
+    #else
+    int result = PyUnicode_Compare(s1, s2);
+    if (unlikely((result == -1) && PyErr_Occurred())) return -1;
+    if (result != 0) goto __pyx_return_true; else goto __pyx_return_false;
+    #endif
+__pyx_return_true:
+    return 1;
+__pyx_return_false:
+    return 0;
+}
+#endif
 #if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
 #ifndef __Pyx_DEFINED_PyObject_ComparePyBytesPyBytesBoolNe
 #define __Pyx_DEFINED_PyObject_ComparePyBytesPyBytesBoolNe
@@ -24957,19 +24341,324 @@ __pyx_return_false:
 }
 #endif
 #endif
-static CYTHON_INLINE int __Pyx_PyObject_CompareBoolNe_bytes_bytes(PyObject *op1, PyObject *op2, int pyop) {
+#if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+#ifndef __Pyx_DEFINED_PyObject_ComparePyBytesPyByteArrayBoolNe
+#define __Pyx_DEFINED_PyObject_ComparePyBytesPyByteArrayBoolNe
+static CYTHON_INLINE int __Pyx_PyObject_ComparePyBytesPyByteArrayBoolNe(PyObject* s1, PyObject* s2) {
+    #if CYTHON_ASSUME_SAFE_SIZE && CYTHON_ASSUME_SAFE_MACROS
+    const char *ps1, *ps2;
+    Py_ssize_t length = PyBytes_GET_SIZE(s1);
+    if (length != PyByteArray_GET_SIZE(s2)) goto __pyx_return_true;
+    ps1 = PyBytes_AS_STRING(s1);
+    ps2 = PyByteArray_AS_STRING(s2);
+    #else
+    char *ps1, *ps2;
+    Py_ssize_t length, length2;
+    if (unlikely(PyBytes_AsStringAndSize(s1, &ps1, &length) == -1)) return -1;
+    ps2 = __Pyx_PyByteArray_AsString(s2); if (unlikely(!ps2)) return -1;
+    length2 = __Pyx_PyByteArray_GET_SIZE(s2); if (unlikely(length2 == -1)) return -1;
+    if (length != length2) goto __pyx_return_true;
+    #endif
+    if (ps1[0] != ps2[0]) goto __pyx_return_true;
+    if (length == 1) goto __pyx_return_false;
+    {
+        int cmp;
+        cmp = memcmp(ps1, ps2, (size_t)length);
+        if (cmp != 0) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+__pyx_return_true:
+    return 1;
+__pyx_return_false:
+    return 0;
+}
+#endif
+#endif
+#if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+#ifndef __Pyx_DEFINED_PyObject_ComparePyByteArrayPyBytesBoolNe
+#define __Pyx_DEFINED_PyObject_ComparePyByteArrayPyBytesBoolNe
+static CYTHON_INLINE int __Pyx_PyObject_ComparePyByteArrayPyBytesBoolNe(PyObject* s1, PyObject* s2) {
+    #if CYTHON_ASSUME_SAFE_SIZE && CYTHON_ASSUME_SAFE_MACROS
+    const char *ps1, *ps2;
+    Py_ssize_t length = PyByteArray_GET_SIZE(s1);
+    if (length != PyBytes_GET_SIZE(s2)) goto __pyx_return_true;
+    ps1 = PyByteArray_AS_STRING(s1);
+    ps2 = PyBytes_AS_STRING(s2);
+    #else
+    char *ps1, *ps2;
+    Py_ssize_t length, length2;
+    ps1 = __Pyx_PyByteArray_AsString(s1); if (unlikely(!ps1)) return -1;
+    length = __Pyx_PyByteArray_GET_SIZE(s1); if (unlikely(length == -1)) return -1;
+    if (unlikely(PyBytes_AsStringAndSize(s2, &ps2, &length2) == -1)) return -1;
+    if (length != length2) goto __pyx_return_true;
+    #endif
+    if (length == 0) goto __pyx_return_false;
+    if (ps1[0] != ps2[0]) goto __pyx_return_true;
+    if (length == 1) goto __pyx_return_false;
+    {
+        int cmp;
+        cmp = memcmp(ps1, ps2, (size_t)length);
+        if (cmp != 0) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+__pyx_return_true:
+    return 1;
+__pyx_return_false:
+    return 0;
+}
+#endif
+#endif
+#if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+#ifndef __Pyx_DEFINED_PyObject_ComparePyByteArrayPyByteArrayBoolNe
+#define __Pyx_DEFINED_PyObject_ComparePyByteArrayPyByteArrayBoolNe
+static CYTHON_INLINE int __Pyx_PyObject_ComparePyByteArrayPyByteArrayBoolNe(PyObject* s1, PyObject* s2) {
+    #if CYTHON_ASSUME_SAFE_SIZE && CYTHON_ASSUME_SAFE_MACROS
+    const char *ps1, *ps2;
+    Py_ssize_t length = PyByteArray_GET_SIZE(s1);
+    if (length != PyByteArray_GET_SIZE(s2)) goto __pyx_return_true;
+    ps1 = PyByteArray_AS_STRING(s1);
+    ps2 = PyByteArray_AS_STRING(s2);
+    #else
+    char *ps1, *ps2;
+    Py_ssize_t length, length2;
+    ps1 = __Pyx_PyByteArray_AsString(s1); if (unlikely(!ps1)) return -1;
+    length = __Pyx_PyByteArray_GET_SIZE(s1); if (unlikely(length == -1)) return -1;
+    ps2 = __Pyx_PyByteArray_AsString(s2); if (unlikely(!ps2)) return -1;
+    length2 = __Pyx_PyByteArray_GET_SIZE(s2); if (unlikely(length2 == -1)) return -1;
+    if (length != length2) goto __pyx_return_true;
+    #endif
+    if (length == 0) goto __pyx_return_false;
+    if (ps1[0] != ps2[0]) goto __pyx_return_true;
+    if (length == 1) goto __pyx_return_false;
+    {
+        int cmp;
+        cmp = memcmp(ps1, ps2, (size_t)length);
+        if (cmp != 0) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+__pyx_return_true:
+    return 1;
+__pyx_return_false:
+    return 0;
+}
+#endif
+#endif
+#ifndef __Pyx_DEFINED_PyObject_CompareFloatIntBoolNe
+#define __Pyx_DEFINED_PyObject_CompareFloatIntBoolNe
+static int __Pyx_PyObject_CompareFloatIntBoolNe(PyObject *op1, PyObject *op2) {
+    double float_op1 = __Pyx_PyFloat_AS_DOUBLE(op1);
+    #if !CYTHON_ASSUME_SAFE_MACROS
+    if (unlikely(float_op1 == -1. && PyErr_Occurred())) return -1;
+    #endif
+    #if CYTHON_USE_PYLONG_INTERNALS
+    if (__Pyx_PyLong_IsCompact(op2)) {
+        Py_ssize_t iop2 = __Pyx_PyLong_CompactValue(op2);
+        if (float_op1 != ((double)iop2)) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+    if (unlikely(!__Pyx_isfinite(float_op1))) {
+        if (float_op1 != 0.0) goto __pyx_return_true; else goto __pyx_return_false;
+    } else {
+        int sign2 = __Pyx_PyLong_Sign(op2);
+        if (float_op1 >= 0.) {
+            if (sign2 < 0) goto __pyx_return_true;
+            if (float_op1 < (double) (1L << PyLong_SHIFT)) goto __pyx_return_true;
+        } else {
+            if (sign2 > 0) goto __pyx_return_true;
+            if (float_op1 > -(double) (1L << PyLong_SHIFT)) goto __pyx_return_true;
+        }
+    }
+    #else
+    if (unlikely(!__Pyx_isfinite(float_op1))) {
+        if (float_op1 != 0.0) goto __pyx_return_true; else goto __pyx_return_false;
+    } else {
+        int overflow2;
+        long iop2 = PyLong_AsLongAndOverflow(op2, &overflow2);
+        if (likely(!overflow2)) {
+            if ((long long) iop2 >= (1LL << 53)) {
+                overflow2 = 1;
+            } else if ((long long) iop2 <= - (1LL << 53)) {
+                overflow2 = -1;
+            } else {
+                if (float_op1 != ((double) iop2)) goto __pyx_return_true; else goto __pyx_return_false;
+            }
+        }
+        if (overflow2 > 0) {
+            if (float_op1 < ((double) (1LL << 53))) goto __pyx_return_true;
+        } else {
+            if (float_op1 > - ((double) (1LL << 53))) goto __pyx_return_true;
+        }
+    }
+    #endif
+    return __Pyx_PyObject_RichCompareBool(op1, op2, Py_NE);
+__pyx_return_true:
+    return 1;
+__pyx_return_false:
+    return 0;
+}
+#endif
+#ifndef __Pyx_DEFINED_PyObject_CompareIntFloatBoolNe
+#define __Pyx_DEFINED_PyObject_CompareIntFloatBoolNe
+static int __Pyx_PyObject_CompareIntFloatBoolNe(PyObject *op1, PyObject *op2) {
+    double float_op2 = __Pyx_PyFloat_AS_DOUBLE(op2);
+    #if !CYTHON_ASSUME_SAFE_MACROS
+    if (unlikely(float_op2 == -1. && PyErr_Occurred())) return -1;
+    #endif
+    #if CYTHON_USE_PYLONG_INTERNALS
+    if (__Pyx_PyLong_IsCompact(op1)) {
+        Py_ssize_t iop1 = __Pyx_PyLong_CompactValue(op1);
+        if (((double)iop1) != float_op2) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+    if (unlikely(!__Pyx_isfinite(float_op2))) {
+        if (0.0 != float_op2) goto __pyx_return_true; else goto __pyx_return_false;
+    } else {
+        int sign1 = __Pyx_PyLong_Sign(op1);
+        if (float_op2 >= 0.) {
+            if (sign1 < 0) goto __pyx_return_true;
+            if (float_op2 < (double) (1L << PyLong_SHIFT)) goto __pyx_return_true;
+        } else {
+            if (sign1 > 0) goto __pyx_return_true;
+            if (float_op2 > -(double) (1L << PyLong_SHIFT)) goto __pyx_return_true;
+        }
+    }
+    #else
+    if (unlikely(!__Pyx_isfinite(float_op2))) {
+        if (0.0 != float_op2) goto __pyx_return_true; else goto __pyx_return_false;
+    } else {
+        int overflow1;
+        long iop1 = PyLong_AsLongAndOverflow(op1, &overflow1);
+        if (likely(!overflow1)) {
+            if ((long long) iop1 >= (1LL << 53)) {
+                overflow1 = 1;
+            } else if ((long long) iop1 <= - (1LL << 53)) {
+                overflow1 = -1;
+            } else {
+                if (((double) iop1) != float_op2) goto __pyx_return_true; else goto __pyx_return_false;
+            }
+        }
+        if (overflow1 < 0) {
+            if (float_op2 > ((double) (1LL << 53))) goto __pyx_return_true;
+        } else {
+            if (float_op2 < - ((double) (1LL << 53))) goto __pyx_return_true;
+        }
+    }
+    #endif
+    return __Pyx_PyObject_RichCompareBool(op1, op2, Py_NE);
+__pyx_return_true:
+    return 1;
+__pyx_return_false:
+    return 0;
+}
+#endif
+#if CYTHON_USE_PYLONG_INTERNALS
+#ifndef __Pyx_DEFINED_PyObject_CompareIntIntBoolNe
+#define __Pyx_DEFINED_PyObject_CompareIntIntBoolNe
+static int __Pyx_PyObject_CompareIntIntBoolNe(PyObject *op1, PyObject *op2) {
+    Py_ssize_t cmp = __Pyx_PyLong_CompareSignAndSize(op1, op2);
+    if (cmp == 0) {
+        Py_ssize_t size = __Pyx_PyLong_DigitCount(op1);
+        if (size > 0) {
+            const digit* digits1 = __Pyx_PyLong_Digits(op1);
+            const digit* digits2 = __Pyx_PyLong_Digits(op2);
+            if (size == 1) {
+                cmp = (Py_ssize_t) digits1[0] - (Py_ssize_t) digits2[0];
+            } else if ((size == 2) && (8 * sizeof(Py_ssize_t) >= 2 * PyLong_SHIFT)) {
+                cmp = (Py_ssize_t) (((((size_t)digits1[1]) << PyLong_SHIFT) | (size_t)digits1[0])) - (Py_ssize_t) (((((size_t)digits2[1]) << PyLong_SHIFT) | (size_t)digits2[0]));
+            } else {
+                for (Py_ssize_t i=size-1; i >= 0 && !cmp; --i) {
+                    cmp = (Py_ssize_t) digits1[i] - (Py_ssize_t) digits2[i];
+                }
+            }
+        }
+        if (cmp == 0) return 0;
+        if (__Pyx_PyLong_IsNeg(op1)) cmp = -cmp;
+    }
+    return 1;
+}
+#endif
+#ifndef __Pyx_DEFINED_PyObject_CompareIntIntBoolNe
+#define __Pyx_DEFINED_PyObject_CompareIntIntBoolNe
+static CYTHON_INLINE PyObject* __Pyx_PyObject_CompareIntIntNe(PyObject *op1, PyObject *op2) {
+    int result = __Pyx_PyObject_CompareIntIntBoolNe(op1, op2);
+    if (unlikely(result == -1)) return NULL;
+    return __Pyx_NewRef(result ? Py_True : Py_False);
+}
+#endif
+#else
+#ifndef __Pyx_DEFINED_PyObject_CompareIntIntBoolNe
+#define __Pyx_DEFINED_PyObject_CompareIntIntBoolNe
+static int __Pyx_PyObject_CompareIntIntBoolNe(PyObject *op1, PyObject *op2) {
+    int overflow1, overflow2;
+    long long iop1 = PyLong_AsLongLongAndOverflow(op1, &overflow1);
+    long long iop2 = PyLong_AsLongLongAndOverflow(op2, &overflow2);
+    if (likely(!(overflow1 | overflow2))) {
+        if (iop1 != iop2) goto __pyx_return_true; else goto __pyx_return_false;
+    } else if (overflow1 != overflow2) {
+        if (overflow1 != overflow2) goto __pyx_return_true; else goto __pyx_return_false;
+    } else {
+        return __Pyx_PyObject_RichCompareBool(op1, op2, Py_NE);
+    }
+__pyx_return_true:
+    return 1;
+__pyx_return_false:
+    return 0;
+}
+#endif
+#endif
+static CYTHON_INLINE int __Pyx_PyObject_CompareBoolNe_object_object(PyObject *op1, PyObject *op2, int pyop) {
     CYTHON_UNUSED_VAR(pyop);
-    if (unlikely(op1 == Py_None)) {
-        if (op2 == Py_None) goto __pyx_return_false; else goto __pyx_return_true;
+    if (PyFloat_CheckExact(op1)) {
+        if (PyFloat_CheckExact(op2)) {
+            double float_op1 = __Pyx_PyFloat_AS_DOUBLE(op1);
+            #if !CYTHON_ASSUME_SAFE_MACROS
+            if (unlikely(float_op1 == -1. && PyErr_Occurred())) return -1;
+            #endif
+            double float_op2 = __Pyx_PyFloat_AS_DOUBLE(op2);
+            #if !CYTHON_ASSUME_SAFE_MACROS
+            if (unlikely(float_op2 == -1. && PyErr_Occurred())) return -1;
+            #endif
+            if (float_op1 != float_op2) goto __pyx_return_true; else goto __pyx_return_false;
+        }
+        if (PyLong_CheckExact(op2)) {
+            return __Pyx_PyObject_CompareFloatIntBoolNe(op1, op2);
+        }
+        goto __pyx_richcmp;
     }
-    if (unlikely(op2 == Py_None)) {
-        if (op1 == Py_None) goto __pyx_return_false; else goto __pyx_return_true;
-    }
-    #if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
-    if (likely(op1 != Py_None)) {
+    if (PyLong_CheckExact(op1)) {
         if (op1 == op2) goto __pyx_return_false;
-        if (likely(op2 != Py_None)) {
+        if (PyLong_CheckExact(op2)) {
+            return __Pyx_PyObject_CompareIntIntBoolNe(op1, op2);
+        }
+        if (PyFloat_CheckExact(op2)) {
+            return __Pyx_PyObject_CompareIntFloatBoolNe(op1, op2);
+        }
+        goto __pyx_richcmp;
+    }
+    
+    if (PyUnicode_CheckExact(op1)) {
+        if (op1 == op2) goto __pyx_return_false;
+        if (PyUnicode_CheckExact(op2)) {
+            return __Pyx_PyObject_CompareStrStrBoolNe(op1, op2);
+        }
+        goto __pyx_richcmp;
+    }
+    
+    #if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+    if (PyBytes_CheckExact(op1)) {
+        if (op1 == op2) goto __pyx_return_false;
+        if (PyBytes_CheckExact(op2)) {
             return __Pyx_PyObject_ComparePyBytesPyBytesBoolNe(op1, op2);
+        }
+        if (PyByteArray_CheckExact(op2)) {
+            return __Pyx_PyObject_ComparePyBytesPyByteArrayBoolNe(op1, op2);
+        }
+        goto __pyx_richcmp;
+    }
+    #endif
+    #if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+    if (PyByteArray_CheckExact(op1)) {
+        if (op1 == op2) goto __pyx_return_false;
+        if (PyByteArray_CheckExact(op2)) {
+            return __Pyx_PyObject_ComparePyByteArrayPyByteArrayBoolNe(op1, op2);
+        }
+        if (PyBytes_CheckExact(op2)) {
+            return __Pyx_PyObject_ComparePyByteArrayPyBytesBoolNe(op1, op2);
         }
         goto __pyx_richcmp;
     }
@@ -25202,6 +24891,108 @@ static CYTHON_INLINE PyObject* __Pyx__PyNumber_Add_int_object(PyObject *op1, PyO
     return (inplace) ? PyNumber_InPlaceAdd(op1, op2) : PyNumber_Add(op1, op2);
 }
 #endif
+
+/* PyObjectCompare */
+#if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+#ifndef __Pyx_DEFINED_PyObject_ComparePyBytesPyBytesBoolNe
+#define __Pyx_DEFINED_PyObject_ComparePyBytesPyBytesBoolNe
+static CYTHON_INLINE int __Pyx_PyObject_ComparePyBytesPyBytesBoolNe(PyObject* s1, PyObject* s2) {
+    #if CYTHON_ASSUME_SAFE_SIZE && CYTHON_ASSUME_SAFE_MACROS
+    const char *ps1, *ps2;
+    Py_ssize_t length = PyBytes_GET_SIZE(s1);
+    if (length != PyBytes_GET_SIZE(s2)) goto __pyx_return_true;
+    ps1 = PyBytes_AS_STRING(s1);
+    ps2 = PyBytes_AS_STRING(s2);
+    #else
+    char *ps1, *ps2;
+    Py_ssize_t length, length2;
+    if (unlikely(PyBytes_AsStringAndSize(s1, &ps1, &length) == -1)) return -1;
+    if (unlikely(PyBytes_AsStringAndSize(s2, &ps2, &length2) == -1)) return -1;
+    if (length != length2) goto __pyx_return_true;
+    #endif
+    if (ps1[0] != ps2[0]) goto __pyx_return_true;
+    if (length == 1) goto __pyx_return_false;
+    {
+        int cmp;
+#if CYTHON_USE_UNICODE_INTERNALS && (PY_VERSION_HEX < 0x030B0000)
+        Py_hash_t hash1 = ((PyBytesObject*)s1)->ob_shash;
+        Py_hash_t hash2 = ((PyBytesObject*)s2)->ob_shash;
+        if (hash1 != hash2 && hash1 != -1 && hash2 != -1) goto __pyx_return_true;
+#endif
+        cmp = memcmp(ps1, ps2, (size_t)length);
+        if (cmp != 0) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+__pyx_return_true:
+    return 1;
+__pyx_return_false:
+    return 0;
+}
+#endif
+#endif
+#if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+#ifndef __Pyx_DEFINED_PyObject_ComparePyByteArrayPyBytesBoolNe
+#define __Pyx_DEFINED_PyObject_ComparePyByteArrayPyBytesBoolNe
+static CYTHON_INLINE int __Pyx_PyObject_ComparePyByteArrayPyBytesBoolNe(PyObject* s1, PyObject* s2) {
+    #if CYTHON_ASSUME_SAFE_SIZE && CYTHON_ASSUME_SAFE_MACROS
+    const char *ps1, *ps2;
+    Py_ssize_t length = PyByteArray_GET_SIZE(s1);
+    if (length != PyBytes_GET_SIZE(s2)) goto __pyx_return_true;
+    ps1 = PyByteArray_AS_STRING(s1);
+    ps2 = PyBytes_AS_STRING(s2);
+    #else
+    char *ps1, *ps2;
+    Py_ssize_t length, length2;
+    ps1 = __Pyx_PyByteArray_AsString(s1); if (unlikely(!ps1)) return -1;
+    length = __Pyx_PyByteArray_GET_SIZE(s1); if (unlikely(length == -1)) return -1;
+    if (unlikely(PyBytes_AsStringAndSize(s2, &ps2, &length2) == -1)) return -1;
+    if (length != length2) goto __pyx_return_true;
+    #endif
+    if (length == 0) goto __pyx_return_false;
+    if (ps1[0] != ps2[0]) goto __pyx_return_true;
+    if (length == 1) goto __pyx_return_false;
+    {
+        int cmp;
+        cmp = memcmp(ps1, ps2, (size_t)length);
+        if (cmp != 0) goto __pyx_return_true; else goto __pyx_return_false;
+    }
+__pyx_return_true:
+    return 1;
+__pyx_return_false:
+    return 0;
+}
+#endif
+#endif
+static CYTHON_INLINE int __Pyx_PyObject_CompareBoolNe_object_bytes(PyObject *op1, PyObject *op2, int pyop) {
+    CYTHON_UNUSED_VAR(pyop);
+    if (unlikely(op2 == Py_None)) {
+        if (op1 == Py_None) goto __pyx_return_false; else goto __pyx_richcmp;
+    }
+    if (PyFloat_CheckExact(op1)) {
+        goto __pyx_richcmp;
+    }
+    if (PyLong_CheckExact(op1)) {
+        if (op1 == op2) goto __pyx_return_false;
+        goto __pyx_richcmp;
+    }
+    #if !(CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL)
+    if (likely(PyBytes_CheckExact(op1))) {
+        if (op1 == op2) goto __pyx_return_false;
+        if (likely(op2 != Py_None)) {
+            return __Pyx_PyObject_ComparePyBytesPyBytesBoolNe(op1, op2);
+        }
+        goto __pyx_richcmp;
+    }
+    #endif
+    if ((0)) goto __pyx_richcmp;
+    if ((0)) goto __pyx_return_true;
+    if ((0)) goto __pyx_return_false;
+__pyx_richcmp:
+    return __Pyx_PyObject_RichCompareBool(op1, op2, Py_NE);
+__pyx_return_true:
+    return 1;
+__pyx_return_false:
+    return 0;
+}
 
 /* ListCompAppendAndDecref */
 #if CYTHON_USE_PYLIST_INTERNALS && CYTHON_ASSUME_SAFE_MACROS && CYTHON_ASSUME_SAFE_SIZE
@@ -25454,6 +25245,16 @@ CYTHON_UNUSED static Py_ssize_t __Pyx_GetTypeDictOffset(PyObject *tp, int requir
 }
 #endif
 
+/* RaiseErrorWithObjectType1 (used by ValidateBasesTuple) */
+static void __Pyx_RaiseErrorWithType1(PyObject* exc_type, const char* message, const char *arg, PyTypeObject *type_obj) {
+    __Pyx_TypeName type_name = __Pyx_PyType_GetFullyQualifiedName(type_obj);
+    #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
+    if (unlikely(!type_name)) return;
+    #endif
+    PyErr_Format(exc_type, message, arg, type_name);
+    __Pyx_DECREF_TypeName(type_name);
+}
+
 /* ValidateBasesTuple (used by PyType_Ready) */
 #if CYTHON_COMPILING_IN_CPYTHON || CYTHON_COMPILING_IN_LIMITED_API || CYTHON_USE_TYPE_SPECS
 static int __Pyx_validate_bases_tuple(const char *type_name, int has_dictoffset, PyObject *bases) {
@@ -25652,6 +25453,26 @@ static CYTHON_INLINE int __Pyx_HasAttr(PyObject *o, PyObject *n) {
     }
 }
 #endif
+
+/* TupleOrListFromArrayImpl (used by ListFromArray) */
+CYTHON_UNUSED static PyObject *
+__Pyx_PyList_FromArray(PyObject *const *src, Py_ssize_t n) {
+    PyObject *res = PyList_New(n);
+    if (unlikely(res == NULL)) return NULL;
+    #if CYTHON_COMPILING_IN_CPYTHON
+    __Pyx_copy_object_array(src, ((PyListObject*)res)->ob_item, n);
+    #else
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) {
+        Py_INCREF(src[i]);
+        if (unlikely(__Pyx_PyList_SET_ITEM(res, i, src[i]) < (0))) {
+            Py_DECREF(res);
+            return NULL;
+        }
+    }
+    #endif
+    return res;
+}
 
 /* ImportImpl (used by Import) */
 static int __Pyx__Import_GetModule(PyObject *qualname, PyObject **module) {
@@ -27488,6 +27309,12 @@ static PyTypeObject *__Pyx_Get_CyFunction_Type(void) {
     PyTypeObject *tp = __pyx_mstate_global->__pyx_CyFunctionType;
     Py_INCREF((PyObject*)tp);
     return tp;
+}
+
+/* PyObjectCall2Args (used by Py3ClassCreate) */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2) {
+    PyObject *args[3] = {NULL, arg1, arg2};
+    return __Pyx_PyObject_FastCall(function, args+1, 2 | __Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET);
 }
 
 /* PyObjectLookupSpecial (used by Py3ClassCreate) */

@@ -12,7 +12,10 @@ from typing import Any
 
 from proxy.config import Config
 from proxy.http.access_log import AccessLog
-from proxy.http.h1 import Http1Server  # noqa: E402 - its parser (proxy.core.h1) has a compiled twin
+from proxy.native import load  # noqa: E402
+
+_http1, HTTP1_IMPLEMENTATION = load("http1", "proxy.http.h1")  # compiled from proxy/http/h1.py unless disabled
+Http1Server = _http1.Http1Server
 from proxy.http.stack import Clients, HttpRoute
 from proxy.transport import relay as relay_mod
 
