@@ -12,12 +12,12 @@ from typing import Any
 
 from proxy.config import Config
 from proxy.http.access_log import AccessLog
-from proxy.native import load  # noqa: E402
+from proxy.http.stack import Clients, HttpRoute
+from proxy.native import load
+from proxy.transport import relay as relay_mod
 
 _http1, HTTP1_IMPLEMENTATION = load("http1", "proxy.http.h1")  # compiled from proxy/http/h1.py unless disabled
 Http1Server = _http1.Http1Server
-from proxy.http.stack import Clients, HttpRoute
-from proxy.transport import relay as relay_mod
 
 try:  # HTTP/2 proxying lives in its own module; without it h2c is relayed opaquely.
     from proxy.http.h2 import H2ServerConnection, H2Settings
