@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.balance.queue import FailFast, LoadShed
 from proxy.config import Addr
 from proxy.http import errors
+from proxy.http.pool import IdlePool
 from proxy.http.stack import Clients, Exchange, HttpRoute
 from proxy.log import get_logger
 from proxy.native import load
@@ -58,33 +59,14 @@ def error_response(err: errors.ProxyError, informational: bool, close: bool) -> 
 # ------------------------------------------------------------------ upstream side
 
 
-class H1Pool:
-    """Idle keep-alive connections to one endpoint (per worker)."""
+class H1Pool(IdlePool):
+    """Idle keep-alive connections to one endpoint (per worker), for the HTTP/1 proxy."""
 
     def __init__(self, target: Addr, connect_timeout: float, idle_timeout: float, max_idle: int, pure: bool, max_head: int,
                  identity: str = "", local: Any = None, metrics: Any = None, dst_labels: tuple[Any, ...] | None = None) -> None:
-        self.metrics = metrics
-        self.dst_labels = dst_labels
-        self.target = target
-        self.identity = identity  # meshed endpoint: connect with mTLS and check this name
-        self.local = local
-        self.connect_timeout = connect_timeout
-        self.idle_timeout = idle_timeout
-        self.max_idle = max_idle
+        super().__init__(target, connect_timeout, idle_timeout, max_idle, identity, local, metrics, dst_labels)
         self.pure = pure
         self.max_head = max_head
-        self.idle: list[UpstreamConnection] = []
-        self.closed = False
-        self.loop = asyncio.get_running_loop()
-        self._sweep: asyncio.TimerHandle | None = None
-
-    def acquire(self) -> UpstreamConnection | None:
-        while self.idle:
-            conn = self.idle.pop()
-            if not conn.lost and not conn.transport.is_closing():
-                conn.reused = True
-                return conn
-        return None
 
     async def connect(self) -> UpstreamConnection:
         transport, conn = await connect(lambda: UpstreamConnection(self), self.target, self.connect_timeout, self.identity, self.local)
@@ -92,40 +74,8 @@ class H1Pool:
             conn.series = TcpSeries(self.metrics, self.dst_labels)
         return conn
 
-    def release(self, conn: UpstreamConnection) -> None:
-        if self.closed or conn.lost or len(self.idle) >= self.max_idle:
-            conn.close()
-            return
+    def parked(self, conn: Any) -> None:
         conn.exchange = None
-        conn.idle_since = time.monotonic()
-        self.idle.append(conn)
-        if self._sweep is None:
-            self._sweep = self.loop.call_later(self.idle_timeout, self._close_stale)
-
-    def forget(self, conn: UpstreamConnection) -> None:
-        try:
-            self.idle.remove(conn)
-        except ValueError:
-            pass
-
-    def _close_stale(self) -> None:
-        # One timer per pool, not per connection: idle connections older than the timeout go.
-        self._sweep = None
-        cutoff = time.monotonic() - self.idle_timeout
-        for conn in [c for c in self.idle if c.idle_since <= cutoff]:
-            self.idle.remove(conn)
-            conn.close()
-        if self.idle:
-            oldest = min(c.idle_since for c in self.idle)
-            self._sweep = self.loop.call_later(max(0.05, oldest + self.idle_timeout - time.monotonic()), self._close_stale)
-
-    def close(self) -> None:
-        self.closed = True
-        for conn in self.idle:
-            conn.close()
-        self.idle.clear()
-        if self._sweep is not None:
-            self._sweep.cancel()
 
 
 class UpstreamConnection:

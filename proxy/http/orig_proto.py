@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from typing import Any, Protocol
 
 from proxy.config import Addr
 from proxy.http import errors
+from proxy.http.pool import IdlePool
 from proxy.native import NO_EXTENSIONS, load
 from proxy.transport.connect import connect
 from proxy.transport.relay import TcpSeries
@@ -206,78 +206,23 @@ class Http1Exchange(Protocol):
         """The connection's write buffer drained below its low-water mark."""
 
 
-class Http1Pool:
-    """Idle keep-alive HTTP/1.1 connections to one endpoint, in one worker."""
+class Http1Pool(IdlePool):
+    """Idle keep-alive HTTP/1.1 connections to one endpoint, in one worker (http.pool)."""
 
     def __init__(self, target: Addr, connect_timeout: float, idle_timeout: float = POOL_IDLE_TIMEOUT,
                  max_idle: int = MAX_IDLE, max_head: int = h1.MAX_HEAD_SIZE, pure: bool = NO_EXTENSIONS,
                  identity: str = "", local: Any = None, metrics: Any = None,
                  dst_labels: tuple[Any, ...] | None = None) -> None:
-        self.target = target
-        self.connect_timeout = connect_timeout
-        self.idle_timeout = idle_timeout
-        self.max_idle = max_idle
+        super().__init__(target, connect_timeout, idle_timeout, max_idle, identity, local, metrics, dst_labels)
         self.max_head = max_head
         self.pure = pure  # parse responses with h11 instead of httptools
-        self.identity = identity  # meshed endpoint: connect with mTLS and check this name
-        self.local = local
-        self.metrics = metrics
-        self.dst_labels = dst_labels  # tcp_* labels (peer="dst") of its connections; None: not counted
-        self.idle: list[Http1Connection] = []
-        self.closed = False
-        self.loop = asyncio.get_running_loop()
-        self._sweep: asyncio.TimerHandle | None = None
         self.connections_opened = 0  # how many times it dialled (tests, debugging)
-
-    def acquire(self) -> Http1Connection | None:
-        """The most recently used idle connection (the least likely to be closing), if any."""
-        while self.idle:
-            conn = self.idle.pop()
-            if not conn.lost and not conn.transport.is_closing():
-                conn.reused = True
-                return conn
-        return None
 
     async def connect(self) -> Http1Connection:
         """A new connection; raises TimeoutError, OSError or IdentityMismatch."""
         _, conn = await connect(lambda: Http1Connection(self), self.target, self.connect_timeout, self.identity, self.local)
         self.connections_opened += 1
         return conn
-
-    def release(self, conn: Http1Connection) -> None:
-        if self.closed or conn.lost or len(self.idle) >= self.max_idle:
-            conn.close()
-            return
-        conn.idle_since = time.monotonic()
-        self.idle.append(conn)
-        if self._sweep is None:
-            self._sweep = self.loop.call_later(self.idle_timeout, self._close_stale)
-
-    def forget(self, conn: Http1Connection) -> None:
-        try:
-            self.idle.remove(conn)
-        except ValueError:
-            pass
-
-    def _close_stale(self) -> None:
-        # One timer per pool, not one per connection.
-        self._sweep = None
-        cutoff = time.monotonic() - self.idle_timeout
-        for conn in [c for c in self.idle if c.idle_since <= cutoff]:
-            self.idle.remove(conn)
-            conn.close()
-        if self.idle:
-            oldest = min(c.idle_since for c in self.idle)
-            self._sweep = self.loop.call_later(max(0.05, oldest + self.idle_timeout - time.monotonic()), self._close_stale)
-
-    def close(self) -> None:
-        self.closed = True
-        for conn in self.idle:
-            conn.close()
-        self.idle.clear()
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
 
 
 class Http1Connection(asyncio.Protocol):
