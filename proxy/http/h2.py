@@ -483,7 +483,7 @@ class _Stream:
 
     __slots__ = (
         "server", "sid", "up", "up_sid", "headers", "exchange", "request", "response",
-        "grpc_status", "timer", "responded", "client_open", "done", "balanced", "pool", "waiting",
+        "grpc_status", "timer", "responded", "client_open", "done", "balanced", "pool", "waiting", "counted",
     )
 
     def __init__(self, server: H2ServerConnection, sid: int, headers: list[Any], exchange: Exchange) -> None:
@@ -505,6 +505,7 @@ class _Stream:
         self.balanced: tuple[Any, float] | None = None  # (endpoint, load handle) when balanced per stream
         self.pool: H2Pool | None = None  # the endpoint's pool when balanced per stream
         self.waiting: asyncio.Task[None] | None = None  # waiting in the backend's queue for a ready endpoint
+        self.counted: list[int] | None = None  # the in-flight counter this stream holds a place in
 
     # -- upstream side
     def opened(self, up: H2ClientConnection, up_sid: int, ended: bool) -> None:
@@ -678,6 +679,9 @@ class _Stream:
             return
         self.done = True
         self.load_done(rtt=False)
+        if self.counted is not None:
+            self.counted[0] -= 1
+            self.counted = None
         if self.waiting is not None:
             self.waiting.cancel()
             self.waiting = None
@@ -765,7 +769,7 @@ class _Http1Stream:
 
     __slots__ = (
         "server", "sid", "method", "head", "exchange", "request", "response", "pool", "conn", "connect_task",
-        "timer", "bodiless", "responded", "reusable", "parsed", "buffered", "retried", "client_open", "done",
+        "timer", "bodiless", "responded", "reusable", "parsed", "buffered", "retried", "client_open", "done", "counted",
     )
 
     def __init__(self, server: H2ServerConnection, sid: int, req: orig_proto.DowngradedRequest, ended: bool,
@@ -784,6 +788,7 @@ class _Http1Stream:
         self.connect_task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.bodiless = ended  # no request body: safe to send again (users.md A4)
+        self.counted: list[int] | None = None  # the in-flight counter this stream holds a place in
         self.responded = False  # response headers sent to the client
         self.reusable = False  # the response leaves the connection fit for another exchange
         self.parsed = False  # the whole response was read from the app
@@ -977,6 +982,9 @@ class _Http1Stream:
         if self.done:
             return
         self.done = True
+        if self.counted is not None:
+            self.counted[0] -= 1
+            self.counted = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -1317,6 +1325,7 @@ class H2ServerConnection(_Side):
         inbound = route.direction == "inbound"
         self.dropped = _INBOUND_DROPPED if inbound else _CONNECTION_HEADERS  # request fields not forwarded
         self.added = [(_CLIENT_ID, route.client_id.encode())] if inbound and route.client_id else []
+        self.in_flight_limit: list[int] | None = None  # [streams in flight, max], shared with the direction (set by HttpStage)
         # Inbound honours ``l5d-orig-proto`` (ref 3.3); outbound forwards it as any
         # other field, as Linkerd does (its outbound server has downgrades off).
         self.downgrades = inbound
@@ -1464,6 +1473,13 @@ class H2ServerConnection(_Side):
         if not route.authorized:
             stream.fail(FORBIDDEN)  # the inbound default policy refuses this client (403, ref 3.5)
             return True
+        limit = self.in_flight_limit
+        if limit is not None:
+            if limit[0] >= limit[1]:
+                stream.fail(LOADSHED)  # past max-in-flight: shed at once (503, ref 3.5)
+                return True
+            limit[0] += 1
+            stream.counted = limit
         if route.response_timeout is not None:
             stream.timer = self.loop.call_later(route.response_timeout, stream.timed_out)
         pool = self.http1_pool
@@ -1508,6 +1524,13 @@ class H2ServerConnection(_Side):
         if not route.authorized:
             stream.fail(FORBIDDEN)  # the inbound default policy refuses this client (403, ref 3.5)
             return
+        limit = self.in_flight_limit
+        if limit is not None:
+            if limit[0] >= limit[1]:
+                stream.fail(LOADSHED)  # past max-in-flight: shed at once (503, ref 3.5)
+                return
+            limit[0] += 1
+            stream.counted = limit
         if route.response_timeout is not None:
             stream.timer = self.loop.call_later(route.response_timeout, stream.timed_out)
         if backend is not None:

@@ -63,6 +63,7 @@ class HttpStage:
     def serve_http2(self, transport: Any, route: HttpRoute, prefix: bytes, src: Any) -> None:
         assert H2ServerConnection is not None
         server = H2ServerConnection(route, self.metrics, self.clients, self.h2_settings[route.direction], local=self.local, src=src)
+        server.in_flight_limit = self.in_flight[route.direction]  # streams count against max-in-flight too
         self.live.add(server)
         done = getattr(server, "done", None)
         if isinstance(done, asyncio.Future):

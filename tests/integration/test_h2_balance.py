@@ -41,3 +41,21 @@ def test_streams_of_one_connection_are_spread_over_the_endpoints(tmp_path):
         for proc, _ in ups:
             proc.terminate()
             proc.wait(5)
+
+
+def test_http2_streams_count_against_max_in_flight():
+    proc, port = start_upstream()
+    proxy = make_proxy(MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{port}", LINKERD2_PROXY_OUTBOUND_MAX_IN_FLIGHT="2").start()
+    try:
+        # 10 streams at once on one connection, each held 500 ms upstream: only 2 may be in flight.
+        out = subprocess.run(["h2load", "-n", "10", "-c", "1", "-m", "10", f"http://127.0.0.1:{proxy.outbound}/delay/500"],
+                             capture_output=True, text=True, timeout=60).stdout
+        codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+        assert codes, out
+        ok, shed = int(codes.group(1)), int(codes.group(4))
+        assert ok == 2 and shed == 8, out
+        assert metric_value(proxy.metrics(), "outbound_http_errors_total", error="loadshed") == 8
+    finally:
+        proxy.stop()
+        proc.terminate()
+        proc.wait(5)
