@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install test test-pure lint run demo bench debug image-amd64 image-arm64 clean
+.PHONY: install test test-pure lint run demo bench debug image-amd64 image-arm64 arm64-wheel clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard native/*.pyx)
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ image-amd64:
 
 image-arm64:
 	bash scripts/image.sh arm64
+
+# The arm64 wheel built natively under qemu, checked (AArch64 extensions, compiled twin) and smoke-tested.
+arm64-wheel:
+	bash scripts/arm64-wheel.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info native/*.c native/*.html proxy/_native/*.so
