@@ -478,6 +478,28 @@ class _Flow:
             self.stream.flow_finished(self)
 
 
+def _answer(stream: Any, err: ProxyError, grpc: bool, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    """The proxy answers a stream by itself (ref 3.5): count it, send a headers-only response, close."""
+    server = stream.server
+    exchange = stream.exchange
+    status, fields = response_headers(err, grpc, server.route.informational_headers)
+    exchange.proxy_error(err)
+    exchange.response_head(status)
+    exchange.end(grpc_status=err.grpc_status if grpc else None)
+    stream.responded = True
+    if stream.client_open and not server.closed:
+        block = [(b":status", str(status).encode())]
+        block += [(name.encode(), value.encode()) for name, value in fields]
+        block += extra or []
+        try:
+            server.h2.send_headers(stream.sid, block, end_stream=True)
+        except ProtocolError:
+            pass
+        server.want_flush()
+    stream.response.finished = True
+    stream._close()
+
+
 class _Stream:
     """A client stream and the upstream stream it is forwarded on."""
 
@@ -632,27 +654,10 @@ class _Stream:
         """Answer the client by itself (ref 3.5) and forget the upstream stream."""
         if self.done:
             return
-        server = self.server
         self.server.pool_cancel(self)
         self._detach_upstream(reset=True)
         self.request.drop()
-        exchange = self.exchange
-        grpc = exchange.grpc
-        status, fields = response_headers(err, grpc, server.route.informational_headers)
-        exchange.proxy_error(err)
-        exchange.response_head(status)
-        exchange.end(grpc_status=err.grpc_status if grpc else None)
-        self.responded = True
-        if self.client_open and not server.closed:
-            try:
-                block = [(b":status", str(status).encode())]
-                block += [(name.encode(), value.encode()) for name, value in fields]
-                server.h2.send_headers(self.sid, block, end_stream=True)
-            except ProtocolError:
-                pass
-            server.want_flush()
-        self.response.finished = True
-        self._close()
+        _answer(self, err, self.exchange.grpc)
 
     def abort(self, client_code: int | None, error: str, upstream_code: int | None = _CANCEL) -> None:
         """End the stream with resets: ``client_code`` to the client, ``upstream_code`` upstream."""
@@ -937,27 +942,11 @@ class _Http1Stream:
         """Answer the client by itself (ref 3.5), as the app would have over HTTP/1.1."""
         if self.done:
             return
-        server = self.server
-        exchange = self.exchange
-        informational = server.route.informational_headers
-        status, fields = response_headers(err, False, informational)
-        exchange.proxy_error(err)
-        exchange.response_head(status)
-        exchange.end()
-        self.responded = True
-        if self.client_open and not server.closed:
-            block = [(b":status", str(status).encode())]
-            block += [(name.encode(), value.encode()) for name, value in fields]
-            if err.fatal and informational:
-                block.append((_PROXY_CONNECTION, b"close"))  # the peer proxy closes its app's connection
-            block.append((orig_proto.ORIG_PROTO, orig_proto.HTTP_11))
-            try:
-                server.h2.send_headers(self.sid, block, end_stream=True)
-            except ProtocolError:
-                pass
-            server.want_flush()
-        self.response.finished = True
-        self._close()
+        extra = []
+        if err.fatal and self.server.route.informational_headers:
+            extra.append((_PROXY_CONNECTION, b"close"))  # the peer proxy closes its app's connection
+        extra.append((orig_proto.ORIG_PROTO, orig_proto.HTTP_11))
+        _answer(self, err, False, extra)
 
     def abort(self, client_code: int | None, error: str) -> None:
         """End the stream with a reset (``client_code``) and drop the app connection."""
