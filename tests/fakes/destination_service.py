@@ -30,15 +30,9 @@ the protobuf messages from plain values.
 
 from __future__ import annotations
 
-import atexit
-import importlib
 import ipaddress
 import os
 import queue
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from concurrent import futures
@@ -48,47 +42,16 @@ from typing import Any
 
 import grpc
 
+from tests.fakes import protos
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROTO_DIR = os.path.join(ROOT, "proxy", "control", "proto")
 
-_protos: SimpleNamespace | None = None
-_protos_lock = threading.Lock()
 
 
 def compile_protos() -> SimpleNamespace:
-    """protoc (grpcio-tools) on destination.proto and net.proto, imported as
-    ``.destination_pb2``, ``.destination_pb2_grpc``, ``.net_pb2``. Once per
-    process: protobuf's descriptor pool accepts a file only once."""
-    global _protos
-    with _protos_lock:
-        if _protos is not None:
-            return _protos
-        import grpc_tools
-
-        out_dir = tempfile.mkdtemp(prefix="meshproxy-destination-protos-")
-        atexit.register(shutil.rmtree, out_dir, True)
-        well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-        cmd = [
-            sys.executable, "-m", "grpc_tools.protoc",
-            f"-I{PROTO_DIR}", f"-I{well_known}",
-            f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
-            os.path.join(PROTO_DIR, "destination.proto"), os.path.join(PROTO_DIR, "net.proto"),
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            raise RuntimeError(f"protoc failed: {result.stderr}")
-        sys.path.insert(0, out_dir)
-        try:
-            _protos = SimpleNamespace(
-                out_dir=out_dir,
-                net_pb2=importlib.import_module("net_pb2"),
-                destination_pb2=importlib.import_module("destination_pb2"),
-                destination_pb2_grpc=importlib.import_module("destination_pb2_grpc"),
-            )
-        finally:
-            sys.path.remove(out_dir)
-        return _protos
-
+    """protoc's code for ("destination", "net") (tests/fakes/protos.py), compiled once per process."""
+    return protos.compile_protos(("destination", "net"))
 
 # ---------------------------------------------------------------- message builders
 

@@ -23,13 +23,7 @@ does not require, a client certificate, and records who presented one.
 from __future__ import annotations
 
 import asyncio
-import atexit
-import importlib
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from concurrent import futures
@@ -41,52 +35,16 @@ from cryptography.hazmat.primitives import serialization
 
 from proxy.tls import ca
 from proxy.tls.credentials import Credentials, peer_identity
+from tests.fakes import protos
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROTO_DIR = os.path.join(ROOT, "proxy", "control", "proto")
 
-_protos: SimpleNamespace | None = None
-_protos_lock = threading.Lock()
 
 
 def compile_protos(out_dir: str | None = None) -> SimpleNamespace:
-    """Run protoc (grpcio-tools) on our .proto files into ``out_dir`` and import
-    the result: ``.identity_pb2``, ``.identity_pb2_grpc``, ``.workload_pb2``,
-    ``.workload_pb2_grpc``. Done once per process: protobuf's descriptor pool
-    accepts a file only once."""
-    global _protos
-    with _protos_lock:
-        if _protos is not None:
-            return _protos
-        import grpc_tools
-
-        if out_dir is None:
-            out_dir = tempfile.mkdtemp(prefix="meshproxy-protos-")
-            atexit.register(shutil.rmtree, out_dir, True)
-        os.makedirs(out_dir, exist_ok=True)
-        well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-        cmd = [
-            sys.executable, "-m", "grpc_tools.protoc",
-            f"-I{PROTO_DIR}", f"-I{well_known}",
-            f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
-            os.path.join(PROTO_DIR, "identity.proto"), os.path.join(PROTO_DIR, "workload.proto"),
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            raise RuntimeError(f"protoc failed: {result.stderr}")
-        sys.path.insert(0, out_dir)
-        try:
-            _protos = SimpleNamespace(
-                out_dir=out_dir,
-                identity_pb2=importlib.import_module("identity_pb2"),
-                identity_pb2_grpc=importlib.import_module("identity_pb2_grpc"),
-                workload_pb2=importlib.import_module("workload_pb2"),
-                workload_pb2_grpc=importlib.import_module("workload_pb2_grpc"),
-            )
-        finally:
-            sys.path.remove(out_dir)
-        return _protos
-
+    """protoc's code for ("identity", "workload") (tests/fakes/protos.py), compiled once per process."""
+    return protos.compile_protos(("identity", "workload"), out_dir)
 
 @dataclass
 class CertifyCall:
