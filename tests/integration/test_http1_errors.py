@@ -25,26 +25,16 @@ import time
 import pytest
 
 from tests.fakes.h1_upstream import Closed, H1Upstream, Reader, read_response
-from tests.integration.test_http1_transparency import World, chain, start_all, stop_all, token
+from tests.integration.test_http1_transparency import (  # noqa: F401 - world, worlds: shared fixtures (module-scoped here too)
+    World,
+    chain,
+    start_all,
+    stop_all,
+    token,
+    world,
+    worlds,
+)
 from tests.support import make_proxy, metric_value, wait_until
-
-
-@pytest.fixture(scope="module")
-def worlds():
-    made: dict[bool, World] = {}
-    yield made
-    for w in made.values():
-        w.close()
-
-
-@pytest.fixture
-def world(twin, worlds) -> World:
-    if twin not in worlds:
-        worlds[twin] = World(twin)
-    w = worlds[twin]
-    for p in (w.a, w.b):
-        assert p.proc.poll() is None, "a shared proxy died:\n" + p.read_output()
-    return w
 
 
 @pytest.fixture(params=("one", "pair"))
