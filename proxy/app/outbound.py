@@ -120,7 +120,7 @@ def build(config: Config, metrics: Any, tracker: RelayTracker, http: HttpStage,
         durations.labels(result).observe(elapsed)
         target = conn.target
         route_ = HttpRoute("outbound", target.addr, http_labels(target), config.outbound_connect_timeout,
-                           config.http_response_timeout, informational, identity=target.identity,
+                           config.http_response_timeout, informational, identity=target.identity, protocol=target.protocol,
                            dst_labels=client_labels(conn.accepted, target), backend=target.backend,
                            endpoint_labels=endpoint_labels, ingress=by_name if config.ingress_mode else None)
         if kind == core_detect.HTTP1 and not client_eof:

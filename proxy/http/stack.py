@@ -32,6 +32,7 @@ class HttpRoute:
     informational_headers: bool = True  # may l5d-proxy-error be sent to this client?
     error_labels: tuple[str, ...] = field(default=())  # labels after `error` of *_http_errors_total
     identity: str = ""  # the endpoint's TLS identity: requests go over mTLS when set
+    protocol: str = ""  # discovery's protocol hint for the endpoint: "", "http1", "http2", "opaque"
     client_id: str = ""  # inbound: the authenticated peer identity ("" = none), for l5d-client-id
     dst_labels: tuple[Any, ...] | None = None  # TCP labels of connections to the endpoint (tcp_* peer="dst")
     authorized: bool = True  # inbound: does the default policy let this client in? (else 403 per request)
