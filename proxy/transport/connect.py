@@ -16,11 +16,21 @@ from proxy.config import Addr
 from proxy.tls.local import IdentityMismatch, LocalIdentity
 
 
+class _Unverified(asyncio.Protocol):
+    """Holds a fresh mTLS connection, unread, while the peer's identity is checked."""
+
+    def connection_made(self, transport: Any) -> None:
+        transport.pause_reading()
+
+
 async def connect(factory: Callable[[], Any], addr: Addr, timeout: float, identity: str = "", local: LocalIdentity | None = None) -> tuple[Any, Any]:
     loop = asyncio.get_running_loop()
     if identity and local is not None and local.client_ctx is not None:
-        transport, proto = await asyncio.wait_for(
-            loop.create_connection(factory, addr.host, addr.port, ssl=local.client_ctx, server_hostname=identity, ssl_handshake_timeout=timeout),
+        # The protocol meets the transport only once the peer's name is checked: a protocol
+        # that speaks first (the HTTP/2 preface) must not say anything to an impostor.
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(_Unverified, addr.host, addr.port, ssl=local.client_ctx, server_hostname=identity,
+                                   ssl_handshake_timeout=timeout),
             timeout,
         )
         from proxy.tls.credentials import check_server_identity, peer_identity
@@ -30,6 +40,12 @@ async def connect(factory: Callable[[], Any], addr: Addr, timeout: float, identi
             got = peer_identity(ssl_object) if ssl_object is not None else None
             transport.abort()
             raise IdentityMismatch(identity, got)
+        if transport.is_closing():
+            raise ConnectionResetError(f"{addr} closed the connection after the TLS handshake")
+        proto = factory()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        transport.resume_reading()
         return transport, proto
     # One timer cancelling this task is much cheaper than wait_for's extra task and futures.
     task = asyncio.current_task()
