@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.balance.queue import FailFast, LoadShed
 from proxy.config import Addr
-from proxy.http import errors
+from proxy.http import errors, orig_proto, upgrade
 from proxy.http.pool import IdlePool
 from proxy.http.stack import Clients, Exchange, HttpRoute
 from proxy.log import get_logger
@@ -163,7 +163,7 @@ class H1Exchange:
         "server", "head", "metrics", "upstream", "held", "held_size", "request_done", "response_head", "response_done",
         "client_keep_alive", "response_chunked", "connect_task", "timer", "early", "retried", "close_after",
         "required_id", "endpoint", "load_handle", "backend", "retry_body", "retry_size", "retries", "discarding",
-        "route_labels", "route_started", "in_flight", "started",
+        "route_labels", "route_started", "in_flight", "started", "upgraded",
     )
 
     def __init__(self, server: Http1Server, head: RequestHead) -> None:
@@ -195,6 +195,7 @@ class H1Exchange:
         self.route_labels: tuple[str, str, str] | None = None  # (direction, dst, rt_route) of a profile route
         self.route_started = 0.0
         self.in_flight = False
+        self.upgraded = False  # the upstream is an HTTP/2 stream to a meshed peer (proxy.http.upgrade)
 
     # -- request side
     def start(self) -> None:
@@ -232,7 +233,10 @@ class H1Exchange:
                 self.dispatch_balanced()
                 return
             self.metrics = Exchange(server.metrics, route, grpc=False)
-            self.dispatch(server.pool(), route.identity)
+            if self.upgradable(route.identity, route.protocol):
+                self.dispatch_upgraded(route.target, route.identity, route.dst_labels)
+            else:
+                self.dispatch(server.pool(), route.identity)
             return
         self.metrics = Exchange(server.metrics, route, grpc=False)
         if not route.authorized:
@@ -287,7 +291,10 @@ class H1Exchange:
             self.metrics = Exchange(server.metrics, route, grpc=False, labels=http_labels)
         self.endpoint = ep
         self.load_handle = ep.load.start(server.loop.time())
-        self.dispatch(server.pool_for(ep.addr, identity, dst_labels), identity)
+        if self.upgradable(identity, ep.endpoint.protocol):
+            self.dispatch_upgraded(ep.addr, identity, dst_labels)
+        else:
+            self.dispatch(server.pool_for(ep.addr, identity, dst_labels), identity)
 
     async def wait_for_endpoint(self, backend: Any) -> None:
         try:
@@ -305,16 +312,53 @@ class H1Exchange:
             return
         self.dispatch_to(ep)
 
-    def dispatch(self, pool: H1Pool, identity: str) -> None:
-        server = self.server
+    def upgradable(self, identity: str, protocol: str) -> bool:
+        """Does this request go to a meshed peer as an HTTP/2 stream (ref 3.3)? Not an
+        Upgrade or CONNECT (those need the connection itself), nor to an endpoint that
+        discovery says speaks HTTP/1 only or is opaque."""
+        return bool(identity) and self.server.h2_upgrade is not None and not self.head.upgrade and protocol not in ("http1", "opaque")
+
+    def identity_allowed(self, identity: str) -> bool:
         required = self.required_id
         if required is not None and required.decode("latin-1") != identity:
             # ref 3.4: the request fails unless the endpoint's TLS identity is the one required.
             self.fail(errors.IDENTITY_REQUIRED.because(
                 f"endpoint identity {identity or 'none'!r} is not the required {required.decode('latin-1')!r}"))
-            return
+            return False
+        server = self.server
         if server.route.response_timeout and self.timer is None:
             self.timer = server.loop.call_later(server.route.response_timeout, self.timed_out)
+        return True
+
+    def dispatch_upgraded(self, addr: Addr, identity: str, dst_labels: Any) -> None:
+        """Send the request on the peer's shared HTTP/2 connection, marked l5d-orig-proto."""
+        if not self.identity_allowed(identity):
+            return
+        server = self.server
+        route = server.route
+        head = self.head
+        authority = self.backend.name if self.backend is not None else str(addr)
+        fields = orig_proto.upgrade_request(head.method, head.target, head.version, head.headers, authority.encode())
+        pool = upgrade.pool_for(server.clients, addr, identity, route.connect_timeout, server.h2_upgrade, server.local,
+                                server.metrics, dst_labels)
+        stream = upgrade.UpgradedStream(self, pool, fields, head.method)
+        self.upgraded = True
+        self.discarding = False
+        self.upstream = stream  # type: ignore[assignment]
+        held, self.held = self.held, None
+        for chunk in held or ():
+            stream.write(chunk)
+        if self.request_done or not (head.chunked or head.content_length):
+            stream.end_request()  # no body: HEADERS carry END_STREAM, so the peer knows there is none
+        if self.held_size >= HOLD_LIMIT:
+            server.resume_reading()
+        stream.start()
+
+    def dispatch(self, pool: H1Pool, identity: str) -> None:
+        if not self.identity_allowed(identity):
+            return
+        self.upgraded = False
+        server = self.server
         conn = pool.acquire()
         if conn is not None:
             self.attach(conn)
@@ -374,7 +418,7 @@ class H1Exchange:
         headers = h1.forwardable(head.headers, upgrade=head.upgrade)
         out = [h1.encode_head(head.method + b" " + head.target + b" HTTP/1.1", headers)]
         if self.held:
-            out.extend(self.held)
+            out.extend([h1.encode_chunk(c) for c in self.held] if head.chunked else self.held)
         if self.request_done and head.chunked:
             out.append(h1.LAST_CHUNK)
         if self.early:
@@ -391,25 +435,28 @@ class H1Exchange:
             self.backend.failed(ep)  # back off from it (ref 1.5)
 
     def request_body(self, chunk: bytes) -> None:
-        data = h1.encode_chunk(chunk) if self.head.chunked else chunk
+        # Held and retry copies stay unframed: the upstream (HTTP/1 or an upgraded stream) frames them.
         if self.retry_body is not None:
-            self.retry_size += len(data)
+            self.retry_size += len(chunk)
             if self.retry_size > MAX_RETRY_BODY:
                 self.retry_body = None  # too large to replay: this request will not be retried (ref 10.2)
             else:
-                self.retry_body.append(data)
+                self.retry_body.append(chunk)
         if self.held is not None:
-            self.held.append(data)
-            self.held_size += len(data)
+            self.held.append(chunk)
+            self.held_size += len(chunk)
             if self.held_size >= HOLD_LIMIT:
                 self.server.pause_reading()
         elif self.upstream is not None and not self.upstream.lost:
-            self.upstream.transport.write(data)
+            self.upstream.transport.write(h1.encode_chunk(chunk) if self.head.chunked and not self.upgraded else chunk)
 
     def request_end(self) -> None:
         self.request_done = True
-        if self.head.chunked and self.held is None and self.upstream is not None and not self.upstream.lost:
-            self.upstream.transport.write(h1.LAST_CHUNK)
+        if self.held is None and self.upstream is not None and not self.upstream.lost:
+            if self.upgraded:
+                self.upstream.end_request()  # type: ignore[attr-defined]
+            elif self.head.chunked:
+                self.upstream.transport.write(h1.LAST_CHUNK)
 
     def client_bytes_after_switch(self, data: bytes) -> None:
         if self.upstream is not None and self.held is None and not self.upstream.lost:
@@ -529,7 +576,9 @@ class H1Exchange:
         conn = self.upstream
         self.upstream = None
         if conn is not None:
-            if self.request_done and self.response_head.keep_alive and not conn.lost:
+            if self.upgraded:
+                conn.close()  # the stream ends here (cancelled if the client is still sending)
+            elif self.request_done and self.response_head.keep_alive and not conn.lost:
                 conn.pool.release(conn)
             else:
                 conn.close()
@@ -657,6 +706,7 @@ class Http1Server:
         self.draining = False
         self.pending_error: errors.ProxyError | None = None
         self.corked: list[bytes] | None = None
+        self.h2_upgrade: Any = None  # outbound with an identity: H2Settings of upgraded connections to meshed peers
         live.add(self)
 
     def pool_for(self, addr: Addr, identity: str, dst_labels: Any) -> H1Pool:

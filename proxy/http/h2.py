@@ -775,6 +775,7 @@ class _Http1Stream:
     __slots__ = (
         "server", "sid", "method", "head", "exchange", "request", "response", "pool", "conn", "connect_task",
         "timer", "bodiless", "responded", "reusable", "parsed", "buffered", "retried", "client_open", "done", "counted",
+        "keep_case",
     )
 
     def __init__(self, server: H2ServerConnection, sid: int, req: orig_proto.DowngradedRequest, ended: bool,
@@ -783,6 +784,7 @@ class _Http1Stream:
         self.sid = sid
         self.method = req.method
         self.head = req.head
+        self.keep_case = req.keep_case
         self.exchange = exchange
         self.request = _Http1Body(self, req.chunked, ended)
         self.response = _Flow(self, self, sid)  # type: ignore[arg-type]  # acknowledgements come back to ``ack``
@@ -882,7 +884,7 @@ class _Http1Stream:
         self.reusable = head.keep_alive and (no_body or head.chunked or head.content_length is not None)
         self.exchange.response_head(status)
         try:
-            server.h2.send_headers(self.sid, orig_proto.response_fields(head), end_stream=no_body)
+            server.h2.send_headers(self.sid, orig_proto.response_fields(head, self.keep_case), end_stream=no_body)
         except ProtocolError:
             self.abort(_INTERNAL_ERROR, "unclassified")
             return

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from http import HTTPStatus
 from typing import Any, Protocol
 
 from proxy.config import Addr
@@ -74,6 +75,19 @@ _TE = b"te"
 _TRANSFER_ENCODING = b"transfer-encoding"
 
 
+# Not Linkerd's: HTTP/2 lower-cases field names, so an upgrading meshproxy lists
+# the original spellings of the names that were not lower case here, and the
+# downgrading peer writes them back (legacy apps match names case-sensitively,
+# users.md A10). Comma-separated; names are tokens and hold no commas. A Linkerd
+# peer does not know it and passes it on like any other field.
+HEADER_CASE = b"meshproxy-header-case"
+_ABSOLUTE_TARGET = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)\Z", re.DOTALL)
+# Request fields an upgrade does not carry: the body is re-framed as DATA frames
+# and the authority travels as :authority (RFC 9113 8.2.2, 8.3.1).
+_NOT_UPGRADED = frozenset((b"transfer-encoding", b"host"))
+_HEAD = b"HEAD"
+
+
 def parse_orig_proto(value: bytes) -> tuple[bytes, bool] | None:
     """(version, was absolute-form) from an ``l5d-orig-proto`` value, or None
     when it names no HTTP/1 version (Linkerd logs it and ignores it)."""
@@ -89,12 +103,13 @@ def parse_orig_proto(value: bytes) -> tuple[bytes, bool] | None:
 class DowngradedRequest:
     """The HTTP/1.1 form of one HTTP/2 request head."""
 
-    __slots__ = ("method", "head", "chunked")
+    __slots__ = ("method", "head", "chunked", "keep_case")
 
-    def __init__(self, method: bytes, head: bytes, chunked: bool) -> None:
+    def __init__(self, method: bytes, head: bytes, chunked: bool, keep_case: bool = False) -> None:
         self.method = method
         self.head = head  # request line and fields, up to and including the blank line
         self.chunked = chunked  # the body is sent with chunked encoding
+        self.keep_case = keep_case  # the peer is a meshproxy: answer with meshproxy-header-case
 
 
 def request_head(headers: Headers, absolute: bool, has_body: bool) -> DowngradedRequest | str:
@@ -111,6 +126,7 @@ def request_head(headers: Headers, absolute: bool, has_body: bool) -> Downgraded
     length: bytes | None = None
     cookies: list[bytes] = []
     fields: Headers = []
+    case = None
     for name, value in headers:
         if name[:1] == b":":
             if name == b":method":
@@ -134,6 +150,9 @@ def request_head(headers: Headers, absolute: bool, has_body: bool) -> Downgraded
                 continue
             length = value
         elif name == _TE or name == ORIG_PROTO:
+            continue
+        elif name == HEADER_CASE:
+            case = header_case(value)
             continue
         elif name == _HOST:
             has_host = True
@@ -159,8 +178,101 @@ def request_head(headers: Headers, absolute: bool, has_body: bool) -> Downgraded
             chunked = True
         elif method in _EMPTY_BODY_STATED:
             fields.append((_CONTENT_LENGTH, b"0"))
-    head = h1.encode_head(method + b" " + target + b" HTTP/1.1", fields)
-    return DowngradedRequest(method, head, chunked)
+    head = h1.encode_head(method + b" " + target + b" HTTP/1.1", _restore_case(fields, case))
+    return DowngradedRequest(method, head, chunked, case is not None)
+
+
+def header_case(value: bytes | None) -> dict[bytes, bytes] | None:
+    """lower-case name -> original spelling, from a ``meshproxy-header-case`` value."""
+    if not value:
+        return None
+    return {name.lower(): name for name in (n.strip() for n in value.split(b",")) if name}
+
+
+def _restore_case(fields: Headers, case: dict[bytes, bytes] | None) -> Headers:
+    if not case:
+        return fields
+    return [(case.get(name, name), value) for name, value in fields]
+
+
+def upgrade_request(method: bytes, target: bytes, version: bytes, headers: Headers, default_authority: bytes) -> Headers:
+    """The HTTP/2 header block carrying one HTTP/1 request to a meshed peer (ref 3.3, client
+    side): pseudo-fields from the request line and Host, the end-to-end fields with names
+    in lower case, ``l5d-orig-proto`` (``; absolute-form`` when the target was one), and
+    ``meshproxy-header-case`` when a name was spelled otherwise."""
+    scheme = b"http"
+    path = target
+    authority = None
+    absolute = False
+    if target[:1] != b"/" and target != b"*":
+        found = _ABSOLUTE_TARGET.match(target)
+        if found is not None:
+            scheme, authority, path = found.group(1).lower(), found.group(2), found.group(3) or b"/"
+            absolute = True
+    fields: Headers = []
+    spelled: list[bytes] = []
+    host = None
+    for name, value in h1.forwardable(headers):
+        low = name.lower()
+        if low != name and name not in spelled and not low.startswith(b"l5d-"):
+            # l5d-* fields are the proxies' own: the peer may replace them (l5d-client-id).
+            spelled.append(name)
+        if low in _NOT_UPGRADED:
+            if low == _HOST and host is None:
+                host = value
+            continue
+        fields.append((low, value))
+    block = [(b":method", method), (b":scheme", scheme), (b":authority", authority or host or default_authority), (b":path", path)]
+    block += fields
+    mark = HTTP_10 if version == b"1.0" else HTTP_11
+    block.append((ORIG_PROTO, mark + b"; absolute-form" if absolute else mark))
+    if spelled:
+        block.append((HEADER_CASE, b",".join(spelled)))
+    return block
+
+
+_REASONS: dict[int, bytes] = {}
+
+
+def reason_phrase(status: int) -> bytes:
+    """HTTP/2 has no reason phrase: the standard one for the status, or none."""
+    found = _REASONS.get(status)
+    if found is None:
+        try:
+            found = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            found = b""
+        _REASONS[status] = found
+    return found
+
+
+def upgraded_response(headers: Headers, ended: bool, method: bytes) -> Any:
+    """The HTTP/1.1 response head (proxy.core.h1.ResponseHead) of an HTTP/2 response
+    to an upgraded request: ``:status`` and the fields minus ``l5d-orig-proto``, names
+    spelled back from ``meshproxy-header-case``, framed by its ``content-length`` or
+    else chunked (``content-length: 0`` when the response ended with its head)."""
+    status = 0
+    fields: Headers = []
+    case = None
+    length = False
+    for name, value in headers:
+        if name[:1] == b":":
+            if name == b":status":
+                status = int(value)
+            continue
+        if name == ORIG_PROTO:
+            continue
+        if name == HEADER_CASE:
+            case = header_case(value)
+            continue
+        if name == _CONTENT_LENGTH:
+            length = True
+        elif name == _TRANSFER_ENCODING:
+            continue
+        fields.append((name, value))
+    if not (length or method == _HEAD or status in (204, 304) or status < 200):
+        fields.append((_CONTENT_LENGTH, b"0") if ended else _CHUNKED)
+    return h1.ResponseHead(status, reason_phrase(status), HTTP_11[5:], _restore_case(fields, case))
 
 
 def last_chunk(trailers: Headers | None) -> bytes:
@@ -170,19 +282,25 @@ def last_chunk(trailers: Headers | None) -> bytes:
     return b"0\r\n" + b"".join(name + b": " + value + b"\r\n" for name, value in trailers if name[:1] != b":") + b"\r\n"
 
 
-def response_fields(head: Any) -> Headers:
+def response_fields(head: Any, keep_case: bool = False) -> Headers:
     """The HTTP/2 header block of an HTTP/1 response head: ``:status``, the fields
     minus hop-by-hop ones and ``transfer-encoding`` (and a ``content-length`` a
-    chunked response must not have), names in lower case, and ``l5d-orig-proto``."""
+    chunked response must not have), names in lower case, and ``l5d-orig-proto``;
+    with ``keep_case`` (the request came from a meshproxy), ``meshproxy-header-case``."""
     out = [(b":status", b"%d" % head.status)]
     chunked = head.chunked
+    spelled: list[bytes] = []
     for name, value in h1.forwardable(head.headers):
-        name = name.lower()
-        if name == _TRANSFER_ENCODING or name == ORIG_PROTO or (chunked and name == _CONTENT_LENGTH):
+        low = name.lower()
+        if keep_case and low != name and name not in spelled:
+            spelled.append(name)  # Transfer-Encoding too: the peer's chunked framing is spelled back
+        if low == _TRANSFER_ENCODING or low == ORIG_PROTO or low == HEADER_CASE or (chunked and low == _CONTENT_LENGTH):
             continue
-        out.append((name, value))
+        out.append((low, value))
     if head.status >= 200:
         out.append((ORIG_PROTO, HTTP_10 if head.version == b"1.0" else HTTP_11))
+        if spelled:
+            out.append((HEADER_CASE, b",".join(spelled)))
     return out
 
 

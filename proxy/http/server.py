@@ -54,6 +54,9 @@ class HttpStage:
                              self.in_flight[route.direction])
         if route.direction == "inbound":
             server.access_log = self.access_log
+        else:
+            # Requests to meshed endpoints go as HTTP/2 streams marked l5d-orig-proto (ref 3.3).
+            server.h2_upgrade = self.h2_settings.get("outbound")
         transport.set_protocol(server)
         server.connection_made(transport)
         transport.resume_reading()
