@@ -13,7 +13,8 @@ from setuptools.command.build_ext import build_ext
 
 NATIVE_MODULES = ["relay"]
 # Pure modules compiled as they are (Cython's pure-Python mode): the twin is the same source.
-COMPILED_TWINS = {"h1parse": "proxy/core/h1.py", "http1": "proxy/http/h1.py"}
+COMPILED_TWINS = {"h1parse": "proxy/core/h1.py", "http1": "proxy/http/h1.py", "hpack": "proxy/core/hpack.py",
+                  "h2core": "proxy/http/h2core.py"}
 
 
 class OptionalBuildExt(build_ext):

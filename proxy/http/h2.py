@@ -4,10 +4,11 @@ Theory of operation
 -------------------
 Both sides speak HTTP/2 with prior knowledge: the detection stage has already
 seen the client's preface, and upstreams are dialled in cleartext (or mTLS
-when the route names the endpoint's identity). The ``h2`` library is the
-protocol core (bytes in, events out); this module is the asyncio glue around
-it. Nearly all the CPU of a proxied request is spent inside h2 (HPACK, frames,
-state machines); the glue adds about a tenth.
+when the route names the endpoint's identity). ``proxy/http/h2core.py`` is
+the protocol core (bytes in, events out; HPACK in proxy/core/hpack.py, both
+compiled as Cython twins); this module is the asyncio glue around it. It
+replaced the ``h2`` library here, which spent about 400 µs of CPU per proxied
+request in its frame objects, state machines and pure-Python HPACK.
 
 * ``H2ServerConnection``: the protocol of one accepted client connection.
 * ``H2Pool``: the upstream side of one endpoint in one worker, kept in the
@@ -28,7 +29,7 @@ as well would let one stalled stream block every other stream. A flow that
 finds no window parks itself in the destination's ``blocked`` map until a
 WINDOW_UPDATE (or SETTINGS, or ``resume_writing``) wakes it: no task, no timer.
 
-Writes. h2 queues the bytes of every frame it makes; each side hands them to
+Writes. The core queues the bytes of every frame it makes; each side hands them to
 its transport once per batch of events (``_flush``), so the frames made while
 handling one read cost one ``write``.
 
@@ -47,12 +48,11 @@ DATA is acknowledged as the app connection takes it; the app's socket is not
 read while the response waits for HTTP/2 window. Errors are synthesized as
 for HTTP/1 (502 and ``l5d-proxy-error``, never gRPC-style).
 
-GOAWAY. h2 4 treats any GOAWAY, sent or received, as the end of the
-connection: its state machine then refuses every frame. RFC 9113 6.8 lets the
-streams up to ``last_stream_id`` finish, which both a drain and an upstream
-that restarts need, so ``_H2`` reports a received GOAWAY without closing, and
-a drain writes its own GOAWAY frames (hyper's two-step drain: GOAWAY with the
-largest id, a PING, then GOAWAY with the real last stream id).
+GOAWAY. RFC 9113 6.8 lets the streams up to ``last_stream_id`` finish, which
+both a drain and an upstream that restarts need, so a received GOAWAY is
+reported without closing anything, and a drain writes its own GOAWAY frames
+(hyper's two-step drain: GOAWAY with the largest id, a PING, then GOAWAY with
+the real last stream id).
 """
 
 from __future__ import annotations
@@ -60,28 +60,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
-
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    InformationalResponseReceived,
-    PingAckReceived,
-    RemoteSettingsChanged,
-    RequestReceived,
-    ResponseReceived,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-    WindowUpdated,
-)
-from h2.exceptions import NoAvailableStreamIDError, ProtocolError, TooManyStreamsError
-from h2.settings import SettingCodes
-from hpack import Encoder
-from hyperframe.frame import GoAwayFrame
+from typing import TYPE_CHECKING, Any
 
 from proxy.balance.queue import FailFast as FailFastError
 from proxy.balance.queue import LoadShed as LoadShedError
@@ -101,11 +80,42 @@ from proxy.http.errors import (
 )
 from proxy.http.stack import Clients, Exchange, HttpRoute
 from proxy.log import get_logger
+from proxy.native import load
 from proxy.tls.local import IdentityMismatch
 from proxy.transport.connect import connect
 from proxy.transport.relay import TcpSeries
 
 log = get_logger("proxy.http.h2")
+
+# The HTTP/2 protocol core (proxy/http/h2core.py), compiled when built.
+h2core, H2CORE_KIND = load("h2core", "proxy.http.h2core")
+if TYPE_CHECKING:
+    from proxy.http.h2core import (
+        ConnectionTerminated,
+        DataReceived,
+        InformationalResponseReceived,
+        PingAckReceived,
+        RemoteSettingsChanged,
+        RequestReceived,
+        ResponseReceived,
+        StreamReset,
+        TrailersReceived,
+        WindowUpdated,
+    )
+else:
+    ConnectionTerminated = h2core.ConnectionTerminated
+    DataReceived = h2core.DataReceived
+    InformationalResponseReceived = h2core.InformationalResponseReceived
+    PingAckReceived = h2core.PingAckReceived
+    RemoteSettingsChanged = h2core.RemoteSettingsChanged
+    RequestReceived = h2core.RequestReceived
+    ResponseReceived = h2core.ResponseReceived
+    StreamReset = h2core.StreamReset
+    TrailersReceived = h2core.TrailersReceived
+    WindowUpdated = h2core.WindowUpdated
+ProtocolError = h2core.ProtocolError
+NoAvailableStreamIDError = h2core.NoAvailableStreamIDError
+TooManyStreamsError = h2core.TooManyStreamsError
 
 # RFC 9113 6.9.2: every window starts at 65,535 bytes, and SETTINGS cannot
 # change the connection window (only WINDOW_UPDATE can).
@@ -140,40 +150,16 @@ _GRPC_STATUS = b"grpc-status"
 # Tells a peer proxy to close its app's HTTP/1 connection after a fatal error (ref 3.4).
 _PROXY_CONNECTION = b"l5d-proxy-connection"
 
-_NO_ERROR = ErrorCodes.NO_ERROR
-_CANCEL = ErrorCodes.CANCEL
-_REFUSED_STREAM = ErrorCodes.REFUSED_STREAM
-_PROTOCOL_ERROR = ErrorCodes.PROTOCOL_ERROR
-_INTERNAL_ERROR = ErrorCodes.INTERNAL_ERROR
-
-# Headers stay bytes (no decoding). What a client sends is validated on the way
-# in; what the proxy forwards is not validated again on the way out, and
-# responses are left for the client to validate (it does, and the proxy only
-# relays them): validation is a fifth of h2's cost of receiving a header block.
-_SERVER_CONFIG = H2Configuration(
-    client_side=False, header_encoding=None, validate_inbound_headers=True,
-    normalize_inbound_headers=False, validate_outbound_headers=False, normalize_outbound_headers=False,
-)
-_CLIENT_CONFIG = H2Configuration(
-    client_side=True, header_encoding=None, validate_inbound_headers=False,
-    normalize_inbound_headers=False, validate_outbound_headers=False, normalize_outbound_headers=False,
-)
-
-
-class _RawEncoder(Encoder):
-    """HPACK without Huffman coding: pure-Python Huffman costs more CPU than the
-    bytes it saves, and repeated fields are sent as table indexes anyway."""
-
-    def encode(self, headers: Any, huffman: bool = False) -> bytes:
-        return super().encode(headers, huffman=False)
-
+_NO_ERROR: int = h2core.NO_ERROR
+_CANCEL: int = h2core.CANCEL
+_REFUSED_STREAM: int = h2core.REFUSED_STREAM
+_PROTOCOL_ERROR: int = h2core.PROTOCOL_ERROR
+_INTERNAL_ERROR: int = h2core.INTERNAL_ERROR
 
 def h2_error_label(code: int) -> str:
     """The ``error`` label Linkerd gives a reset stream: ``h2(CANCEL)`` (ref 7.1)."""
-    try:
-        return f"h2({ErrorCodes(code).name})"
-    except ValueError:
-        return f"h2({code})"
+    name = h2core.ERROR_NAMES.get(code)
+    return f"h2({name or int(code)})"
 
 
 def _forwardable(headers: Any) -> list[Any]:
@@ -233,37 +219,18 @@ class H2Settings:
             client_connection_window=getattr(config, "http2_initial_connection_window", 1048576),
         )
 
-    def server_settings(self) -> dict[SettingCodes | int, int]:
-        wanted: dict[SettingCodes | int, int | None] = {
-            SettingCodes.MAX_CONCURRENT_STREAMS: self.max_concurrent_streams,
-            SettingCodes.MAX_FRAME_SIZE: self.max_frame_size,
-            SettingCodes.MAX_HEADER_LIST_SIZE: self.max_header_list_size,
-            SettingCodes.INITIAL_WINDOW_SIZE: self.initial_stream_window,
+    def server_settings(self) -> dict[int, int]:
+        wanted: dict[int, int | None] = {
+            h2core.MAX_CONCURRENT_STREAMS: self.max_concurrent_streams,
+            h2core.MAX_FRAME_SIZE: self.max_frame_size,
+            h2core.MAX_HEADER_LIST_SIZE: self.max_header_list_size,
+            h2core.INITIAL_WINDOW_SIZE: self.initial_stream_window,
         }
         return {code: value for code, value in wanted.items() if value is not None}
 
 
-class _H2(H2Connection):
-    """h2's connection, except that a received GOAWAY does not end it (see the
-    module doc), and header blocks are encoded without Huffman coding."""
-
-    def __init__(self, config: H2Configuration) -> None:
-        super().__init__(config)
-        self.encoder = _RawEncoder()
-
-    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
-        event = ConnectionTerminated()
-        try:
-            event.error_code = ErrorCodes(frame.error_code)
-        except ValueError:
-            event.error_code = frame.error_code
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
-
-
 def _goaway(last_stream_id: int, error_code: int = 0) -> bytes:
-    return GoAwayFrame(0, last_stream_id=last_stream_id, error_code=error_code).serialize()
+    return h2core.goaway_frame(last_stream_id, error_code)
 
 
 # ---------------------------------------------------------------- both sides
@@ -277,7 +244,7 @@ class _Side(asyncio.Protocol):
 
     def __init__(self, conn_window: int) -> None:
         self.loop = asyncio.get_running_loop()
-        self.h2: _H2 = None  # type: ignore[assignment]  # made in connection_made
+        self.h2: Any = None  # h2core.Connection, made in connection_made
         self.transport: Any = None
         self.streams: dict[int, _Stream] = {}
         self.blocked: dict[int, _Flow] = {}  # stream id here -> flow waiting for window or writability
@@ -1014,12 +981,11 @@ class H2ClientConnection(_Side):
         pool = self.pool
         if pool.metrics is not None and pool.dst_labels is not None:
             self.series = TcpSeries(pool.metrics, pool.dst_labels)
-        h2 = self.h2 = _H2(_CLIENT_CONFIG)
-        h2.initiate_connection()
-        settings: dict[SettingCodes | int, int] = {SettingCodes.ENABLE_PUSH: 0}
+        h2 = self.h2 = h2core.Connection(client_side=True)
+        settings: dict[int, int] = {}
         if self.pool.settings.client_stream_window != DEFAULT_WINDOW:
-            settings[SettingCodes.INITIAL_WINDOW_SIZE] = self.pool.settings.client_stream_window
-        h2.update_settings(settings)
+            settings[h2core.INITIAL_WINDOW_SIZE] = self.pool.settings.client_stream_window
+        h2.initiate_connection(settings)
         self._open_connection_window()
         self._flush()
         self._arm_idle_timer()
@@ -1048,7 +1014,7 @@ class H2ClientConnection(_Side):
 
     # -- streams
     def has_capacity(self) -> bool:
-        return self.ready and not self.goaway and len(self.streams) < self.h2.remote_settings.max_concurrent_streams
+        return self.ready and not self.goaway and len(self.streams) < self.h2.remote_max_concurrent_streams
 
     def _no_settings(self) -> None:
         self.settings_timer = None
@@ -1118,7 +1084,7 @@ class H2ClientConnection(_Side):
     def _on_response(self, event: ResponseReceived) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is not None:
-            stream.response_head(event.headers, event.stream_ended is not None)
+            stream.response_head(event.headers, event.stream_ended)
 
     def _on_informational(self, event: InformationalResponseReceived) -> None:
         stream = self.streams.get(event.stream_id)
@@ -1128,17 +1094,12 @@ class H2ClientConnection(_Side):
     def _on_data(self, event: DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is not None:
-            stream.response.received(event.data, event.flow_controlled_length, event.stream_ended is not None)
+            stream.response.received(event.data, event.flow_controlled_length, event.stream_ended)
 
     def _on_trailers(self, event: TrailersReceived) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is not None:
             stream.trailers(event.headers)
-
-    def _on_end(self, event: StreamEnded) -> None:
-        stream = self.streams.get(event.stream_id)
-        if stream is not None:
-            stream.response.end()
 
     def _on_reset(self, event: StreamReset) -> None:
         stream = self.streams.get(event.stream_id)
@@ -1171,7 +1132,6 @@ H2ClientConnection.handlers = {
     InformationalResponseReceived: H2ClientConnection._on_informational,
     DataReceived: H2ClientConnection._on_data,
     TrailersReceived: H2ClientConnection._on_trailers,
-    StreamEnded: H2ClientConnection._on_end,
     StreamReset: H2ClientConnection._on_reset,
     WindowUpdated: _Side._on_window,
     RemoteSettingsChanged: H2ClientConnection._on_settings_changed,
@@ -1333,11 +1293,9 @@ class H2ServerConnection(_Side):
     # -- asyncio.Protocol
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        h2 = self.h2 = _H2(_SERVER_CONFIG)
-        h2.initiate_connection()
-        settings = self.settings.server_settings()
-        if settings:
-            h2.update_settings(settings)
+        # Requests are validated on the way in; responses are left to the client.
+        h2 = self.h2 = h2core.Connection(client_side=False, validate_requests=True)
+        h2.initiate_connection(self.settings.server_settings())
         self._open_connection_window()
         self._flush()
         if self.settings.keep_alive_interval:
@@ -1502,7 +1460,7 @@ class H2ServerConnection(_Side):
             headers.append(h)
         if self.added:
             headers += self.added
-        if mark is not None and self._downgrade(sid, headers, mark, event.stream_ended is not None):
+        if mark is not None and self._downgrade(sid, headers, mark, event.stream_ended):
             return
         route = self.route
         backend = route.backend if route.authorized else None
@@ -1510,7 +1468,7 @@ class H2ServerConnection(_Side):
         labels = self._endpoint_labels(backend, ep) if ep is not None else None
         stream = _Stream(self, sid, headers, Exchange(self.metrics, route, is_grpc(content_type), labels[0] if labels else None))
         self.streams[sid] = stream
-        if event.stream_ended is not None:
+        if event.stream_ended:
             stream.request.ended = True
         if not route.authorized:
             stream.fail(FORBIDDEN)  # the inbound default policy refuses this client (403, ref 3.5)
@@ -1571,17 +1529,12 @@ class H2ServerConnection(_Side):
     def _on_data(self, event: DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is not None:
-            stream.request.received(event.data, event.flow_controlled_length, event.stream_ended is not None)
+            stream.request.received(event.data, event.flow_controlled_length, event.stream_ended)
 
     def _on_trailers(self, event: TrailersReceived) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is not None:
             stream.request.end(_forwardable(event.headers))
-
-    def _on_end(self, event: StreamEnded) -> None:
-        stream = self.streams.get(event.stream_id)
-        if stream is not None:
-            stream.request.end()
 
     def _on_reset(self, event: StreamReset) -> None:
         stream = self.streams.get(event.stream_id)
@@ -1597,7 +1550,6 @@ H2ServerConnection.handlers = {
     RequestReceived: H2ServerConnection._on_request,
     DataReceived: H2ServerConnection._on_data,
     TrailersReceived: H2ServerConnection._on_trailers,
-    StreamEnded: H2ServerConnection._on_end,
     StreamReset: H2ServerConnection._on_reset,
     WindowUpdated: _Side._on_window,
     RemoteSettingsChanged: _Side._on_settings,
