@@ -57,7 +57,7 @@ def route(config: Config, discovery: StaticDiscovery | None, local: LocalIdentit
             return Target(dst, "", hint, found.service.name, backend)
         ep = found.endpoints[0]  # one endpoint's own address (a pod IP): that endpoint, meshed
         meshed = ep.identity if (local is not None and local.creds is not None) else ""
-        return Target(ep.addr, meshed, ep.protocol, None)
+        return Target(ep.addr, meshed, ep.protocol, None, opaque_port=ep.opaque_transport_port if meshed else 0)
 
     return choose
 

@@ -281,7 +281,8 @@ def decode_weighted_addr(data: bytes, set_labels: Mapping[str, str] | None = Non
     protocol, opaque_port = decode_protocol_hint(f.msg(6))
     override = _Fields(f.msg(7), {1: LEN}).text(1) if f.msg(7) is not None else ""
     weight = (f.uint(3) & _U32) or _UNSET_WEIGHT
-    endpoint = Endpoint(addr, weight, identity, labels.get("zone", ""), protocol, tuple(sorted(labels.items())))
+    endpoint = Endpoint(addr, weight, identity, labels.get("zone", ""), protocol, tuple(sorted(labels.items())),
+                        opaque_port if identity else 0)
     return endpoint, EndpointExtras(server_name if identity else "", opaque_port, override)
 
 

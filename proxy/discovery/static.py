@@ -10,6 +10,8 @@
     identity = "web.default.serviceaccount.identity.linkerd.cluster.local"   # optional: meshed (mTLS)
     zone = "zone-a"                     # optional
     protocol = "http1"                  # optional: http1 | http2 | opaque
+    opaque_transport_port = 4143        # optional, meshed endpoints: opaque TCP goes to this inbound
+                                        # port behind a transport.l5d.io/v1 header (ref 3.7)
 
 Lookups are by original destination: a service's ``vip`` resolves to all its
 endpoints; one endpoint's ``addr`` resolves to that endpoint alone (traffic to
@@ -42,6 +44,7 @@ class Endpoint:
     zone: str = ""
     protocol: str = ""  # hint: "", "http1", "http2", "opaque"
     labels: tuple[tuple[str, str], ...] = ()
+    opaque_transport_port: int = 0  # meshed: opaque TCP goes to this (inbound) port with a transport header
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +149,15 @@ def parse_table(text: str) -> Table:
                 problems.append(f"{ew}.protocol: expected http1, http2 or opaque, got {protocol!r}")
                 protocol = ""
             labels = tuple(sorted((str(k), str(v)) for k, v in ep.get("labels", {}).items()))
-            endpoints.append(Endpoint(addr, weight, str(ep.get("identity", "")), str(ep.get("zone", "")), protocol, labels))
+            transport_port = ep.get("opaque_transport_port", 0)
+            if not isinstance(transport_port, int) or not 0 <= transport_port <= 65535:
+                problems.append(f"{ew}.opaque_transport_port: expected a port number, got {transport_port!r}")
+                transport_port = 0
+            identity = str(ep.get("identity", ""))
+            if transport_port and not identity:
+                problems.append(f"{ew}.opaque_transport_port: needs an identity (the header travels over mTLS only)")
+                transport_port = 0
+            endpoints.append(Endpoint(addr, weight, identity, str(ep.get("zone", "")), protocol, labels, transport_port))
         routes = []
         for k, r in enumerate(svc.get("routes", [])):
             rw = f"{where}.routes[{k}]"

@@ -12,6 +12,7 @@ replaying any bytes already read during detection.
 from __future__ import annotations
 
 import asyncio
+import copy
 import socket
 import struct
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any
 
 from proxy.balance.queue import FailFast, LoadShed
 from proxy.config import Addr
+from proxy.core import transport_header
 from proxy.log import LEVELS, enabled, get_logger
 from proxy.tls.local import IdentityMismatch, LocalIdentity
 from proxy.transport.connect import connect
@@ -48,6 +50,7 @@ class Target:
     protocol: str = ""  # discovery's protocol hint: "", "http1", "http2", "opaque"
     authority: str | None = None  # the logical service name:port, when there is one
     backend: Any = None  # a balance.backend.Backend: the endpoint is picked per connection / request
+    opaque_port: int = 0  # meshed: opaque TCP goes to this inbound port behind a transport header (ref 3.7)
 
 
 Route = Callable[[Accepted], "Target | str"]  # where to go, or the reason to refuse
@@ -107,6 +110,19 @@ class Acceptor:
         self.dispatch = dispatch or (lambda conn: forward_opaque(conn, b""))
         self.backends: Any = None  # outbound: the per-destination backends, swept by the worker
         self.loop = asyncio.get_running_loop()
+        self._transport_identity: tuple[int, Any] | None = None  # (identity generation, its ALPN twin)
+
+    def transport_identity(self) -> Any:
+        """Our identity with a client context offering ALPN transport.l5d.io/v1 (opaque
+        transport), made once per certificate."""
+        local = self.local
+        assert local is not None
+        cached = self._transport_identity
+        if cached is None or cached[0] != local.generation:
+            twin = copy.copy(local)
+            twin.client_ctx = local.creds.client_context(alpn=[transport_header.ALPN])
+            cached = self._transport_identity = (local.generation, twin)
+        return cached[1]
 
     def __call__(self) -> AcceptProtocol:
         return AcceptProtocol(self)
@@ -180,11 +196,18 @@ async def _connect(fwd: Acceptor, relay: Relay, accepted: Accepted, target: Targ
             relay.finish()
             return
         meshed = ep.endpoint.identity if (fwd.local is not None and fwd.local.creds is not None) else ""
-        target = Target(ep.addr, meshed, ep.endpoint.protocol, target.authority)
+        target = Target(ep.addr, meshed, ep.endpoint.protocol, target.authority,
+                        opaque_port=ep.endpoint.opaque_transport_port if meshed else 0)
         started = fwd.loop.time()
         relay.balance = (ep, ep.load.start(started), 0.0)
+    dial, local, header = target.addr, fwd.local, b""
+    if target.identity and target.opaque_port and local is not None:
+        # Opaque transport (ref 3.7): to the peer's inbound port, ALPN transport.l5d.io/v1, and a
+        # header naming the port the app meant, so the peer terminates mTLS even for an opaque port.
+        dial, local = Addr(target.addr.host, target.opaque_port), fwd.transport_identity()
+        header = transport_header.encode(transport_header.Header(target.addr.port))
     try:
-        await connect(relay.new_upstream, target.addr, fwd.connect_timeout, target.identity, fwd.local)
+        await connect(relay.new_upstream, dial, fwd.connect_timeout, target.identity, local)
     except TimeoutError:
         _failed(fwd, relay, target.addr, "connect timeout", backend)
         return
@@ -202,6 +225,8 @@ async def _connect(fwd: Acceptor, relay: Relay, accepted: Accepted, target: Targ
         relay.finish()
         return
     relay.connect_task = None
+    if header:
+        relay.upstream.transport.write(header)  # before any application byte
     if relay.balance is not None:
         ep, handle, _rtt = relay.balance
         relay.balance = (ep, handle, fwd.loop.time() - handle)  # RTT sample: the connect (and TLS) handshake

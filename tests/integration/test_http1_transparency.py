@@ -21,6 +21,7 @@ import hashlib
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -39,11 +40,38 @@ from tests.support import (
     wait_until,
 )
 
-TOPOLOGIES = ("one", "pair")
+# one: a single proxy; pair: A's outbound -> B's inbound in plaintext; meshed: the same with
+# identities, so the hop is mTLS and HTTP/1 crosses it as HTTP/2 (the orig-proto upgrade).
+TOPOLOGIES = ("one", "pair", "meshed")
 CURL_ENV = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
 
 
 # ---------------------------------------------------------------- processes
+
+_ISSUER: list = []
+
+
+def meshed_env(name: str, target_port: int | None = None, transport_port: int = 0) -> dict[str, str]:
+    """Identity files for ``name`` (one CA per test process) and, for a client, a discovery
+    file that names the endpoint at ``target_port`` as meshed (opaque traffic to it goes to
+    ``transport_port`` behind a transport header when that is set)."""
+    from proxy.tls import ca
+    from tests.integration.test_identity_mtls import TRUST_DOMAIN, write_identity
+
+    if not _ISSUER:
+        _ISSUER.append(ca.make_ca(TRUST_DOMAIN))
+    directory = tempfile.mkdtemp(prefix="meshed-")
+    env = write_identity(os.path.join(directory, "id"), _ISSUER[0], f"{name}.default.serviceaccount.identity.linkerd.cluster.local")
+    if target_port is not None:
+        discovery = os.path.join(directory, "discovery.toml")
+        with open(discovery, "w") as f:
+            f.write(f'[[services]]\nauthority = "server.default.svc.cluster.local"\nport = 80\n[[services.endpoints]]\n'
+                    f'addr = "127.0.0.1:{target_port}"\nidentity = "server.default.serviceaccount.identity.linkerd.cluster.local"\n')
+            if transport_port:
+                f.write(f'protocol = "opaque"\nopaque_transport_port = {transport_port}\n')
+        env["MESHPROXY_DISCOVERY_FILE"] = discovery
+    return env
+
 
 
 def start_all(*proxies: Proxy) -> None:
@@ -83,8 +111,11 @@ def chain(pure: bool, topology: str, target: int, outer: dict[str, str] | None =
         proxies = [p]
         entry, last = p.outbound, p
     else:
-        b = make_proxy(pure=pure, MESHPROXY_INBOUND_FALLBACK_ADDR=f"127.0.0.1:{target}", **(inner or {}))
-        a = make_proxy(pure=pure, MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{b.inbound}", **(outer or {}))
+        meshed = topology == "meshed"
+        b = make_proxy(pure=pure, MESHPROXY_INBOUND_FALLBACK_ADDR=f"127.0.0.1:{target}",
+                       **(meshed_env("server") if meshed else {}), **(inner or {}))
+        a = make_proxy(pure=pure, MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{b.inbound}",
+                       **(meshed_env("client", b.inbound) if meshed else {}), **(outer or {}))
         proxies = [a, b]
         entry, last = a.outbound, b
     start_all(*proxies)
@@ -100,6 +131,8 @@ class World:
 
     ``b`` falls back to the upstream on both listeners; ``a``'s outbound falls
     back to ``b``'s inbound. "one" enters at ``b.outbound``, "pair" at ``a.outbound``.
+    "meshed" enters at ``c.outbound``: ``c`` and ``d`` have identities and ``c``'s
+    outbound falls back to ``d``'s inbound, a meshed endpoint, and ``d`` to the upstream.
     """
 
     def __init__(self, pure: bool) -> None:
@@ -107,21 +140,24 @@ class World:
         target = f"127.0.0.1:{self.up.port}"
         self.b = make_proxy(pure=pure, MESHPROXY_OUTBOUND_FALLBACK_ADDR=target, MESHPROXY_INBOUND_FALLBACK_ADDR=target)
         self.a = make_proxy(pure=pure, MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{self.b.inbound}")
+        self.d = make_proxy(pure=pure, MESHPROXY_INBOUND_FALLBACK_ADDR=target, **meshed_env("server"))
+        self.c = make_proxy(pure=pure, MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{self.d.inbound}",
+                            **meshed_env("client", self.d.inbound))
         try:
-            start_all(self.a, self.b)
+            start_all(self.a, self.b, self.c, self.d)
         except BaseException:
             self.up.close()
             raise
 
     def entry(self, topology: str) -> int:
-        return self.b.outbound if topology == "one" else self.a.outbound
+        return {"one": self.b.outbound, "pair": self.a.outbound, "meshed": self.c.outbound}[topology]
 
     def seen(self, token: str) -> list:
         return [r for r in list(self.up.requests) if token.encode() in r.target]
 
     def close(self) -> list[int | None]:
         try:
-            return stop_all(self.a, self.b)
+            return stop_all(self.a, self.b, self.c, self.d)
         finally:
             self.up.close()
 
@@ -139,7 +175,7 @@ def world(twin, worlds) -> World:
     if twin not in worlds:
         worlds[twin] = World(twin)
     w = worlds[twin]
-    for p in (w.a, w.b):
+    for p in (w.a, w.b, w.c, w.d):
         assert p.proc.poll() is None, "a shared proxy died:\n" + p.read_output()
     return w
 
@@ -490,17 +526,30 @@ def test_server_speaks_first_on_an_opaque_port_greets_at_once(twin, topology, my
         p = make_proxy(pure=twin, MESHPROXY_INBOUND_FALLBACK_ADDR=f"127.0.0.1:{mysqlish.port}")
         p.env["LINKERD2_PROXY_INBOUND_PORTS_DISABLE_PROTOCOL_DETECTION"] = str(p.inbound)
         proxies, entry = [p], p.inbound
-    else:
+    elif topology == "pair":
         b = make_proxy(pure=twin, MESHPROXY_INBOUND_FALLBACK_ADDR=f"127.0.0.1:{mysqlish.port}")
         b.env["LINKERD2_PROXY_INBOUND_PORTS_DISABLE_PROTOCOL_DETECTION"] = str(b.inbound)
         # The control plane marks a server-first port opaque for its clients too.
         a = make_proxy(pure=twin, MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{b.inbound}",
                        MESHPROXY_OUTBOUND_PORTS_DISABLE_PROTOCOL_DETECTION=str(b.inbound))
         proxies, entry = [a, b], a.outbound
+    else:
+        # Meshed clients reach an opaque port through the peer's inbound port (ref 2.1, 3.7):
+        # discovery marks the endpoint opaque with its transport port; the peer reads the
+        # transport header after the mTLS handshake and connects to the port it names.
+        b = make_proxy(pure=twin, **meshed_env("server"))
+        a = make_proxy(pure=twin, MESHPROXY_OUTBOUND_FALLBACK_ADDR=f"127.0.0.1:{mysqlish.port}",
+                       **meshed_env("client", mysqlish.port, transport_port=b.inbound))
+        proxies, entry = [a, b], a.outbound
     start_all(*proxies)
     try:
         elapsed = greet(entry)
         assert elapsed < 0.5, f"greeting took {elapsed:.2f}s on an opaque port"
+        if topology == "meshed":
+            server_id = "server.default.serviceaccount.identity.linkerd.cluster.local"
+            client_id = "client.default.serviceaccount.identity.linkerd.cluster.local"
+            assert metric_value(a.metrics(), "tcp_open_total", direction="outbound", peer="dst", tls="true", server_id=server_id) == 1
+            assert metric_value(b.metrics(), "tcp_open_total", direction="inbound", peer="src", tls="true", client_id=client_id) == 1
     finally:
         assert stop_all(*proxies) == [0] * len(proxies)
 
@@ -515,5 +564,5 @@ def test_server_speaks_first_works_after_the_detect_timeout(twin, topology, mysq
         assert 0.8 <= elapsed <= 5, f"greeting after {elapsed:.2f}s"
         text = proxies[0].metrics()
         assert metric_value(text, "outbound_tcp_detect_http_results_total", result="read_timeout") == 1
-        if topology == "pair":
+        if topology != "one":
             assert metric_value(last.metrics(), "inbound_tcp_detect_http_results_total", result="read_timeout") == 1

@@ -68,6 +68,7 @@ def test_add_ipv4_ipv6_labels_identity_hints():
     assert b.addr == Addr("fd00:1:2::ff", 9090) and b.protocol == "opaque" and b.identity == ID
     assert b.labels == (("namespace", "ns"), ("service", "web"))
     assert bx == EndpointExtras(server_name="sni.example.org", opaque_transport_port=4143)
+    assert b.opaque_transport_port == 4143 and a.opaque_transport_port == 0  # the data path reads it from the endpoint
     assert c.addr == Addr("0.0.0.0", 1) and c.weight == 1  # weight unset -> 1, not "never chosen"
 
 
