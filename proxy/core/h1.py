@@ -14,6 +14,11 @@ Two implementations share this interface:
 Header names keep their original case (legacy servers match them
 case-sensitively, users.md A10); ``name_lower`` helpers are used for lookups.
 
+The common case skips the parser callbacks: a bodiless request, or a
+Content-Length response, that arrives whole in one read is recognised in one
+pass by ``proxy.core.h1scan`` (compiled: native/h1scan.pyx) and handed over as
+the same head, body and end; everything else goes through llhttp.
+
 A request that switches protocols (``Upgrade`` or ``CONNECT``) stops the
 parser: ``Switch(remaining)`` is raised with the bytes that followed the head.
 A response parser must be told the request method (HEAD responses have no
@@ -26,12 +31,16 @@ from typing import Any, Protocol
 
 import h11
 
+from proxy.native import load
+
 try:
     import httptools
 except ImportError:  # pragma: no cover - httptools is a dependency; the twin still works
     httptools = None  # type: ignore[assignment]
 
 Headers = list[tuple[bytes, bytes]]
+
+_scan = load("h1scan", "proxy.core.h1scan")[0]  # head scanning and writing: compiled twin unless disabled
 
 MAX_HEAD_SIZE = 64 * 1024  # users.md A13: beyond this, 431 (requests) or 502 (responses)
 
@@ -54,12 +63,15 @@ class Switch(Exception):  # noqa: N818 - a control-flow signal, not an error
 class RequestHead:
     __slots__ = ("method", "target", "version", "headers", "keep_alive", "chunked", "content_length", "upgrade")
 
-    def __init__(self, method: bytes, target: bytes, version: bytes, headers: Headers) -> None:
+    def __init__(self, method: bytes, target: bytes, version: bytes, headers: Headers,
+                 framed: tuple[bool, int | None, bytes, bool] | None = None) -> None:
         self.method = method
         self.target = target
         self.version = version
         self.headers = headers
-        self.chunked, self.content_length, connection, self.upgrade = framing(headers)
+        # ``framed``: what ``framing(headers)`` returns, when the scanner has worked it out already.
+        f: tuple[bool, int | None, bytes, bool] = framed or framing(headers)
+        self.chunked, self.content_length, connection, self.upgrade = f
         self.keep_alive = (b"close" not in connection) if version == b"1.1" else (b"keep-alive" in connection)
         if method == b"CONNECT":
             self.upgrade = True
@@ -68,32 +80,19 @@ class RequestHead:
 class ResponseHead:
     __slots__ = ("status", "reason", "version", "headers", "keep_alive", "chunked", "content_length")
 
-    def __init__(self, status: int, reason: bytes, version: bytes, headers: Headers) -> None:
+    def __init__(self, status: int, reason: bytes, version: bytes, headers: Headers,
+                 framed: tuple[bool, int | None, bytes, bool] | None = None) -> None:
         self.status = status
         self.reason = reason
         self.version = version
         self.headers = headers
-        self.chunked, self.content_length, connection, _upgrade = framing(headers)
+        f: tuple[bool, int | None, bytes, bool] = framed or framing(headers)
+        self.chunked, self.content_length, connection, _upgrade = f
         self.keep_alive = (b"close" not in connection) if version == b"1.1" else (b"keep-alive" in connection)
 
 
-def framing(headers: Headers) -> tuple[bool, int | None, bytes, bool]:
-    """(chunked, content-length, lower-cased Connection tokens, upgrade requested)."""
-    chunked = False
-    length = None
-    connection = b""
-    upgrade = False
-    for name, value in headers:
-        n = name.lower()
-        if n == b"content-length":
-            length = int(value)
-        elif n == b"transfer-encoding":
-            chunked = value.lower().rstrip().endswith(b"chunked")
-        elif n == b"connection":
-            connection += b"," + value.lower()
-        elif n == b"upgrade":
-            upgrade = True
-    return chunked, length, connection, upgrade and b"upgrade" in connection
+# (chunked, content-length, lower-cased Connection tokens, upgrade requested) of a header list.
+framing = _scan.framing
 
 
 class Handler(Protocol):
@@ -110,12 +109,13 @@ class Handler(Protocol):
 class _HttptoolsRequestParser:
     """Requests, on llhttp."""
 
-    __slots__ = ("handler", "parser", "url", "headers", "head_size", "max_head", "head")
+    __slots__ = ("handler", "parser", "url", "headers", "head_size", "max_head", "head", "idle")
 
     def __init__(self, handler: Handler, max_head: int = MAX_HEAD_SIZE) -> None:
         self.handler = handler
         self.parser = httptools.HttpRequestParser(self)
         self.max_head = max_head
+        self.idle = True  # llhttp is between messages: the scanner may take the next one
         self._reset()
 
     def _reset(self) -> None:
@@ -123,6 +123,9 @@ class _HttptoolsRequestParser:
         self.headers: Headers = []
         self.head_size = 0
         self.head: RequestHead | None = None
+
+    def on_message_begin(self) -> None:
+        self.idle = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -150,9 +153,18 @@ class _HttptoolsRequestParser:
 
     def on_message_complete(self) -> None:
         self._reset()
+        self.idle = True
         self.handler.on_end()
 
     def feed(self, data: bytes) -> None:
+        if self.idle:
+            scanned = _scan.scan_request(data, self.max_head)
+            if scanned is not None:
+                # One whole bodiless request: the head and the end llhttp would have reported.
+                method, target, headers, length, connection = scanned
+                self.handler.on_head(RequestHead(method, target, b"1.1", headers, (False, length, connection, False)))
+                self.handler.on_end()
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -179,7 +191,7 @@ class _HttptoolsResponseParser:
         self.method = method
         self.max_head = max_head
         self.manual = bytearray() if method in (b"HEAD", b"CONNECT") else None
-        self.parser = None if self.manual is not None else httptools.HttpResponseParser(self)
+        self.parser: Any = None  # llhttp, made on the first read the scanner does not take whole
         self.reason = b""
         self.headers: Headers = []
         self.head_size = 0
@@ -223,7 +235,18 @@ class _HttptoolsResponseParser:
         if self.manual is not None:
             self._feed_manual(data)
             return
-        assert self.parser is not None
+        if self.parser is None:
+            scanned = _scan.scan_response(data, self.max_head)
+            if scanned is not None:
+                # One whole Content-Length response: the callbacks llhttp would have made.
+                status, reason, version, headers, length, connection, body = scanned
+                handler = self.handler
+                handler.on_head(ResponseHead(status, reason, version, headers, (False, length, connection, False)))
+                if length:
+                    handler.on_body(data[body:])
+                handler.on_end()
+                return
+            self.parser = httptools.HttpResponseParser(self)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -410,37 +433,12 @@ def response_parser(handler: Handler, method: bytes, pure: bool, max_head: int =
 
 # ------------------------------------------------------------------ writing
 
-# Hop-by-hop headers (RFC 9110 7.6.1) describe one connection and are not forwarded.
-# Content-Length and Transfer-Encoding stay: the proxy keeps each message's framing
-# (it re-encodes chunks as it forwards them), so those headers remain true.
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"})
-
-
-def forwardable(headers: Headers, upgrade: bool = False) -> Headers:
-    """Headers minus the hop-by-hop ones and those the Connection header names.
-    A protocol switch (Upgrade, 101) keeps its Connection and Upgrade headers."""
-    if upgrade:
-        return headers
-    named: tuple[bytes, ...] = ()
-    out = []
-    for name, value in headers:
-        n = name.lower()
-        if n in HOP_BY_HOP:
-            if n == b"connection":
-                named += tuple(t.strip() for t in value.lower().split(b","))
-            continue
-        out.append((name, value))
-    if named:
-        out = [(n, v) for n, v in out if n.lower() not in named]
-    return out
-
-
-def encode_head(first_line: bytes, headers: Headers) -> bytes:
-    parts = [first_line]
-    for name, value in headers:
-        parts.append(name + b": " + value)
-    parts.append(b"\r\n")
-    return b"\r\n".join(parts)
+# Hop-by-hop headers (RFC 9110 7.6.1): not forwarded (proxy.core.h1scan says why).
+HOP_BY_HOP = _scan.HOP_BY_HOP
+# Headers minus the hop-by-hop ones and those Connection names (kept for a protocol switch).
+forwardable = _scan.forwardable
+# A head: the first line, then "name: value" lines, then the empty line.
+encode_head = _scan.encode_head
 
 
 def encode_chunk(data: bytes) -> bytes:
