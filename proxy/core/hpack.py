@@ -28,6 +28,7 @@ This module is compiled as a Cython twin (setup.py COMPILED_TWINS, ``hpack``).
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 # RFC 7541 4.2 / RFC 9113 6.5.2: SETTINGS_HEADER_TABLE_SIZE starts at 4,096 octets.
 DEFAULT_TABLE_SIZE = 4096
@@ -42,6 +43,10 @@ _HUFFMAN_CACHE_SIZE = 1024
 # Longer coded strings are decoded each time: they rarely repeat, and a cache
 # keyed by large strings would hold more memory than it saves CPU.
 _HUFFMAN_CACHE_MAX_LEN = 64
+# Header lists whose whole block an encoder keeps (see Encoder): a proxy sends
+# the same few lists again and again (one client's requests, one server's
+# responses); cleared whole when full.
+_BLOCK_CACHE_SIZE = 32
 
 
 class HPACKError(Exception):
@@ -53,9 +58,21 @@ class HeaderListTooLarge(HPACKError):
 
 
 class NeverIndexed(tuple):
-    """A field that must never enter a dynamic table, here or further on (RFC 7541 7.1.3)."""
+    """A field that must never enter a dynamic table, here or further on (RFC 7541 7.1.3).
+
+    It is not equal to the plain field of the same name and value, so a header
+    list holding it is never mistaken for one that does not (``Encoder``'s cache)."""
 
     __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is NeverIndexed and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash((NeverIndexed, tuple(self)))
 
 
 # RFC 7541 Appendix A: the static table, index 1 to 61 (index 0 does not exist).
@@ -339,7 +356,8 @@ def huffman_decode(data: bytes) -> bytes:
 class Decoder:
     """The receiving side of one direction of a connection."""
 
-    __slots__ = ("table", "table_size", "max_table_size", "max_allowed_table_size", "max_header_list_size")
+    __slots__ = ("table", "table_size", "max_table_size", "max_allowed_table_size", "max_header_list_size",
+                 "generation")
 
     def __init__(self, max_header_list_size: int = 0) -> None:
         self.table: deque[tuple[bytes, bytes]] = deque()  # newest first: index 62 is table[0]
@@ -348,8 +366,12 @@ class Decoder:
         # What our SETTINGS_HEADER_TABLE_SIZE allows the encoder to choose.
         self.max_allowed_table_size = DEFAULT_TABLE_SIZE
         self.max_header_list_size = max_header_list_size  # 0: no limit
+        # Changes whenever the table does: a block that changed nothing decodes to
+        # the same fields while this stays the same (callers may cache on it).
+        self.generation = 0
 
     def _add(self, field: tuple[bytes, bytes]) -> None:
+        self.generation += 1
         size = len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
         table = self.table
         limit = self.max_table_size
@@ -364,6 +386,7 @@ class Decoder:
     def _resize(self, size: int) -> None:
         if size > self.max_allowed_table_size:
             raise HPACKError(f"table size update to {size} is over the {self.max_allowed_table_size} allowed")
+        self.generation += 1
         self.max_table_size = size
         table = self.table
         while table and self.table_size > size:
@@ -442,9 +465,15 @@ class Encoder:
     Every field that is not in a table yet is added to the dynamic table
     (incremental indexing), except never-indexed ones and fields too large to be
     worth an entry; a field seen before goes out as one index.
+
+    A block made only of indexes (it changed no table) stays right for the same
+    header list until the table changes, so it is kept and sent again: the
+    common case of a proxy relaying one client's or one server's repeated
+    header lists costs one dictionary lookup.
     """
 
-    __slots__ = ("entries", "fields", "names", "inserted", "size", "max_size", "pending_sizes")
+    __slots__ = ("entries", "fields", "names", "inserted", "size", "max_size", "pending_sizes", "blocks",
+                 "generation")
 
     def __init__(self) -> None:
         # Entries newest first, each (field, insertion number). An entry's index is
@@ -456,6 +485,8 @@ class Encoder:
         self.size = 0
         self.max_size = DEFAULT_TABLE_SIZE
         self.pending_sizes: list[int] = []  # table size updates owed at the start of the next block
+        self.blocks: dict[tuple[Any, ...], tuple[int, bytes]] = {}  # header list -> (generation, its block)
+        self.generation = 0  # changes whenever the table does
 
     @property
     def header_table_size(self) -> int:
@@ -467,6 +498,7 @@ class Encoder:
         if size == self.max_size and not self.pending_sizes:
             return
         self.max_size = size
+        self.generation += 1
         self._evict(size)
         pending = self.pending_sizes
         # RFC 7541 4.2: the smallest size since the last block, then the final one.
@@ -487,20 +519,26 @@ class Encoder:
             if self.names.get(field[0]) == number:
                 del self.names[field[0]]
 
-    def encode(self, headers: object) -> bytes:
+    def encode(self, headers: Any) -> bytes:
         """One header block for ``headers``, an iterable of (name, value) pairs of bytes."""
+        key = headers if type(headers) is tuple else tuple(headers)
+        generation = self.generation
+        cached = self.blocks.get(key)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
         out = bytearray()
         if self.pending_sizes:
             for size in self.pending_sizes:
                 out += encode_integer(size, 5, 0x20)
             self.pending_sizes = []
+            generation = -1  # this block is not one to repeat
         fields = self.fields
         names = self.names
-        for header in headers:  # type: ignore[attr-defined]
+        for header in key:
             name = header[0]
             value = header[1]
             never = type(header) is NeverIndexed
-            field = (name, value)
+            field = header if type(header) is tuple else (name, value)
             if not never:
                 index = _STATIC_FIELDS.get(field)
                 if index is not None:
@@ -532,6 +570,7 @@ class Encoder:
             out += encode_integer(len(value), 7)
             out += value
             if prefix == 0x40:
+                self.generation += 1
                 self._evict(self.max_size - size)
                 number = self.inserted
                 self.inserted += 1
@@ -539,4 +578,10 @@ class Encoder:
                 self.size += size
                 fields[field] = number
                 names[name] = number
-        return bytes(out)
+        block = bytes(out)
+        if generation == self.generation:
+            blocks = self.blocks
+            if len(blocks) >= _BLOCK_CACHE_SIZE:
+                blocks.clear()
+            blocks[key] = (generation, block)
+        return block

@@ -65,6 +65,12 @@ DEFAULT_MAX_HEADER_LIST_SIZE = 65536
 # A header block split over CONTINUATION frames may grow to this much before
 # the connection is ended (CONTINUATION floods cost memory, RFC 9113 10.5).
 MAX_HEADER_BLOCK = 4 * DEFAULT_MAX_HEADER_LIST_SIZE
+# Received header blocks remembered with their fields (see Connection._decode):
+# a peer repeats a few blocks (the same request head, the same response head);
+# more distinct ones than this and the cache is cleared whole. Larger blocks
+# are decoded each time: they rarely repeat exactly.
+BLOCK_CACHE_SIZE = 32
+BLOCK_CACHE_MAX_LEN = 1024
 
 # Frame types (RFC 9113 6) and flags.
 DATA = 0x0
@@ -382,6 +388,8 @@ class Connection:
         self.inbound_flow_control_window = DEFAULT_WINDOW
         # A header block being continued: (stream id, HEADERS flags, pieces, size).
         self.continued: tuple[int, int, list[bytes], int] | None = None
+        # Block -> [decoder generation, fields, request check or None] (see _decode).
+        self.blocks: dict[bytes, list[Any]] = {}
 
     # ------------------------------------------------------------ sending
 
@@ -706,11 +714,34 @@ class Connection:
         else:
             self.continued = (sid, first_flags, pieces, size)
 
+    def _decode(self, block: bytes) -> tuple[list[Any], list[Any] | None]:
+        """The fields of ``block``, and its cache entry if it has one.
+
+        A block that changes no HPACK table (only indexes and literals that are
+        not indexed) decodes to the same fields for as long as the decoder's
+        table stays as it is (its generation), so such blocks are remembered
+        with their fields and, on the server side, with the verdict of the
+        request checks: a client repeating its request head costs a lookup."""
+        decoder = self.decoder
+        entry = self.blocks.get(block)
+        if entry is not None and entry[0] == decoder.generation:
+            return list(entry[1]), entry
+        generation = decoder.generation
+        headers = decoder.decode(block)
+        if decoder.generation != generation or len(block) > BLOCK_CACHE_MAX_LEN:
+            return headers, None
+        blocks = self.blocks
+        if len(blocks) >= BLOCK_CACHE_SIZE:
+            blocks.clear()
+        entry = blocks[block] = [generation, headers, None]
+        return list(headers), entry
+
     def _header_block(self, events: list[Any], sid: int, flags: int, block: bytes) -> None:
         # Decoded before anything else: the HPACK table must see every block.
         oversized = False
+        entry = None
         try:
-            headers = self.decoder.decode(block)
+            headers, entry = self._decode(block)
         except hpack.HeaderListTooLarge:
             oversized = True
             headers = []
@@ -763,7 +794,12 @@ class Connection:
                 return
             expected = -1
             if self.validate_requests:
-                problem, expected = request_problem(headers)
+                verdict = entry[2] if entry is not None else None
+                if verdict is None:
+                    verdict = request_problem(headers)
+                    if entry is not None:
+                        entry[2] = verdict
+                problem, expected = verdict
                 if problem is None and ended and expected > 0:
                     problem = "content-length with no body"
                 if problem is not None:
@@ -884,3 +920,4 @@ class Connection:
                 self.decoder.max_allowed_table_size = value
             elif code == MAX_HEADER_LIST_SIZE:
                 self.decoder.max_header_list_size = value
+                self.blocks.clear()  # their fields were measured against the old limit

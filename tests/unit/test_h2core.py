@@ -342,3 +342,23 @@ def test_our_client_with_the_h2_server(core):
     events = us.receive_data(them.data_to_send())
     assert kinds(events)[0] == "ResponseReceived"
     assert sum(len(e.data) for e in events[1:]) == 58000 and events[-1].stream_ended
+
+
+def test_repeated_blocks_decode_right_as_the_table_changes(core):
+    # The server remembers blocks that changed no table; the client here indexes
+    # every new field, so repeats of one request are index-only blocks.
+    client, server = pair(core)
+    heads = [REQUEST + [(b"x-n", b"1")], REQUEST + [(b"x-n", b"1")], REQUEST + [(b"x-n", b"1")],
+             REQUEST + [(b"x-n", b"2")], REQUEST + [(b"x-n", b"1")], REQUEST + [(b"x-n", b"1")]]
+    for n, head in enumerate(heads):
+        sid = 2 * n + 1
+        client.send_headers(sid, head, end_stream=True)
+        (req,) = move(client, server)
+        assert req.headers == head
+        req.headers.append((b"x-mutated", b"by the caller"))  # must not leak into the next event
+    bad = REQUEST + [(b"connection", b"close")]
+    for sid in (13, 15):  # a malformed head repeated is refused each time
+        client.send_headers(sid, bad, end_stream=True)
+        assert move(client, server) == []
+        (reset,) = move(server, client)
+        assert reset.error_code == core.PROTOCOL_ERROR

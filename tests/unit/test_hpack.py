@@ -43,7 +43,7 @@ def test_c2_single_representations(hp):
     assert d.table_size == 0
     d = hp.Decoder()
     fields = d.decode(block("1008 7061 7373 776f 7264 0673 6563 7265 74"))
-    assert fields == [(b"password", b"secret")] and isinstance(fields[0], hp.NeverIndexed)
+    assert [tuple(f) for f in fields] == [(b"password", b"secret")] and isinstance(fields[0], hp.NeverIndexed)
     assert d.table_size == 0
     assert hp.Decoder().decode(block("82")) == [(b":method", b"GET")]
 
@@ -194,7 +194,8 @@ def test_never_indexed_is_forwarded_never_indexed(hp):
     e, d = hp.Encoder(), hp.Decoder()
     secret = hp.NeverIndexed((b"authorization", b"token"))
     fields = d.decode(e.encode([secret, (b"x-a", b"1")]))
-    assert fields == [(b"authorization", b"token"), (b"x-a", b"1")]
+    assert [tuple(f) for f in fields] == [(b"authorization", b"token"), (b"x-a", b"1")]
+    assert fields[0] != (b"authorization", b"token") and fields[0] == secret  # never mistaken for the plain field
     assert isinstance(fields[0], hp.NeverIndexed) and not isinstance(fields[1], hp.NeverIndexed)
     assert (b"authorization", b"token") not in d.table
 
@@ -223,3 +224,34 @@ def test_header_list_over_the_limit(hp):
     with pytest.raises(hp.HeaderListTooLarge):
         d.decode(hp.Encoder().encode([(b"x-a", b"v" * 80)]))
     assert d.decode(hp.Encoder().encode([(b"x-a", b"v" * 10)])) == [(b"x-a", b"v" * 10)]
+
+
+def test_repeated_lists_stay_right_as_the_table_changes(hp):
+    # The encoder sends a repeated list's block again only while its table is unchanged.
+    e, d = hp.Encoder(), hp.Decoder()
+    same = [(b":status", b"200"), (b"server", b"x"), (b"x-a", b"1")]
+    first = e.encode(same)
+    assert d.decode(first) == same
+    again = e.encode(same)
+    assert again != first and d.decode(again) == same  # now all indexes
+    assert e.encode(list(same)) is again  # unchanged table: the same block
+    d.decode(e.encode([(b"x-b", b"2")]))  # two inserts shift the indexes
+    d.decode(e.encode([(b"x-c", b"3")]))
+    assert d.decode(e.encode(same)) == same
+    e.header_table_size = 60  # evicts all but room for one entry; an update is owed
+    d.max_allowed_table_size = 4096
+    block = e.encode(same)
+    assert block[0] & 0xE0 == 0x20 and d.decode(block) == same
+    assert d.decode(e.encode(same)) == same
+    secret = [hp.NeverIndexed((b"x-a", b"1"))]
+    assert e.encode(secret)[0] & 0xF0 == 0x10  # never indexed, though the plain field is cached
+
+
+def test_decoder_generation_moves_with_the_table(hp):
+    d = hp.Decoder()
+    d.decode(block("82"))
+    assert d.generation == 0
+    d.decode(block("400a 6375 7374 6f6d 2d6b 6579 0d63 7573 746f 6d2d 6865 6164 6572"))
+    assert d.generation == 1
+    d.decode(block("20"))  # size update to 0
+    assert d.generation == 2 and d.table_size == 0
