@@ -11,6 +11,14 @@ reading until it drains (``resume_writing``); memory per connection is then
 bounded by the transports' write buffers. Until the peer end exists (the
 upstream is still connecting) received bytes are held, and reading pauses
 once ``HOLD_LIMIT`` bytes are held.
+
+Reads are buffered (``get_buffer``/``buffer_updated``; the transports pick
+that path for any protocol with ``get_buffer``): the socket is read straight
+into one buffer shared by every end of the worker, and a view of it is
+written to the peer, so a chunk is never turned into a bytes object. The
+transport's ``write`` sends what it can at once and keeps a reference to the
+rest; when anything stays buffered after a write, the shared buffer is lent
+to that transport and a fresh one takes its place.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ from __future__ import annotations
 from typing import Any
 
 HOLD_LIMIT = 256 * 1024  # bytes held while the upstream connects; one socket read's worth
+READ_SIZE = 256 * 1024  # bytes per socket read: uvloop's own read size, and 16 TLS records
+
+_read_view = memoryview(bytearray(READ_SIZE))  # the shared read buffer (one event loop per worker)
 
 
 class RelayEnd:
@@ -50,6 +61,23 @@ class RelayEnd:
         self.held_size += len(data)
         if self.held_size >= HOLD_LIMIT:
             self.transport.pause_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        global _read_view
+        view = _read_view
+        peer = self.peer
+        if peer is not None:
+            self.rx += nbytes
+            transport = peer.transport
+            transport.write(view[:nbytes])
+            if transport.get_write_buffer_size():
+                # The transport holds a view of what it could not send yet: lend it the buffer.
+                _read_view = memoryview(bytearray(READ_SIZE))
+            return
+        self.data_received(bytes(view[:nbytes]))
 
     def eof_received(self) -> bool:
         self.eof = True

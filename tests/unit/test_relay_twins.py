@@ -60,6 +60,8 @@ class FakeTransport:
         self.aborted = False
         self.high_water = high_water
         self.protocol_paused = False
+        self.buffered = 0  # what get_write_buffer_size reports: > 0 = "I kept part of your data"
+        self.views: list[Any] = []  # the objects written, as given (views of the caller's buffer)
 
     @property
     def data(self) -> bytes:
@@ -67,6 +69,7 @@ class FakeTransport:
 
     def write(self, data: bytes) -> None:
         self.calls.append("write")
+        self.views.append(data)
         self.chunks.append(bytes(data))
         if self.high_water is not None and not self.protocol_paused and len(self.data) > self.high_water:
             self.protocol_paused = True
@@ -100,6 +103,9 @@ class FakeTransport:
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return None if name == "socket" else default
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
 
 
 class FakeCounter:
@@ -411,3 +417,49 @@ def test_sweep_measures_idleness_from_the_last_bytes_seen(end_cls):
     assert not w.client_t.closed
     w.tracker.sweep(t0 + 150)
     assert w.client_t.closed
+
+
+# ------------------------------------------------------------------ buffered reads
+
+
+def receive(end: Any, data: bytes) -> None:
+    """What uvloop does for a protocol with get_buffer: read into its buffer, then tell it."""
+    buf = end.get_buffer(-1)
+    assert len(buf) >= len(data)
+    buf[:len(data)] = data
+    end.buffer_updated(len(data))
+
+
+def test_buffered_reads_are_written_to_the_peer_and_counted(end_cls):
+    w = connected()
+    receive(w.client, b"ping")
+    receive(w.upstream, b"ok")
+    assert w.upstream_t.chunks == [b"ping"]
+    assert w.client_t.chunks == [b"ok"]
+    assert (w.client.rx, w.upstream.rx) == (4, 2)
+
+
+def test_a_buffer_the_peer_keeps_is_lent_and_never_overwritten(end_cls):
+    w = connected()
+    w.upstream_t.buffered = 3  # the transport could not send everything: it keeps our view
+    receive(w.client, b"first")
+    kept = w.upstream_t.views[0]
+    receive(w.client, b"XXXXXXXX")
+    assert bytes(kept) == b"first"  # the next read went to another buffer
+    assert w.client.get_buffer(-1) is not None
+
+
+def test_a_buffer_sent_at_once_is_reused(end_cls):
+    w = connected()
+    first = w.client.get_buffer(-1)
+    receive(w.client, b"sent")
+    assert w.client.get_buffer(-1) is first
+
+
+def test_buffered_reads_before_link_are_held_as_copies(end_cls):
+    w = World()
+    receive(w.client, b"early ")
+    receive(w.client, b"bytes")
+    w.connect()
+    assert w.upstream_t.chunks == [b"early ", b"bytes"]
+    assert w.client.rx == 11
