@@ -169,6 +169,17 @@ class MeshproxyPair(Path):
 
 
 @dataclass
+class HaproxyTlsPair(Path):
+    """Two haproxies in a row with TLS 1.3 between them: what C does on the same hops."""
+
+    def skip_reason(self, ctx: Ctx) -> str | None:
+        return None if servers.installed("haproxy") else "haproxy not installed"
+
+    def start(self, ctx: Ctx, upstream_port: int) -> ContextManager[Server | None]:
+        return servers.haproxy_tls_pair(ctx.env, upstream_port)
+
+
+@dataclass
 class MeshproxyBalanced(Path):
     """One meshproxy whose fallback address is a service VIP of the discovery file, with
     ``endpoints`` endpoints: the backend's ports ep0..ep{n-1}, balanced per request."""
@@ -742,7 +753,11 @@ class TcpMtlsPair(PairScenario, TcpThroughput):
     title = "Opaque TCP through a proxy pair, plaintext vs mTLS (iperf3, 1 stream)"
 
     def paths(self, ctx: Ctx) -> list[Path]:
-        return [Direct("iperf"), *self.pair_paths("iperf", http=False)]
+        return [
+            Direct("iperf"),
+            *self.pair_paths("iperf", http=False),
+            HaproxyTlsPair("haproxy TLS pair", "haproxy", "iperf"),
+        ]
 
     def derive(self, rows: list[Row]) -> None:
         super().derive(rows)

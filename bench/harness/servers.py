@@ -255,6 +255,58 @@ def nginx_proxy(env: Env, upstream: int, front_proto: str = "h1") -> Iterator[Se
         yield Server("nginx proxy", {"front": front}, [proc])
 
 
+# A TLS pair of haproxies: the same hops as the meshproxy mTLS pair (client side originates
+# TLS 1.3 with a client certificate, server side terminates it), in C. A reference for what
+# this machine can relay over TLS, with the pair's certificates (made by proxy.tls.ca).
+HAPROXY_TLS_SERVER = """\
+listen tls_in
+    mode tcp
+    bind 127.0.0.1:{front} ssl crt {crt} ca-file {ca} verify optional ssl-min-ver TLSv1.3
+    server s1 127.0.0.1:{upstream}
+"""
+
+HAPROXY_TLS_CLIENT = """\
+listen tls_out
+    mode tcp
+    bind 127.0.0.1:{front}
+    server s1 127.0.0.1:{upstream} ssl crt {crt} ca-file {ca} verify required sni str({sni}) verifyhost {sni} ssl-min-ver TLSv1.3
+"""
+
+
+@contextlib.contextmanager
+def haproxy_tls_pair(env: Env, upstream: int) -> Iterator[Server]:
+    """Two single-threaded haproxies in a row (client -> TLS 1.3 -> server -> ``upstream``)."""
+    ids = pair_identities(env)
+    s_in, c_out = env.ports.take(), env.ports.take()
+    d = _dir(env, f"haproxy-tls-pair-{c_out}")
+    head = HAPROXY_HEAD.format(threads=1, maxconn=HAPROXY_MAXCONN)
+    procs = []
+    for role, body, front, up in (
+        ("server", HAPROXY_TLS_SERVER, s_in, upstream),
+        ("client", HAPROXY_TLS_CLIENT, c_out, s_in),
+    ):
+        idd = ids[role]
+        crt = d / f"{role}.pem"  # haproxy wants the chain and the key in one file
+        crt.write_text(
+            Path(idd["MESHPROXY_IDENTITY_CERT_FILE"]).read_text()
+            + Path(idd["MESHPROXY_IDENTITY_KEY_FILE"]).read_text()
+        )
+        ca = d / "roots.pem"
+        ca.write_text(idd["LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS"])
+        cfg = head + body.format(front=front, upstream=up, crt=crt, ca=ca, sni=PAIR_SERVER_ID)
+        (d / f"{role}.cfg").write_text(cfg)
+        procs.append(
+            Proc(
+                f"haproxy tls {role}",
+                ["haproxy", "-db", "-f", str(d / f"{role}.cfg")],
+                d / f"{role}.log",
+                cpus=env.proxy_cpus,
+            )
+        )
+    with _started(procs[0], [s_in]), _started(procs[1], [c_out]):
+        yield Server("haproxy tls pair", {"front": c_out}, [procs[1], procs[0]])
+
+
 # --------------------------------------------------------------------------- meshproxy
 
 
