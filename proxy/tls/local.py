@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.log import get_logger
+from proxy.tls import transport as tls_transport
 
 log = get_logger("proxy.tls")
 
@@ -21,6 +22,9 @@ class LocalIdentity:
         self.server_ctx: Any = None
         self.client_ctx: Any = None
         self.generation = 0
+        # Protect the records of meshed connections ourselves after OpenSSL's handshake
+        # (proxy.tls.transport): the contexts log their secrets to this process's key log.
+        self.record_layer = True
 
     @property
     def name(self) -> str:
@@ -37,9 +41,18 @@ class LocalIdentity:
         # inbound port directly negotiates it; ordinary mesh connections offer no ALPN and get none.
         self.server_ctx = creds.server_context(alpn=["transport.l5d.io/v1"])
         self.client_ctx = creds.client_context()
+        klog = tls_transport.keylog() if self.record_layer else None
+        if klog is not None:
+            klog.attach(self.server_ctx)
+            klog.attach(self.client_ctx)
         self.creds = creds
         self.generation += 1
         log.info("identity installed", name=creds.name, not_after=int(creds.not_after), generation=self.generation)
+
+
+    def records_usable(self, ctx: Any) -> bool:
+        """Whether connections with ``ctx`` take the record layer (proxy.tls.transport)."""
+        return self.record_layer and tls_transport.usable(ctx)
 
 
 class IdentityMismatch(Exception):

@@ -5,8 +5,10 @@ transport exists (uvloop starts reading a new transport at once, pause or
 not), until the first bytes say "TLS with SNI x", "not TLS", or the
 timeout/EOF comes. No byte is consumed, so the TLS handshake (or the HTTP
 detection) afterwards reads the connection from its first byte. ``adopt``
-makes the transport, running the server handshake for our own name; bytes
-that arrive before the next stage is in place are held and replayed.
+makes the transport, running the server handshake for our own name (OpenSSL's
+handshake and our record layer, proxy.tls.transport, when the context's
+secrets are logged here; uvloop's SSL transport otherwise); bytes that arrive
+before the next stage is in place are held and replayed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import socket
 from typing import Any
 
 from proxy.core.detect import NEED_MORE, client_hello_sni
+from proxy.tls import transport as tls_transport
 
 PEEK_SIZE = 512  # a proxy's ClientHello is < ~300 bytes (ref 2.2)
 NOT_TLS = "not_tls"
@@ -100,6 +103,12 @@ async def adopt(sock: socket.socket, server_ctx: Any | None, timeout: float) -> 
     loop = asyncio.get_running_loop()
     if server_ctx is None:
         transport, _ = await loop.connect_accepted_socket(lambda: hold, sock)  # type: ignore[type-var]
+    elif tls_transport.usable(server_ctx):
+        # OpenSSL's handshake, then our record layer (proxy.tls.transport).
+        tls = await asyncio.wait_for(
+            tls_transport.handshake(lambda f: loop.connect_accepted_socket(f, sock), server_ctx, True), timeout)
+        tls_transport.start(tls, hold)
+        return tls, hold
     else:
         transport, _ = await loop.connect_accepted_socket(lambda: hold, sock, ssl=server_ctx, ssl_handshake_timeout=timeout)  # type: ignore[type-var]
     return transport, hold

@@ -1,0 +1,240 @@
+"""The TLS 1.3 record layer (proxy.tls.records) in memory: a Sealer paired with an Opener.
+
+No sockets: bytes in, plaintext and errors out. The key schedule is checked
+against RFC 8448's trace; the round trip with real OpenSSL peers is in
+tests/integration/test_tls_record_layer.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from proxy.tls import records
+from proxy.tls.records import Opener, RecordError, Sealer, hkdf_expand_label
+
+SUITE = "TLS_AES_128_GCM_SHA256"
+SECRET = bytes(range(32))
+
+
+def pair(suite: str = SUITE, secret: bytes = SECRET) -> tuple[Sealer, Opener]:
+    return Sealer(suite, secret), Opener(suite, secret)
+
+
+def open_all(opener: Opener, wire: bytes, step: int | None = None) -> bytes:
+    """Feed ``wire`` (in pieces of ``step`` bytes) and read every plaintext byte out."""
+    out = memoryview(bytearray(1 << 20))
+    got = bytearray()
+    pieces = [wire] if step is None else [wire[i:i + step] for i in range(0, len(wire), step)]
+    for piece in pieces:
+        opener.feed(piece)
+        while True:
+            n = opener.read_into(out)
+            if not n:
+                break
+            got += out[:n]
+    return bytes(got)
+
+
+def test_key_schedule_matches_rfc8448():
+    # RFC 8448 section 3, "derive write traffic keys for handshake data" (server side).
+    secret = bytes.fromhex("b67b7d690cc16c4e75e54213cb2d37b4e9c912bcded9105d42befd59d391ad38")
+    assert hkdf_expand_label(secret, b"key", b"", 16, "sha256").hex() == "3fce516009c21727d0f2e4e86ee403bc"
+    assert hkdf_expand_label(secret, b"iv", b"", 12, "sha256").hex() == "5d313eb2671276ee13000b30"
+
+
+@pytest.mark.parametrize("suite", sorted(records.SUITES))
+def test_every_suite_round_trips(suite):
+    secret = os.urandom(48 if suite.endswith("SHA384") else 32)
+    sealer, opener = pair(suite, secret)
+    data = os.urandom(100_000)
+    assert open_all(opener, bytes(sealer.seal(data))) == data
+
+
+def test_records_are_full_size_and_headers_say_application_data():
+    sealer, _ = pair()
+    wire = bytes(sealer.seal(b"x" * (3 * records.MAX_PLAINTEXT + 10)))
+    lengths = []
+    pos = 0
+    while pos < len(wire):
+        assert wire[pos:pos + 3] == b"\x17\x03\x03"
+        length = int.from_bytes(wire[pos + 3:pos + 5], "big")
+        lengths.append(length)
+        pos += 5 + length
+    assert lengths == [records.MAX_PLAINTEXT + 17] * 3 + [10 + 17]
+
+
+def test_the_first_record_is_what_an_independent_aead_makes():
+    """Nonce = IV xor sequence number, AAD = the record header (RFC 8446 5.2-5.3)."""
+    sealer, _ = pair()
+    key = hkdf_expand_label(SECRET, b"key", b"", 16, "sha256")
+    iv = hkdf_expand_label(SECRET, b"iv", b"", 12, "sha256")
+    wire = bytes(sealer.seal(b"one")) + bytes(sealer.seal(b"two"))
+    first, second = wire[:5 + 3 + 17], wire[5 + 3 + 17:]
+    assert AESGCM(key).decrypt(iv, first[5:], first[:5]) == b"one\x17"
+    nonce1 = (int.from_bytes(iv, "big") ^ 1).to_bytes(12, "big")
+    assert AESGCM(key).decrypt(nonce1, second[5:], second[:5]) == b"two\x17"
+
+
+def test_sequence_numbers_stay_in_step_over_many_records_and_odd_pieces():
+    sealer, opener = pair()
+    chunks = [os.urandom(n) for n in (1, 7, 16384, 16385, 40000, 3, 99999)] * 30
+    wire = b"".join(bytes(sealer.seal(c)) for c in chunks)
+    assert open_all(opener, wire, step=4093) == b"".join(chunks)
+    assert sealer.keys.seq == opener.keys.seq == 16 * 30  # 1+1+1+2+3+1+7 records per round
+
+
+def test_byte_by_byte_input():
+    sealer, opener = pair()
+    data = os.urandom(3000)
+    assert open_all(opener, bytes(sealer.seal(data)), step=1) == data
+
+
+def test_read_into_stops_at_a_full_buffer_and_goes_on_later():
+    sealer, opener = pair()
+    data = os.urandom(5 * records.MAX_PLAINTEXT)
+    opener.feed(sealer.seal(data))
+    out = memoryview(bytearray(2 * records.MAX_PLAINTEXT + 100))
+    got = bytearray()
+    while n := opener.read_into(out):
+        assert n <= len(out)
+        got += out[:n]
+    assert bytes(got) == data
+
+
+def test_a_corrupted_record_is_refused_and_its_plaintext_never_returned():
+    sealer, opener = pair()
+    good = bytes(sealer.seal(b"good"))
+    bad = bytearray(sealer.seal(b"secret-ish"))
+    bad[8] ^= 1
+    opener.feed(good + bytes(bad))
+    out = memoryview(bytearray(1 << 16))
+    with pytest.raises(RecordError) as err:
+        opener.read_into(out)
+    assert err.value.alert == records.BAD_RECORD_MAC
+    # Nothing was returned, and the record before it can be had: it authenticated.
+    assert opener.start == len(good)
+
+
+def test_a_replayed_record_does_not_authenticate():
+    sealer, opener = pair()
+    record = bytes(sealer.seal(b"once"))
+    assert open_all(opener, record) == b"once"
+    with pytest.raises(RecordError):
+        open_all(opener, record)
+
+
+def test_close_notify_ends_the_stream_and_later_bytes_are_ignored():
+    sealer, opener = pair()
+    wire = bytes(sealer.seal(b"last words")) + sealer.close_notify()
+    assert sealer.closed
+    assert open_all(opener, wire) == b"last words"
+    assert opener.closed
+    opener.feed(b"\x17\x03\x03\x00\x20" + bytes(32))
+    assert opener.read_into(memoryview(bytearray(1 << 16))) == 0
+
+
+def test_a_fatal_alert_from_the_peer_is_an_error():
+    sealer, opener = pair()
+    wire = bytearray(sealer.seal(b""))  # empty data makes no record; seal an alert by hand
+    assert wire == b""
+    wire = sealer._out[:sealer._seal_one(bytes((2, 40)), records.ALERT, 0)].tobytes()
+    with pytest.raises(RecordError) as err:
+        open_all(opener, wire)
+    assert err.value.alert == 40
+
+
+def test_new_session_tickets_are_ignored():
+    sealer, opener = pair()
+    ticket = bytes((records.NEW_SESSION_TICKET,)) + (200).to_bytes(3, "big") + os.urandom(200)
+    sealer._reserve(4096)
+    wire = sealer._out[:sealer._seal_one(ticket, records.HANDSHAKE, 0)].tobytes()
+    wire += bytes(sealer.seal(b"after the ticket"))
+    assert open_all(opener, wire) == b"after the ticket"
+
+
+def test_a_ticket_split_over_two_records_is_ignored():
+    sealer, opener = pair()
+    ticket = bytes((records.NEW_SESSION_TICKET,)) + (300).to_bytes(3, "big") + os.urandom(300)
+    sealer._reserve(4096)
+    end = sealer._seal_one(ticket[:100], records.HANDSHAKE, 0)
+    end = sealer._seal_one(ticket[100:], records.HANDSHAKE, end)
+    wire = sealer._out[:end].tobytes() + bytes(sealer.seal(b"data"))
+    assert open_all(opener, wire) == b"data"
+
+
+def test_key_update_from_the_peer_rekeys_and_a_request_is_noted():
+    sealer, opener = pair()
+    sealer._reserve(4096)
+    # The peer asks for an update (update_requested = 1), then moves to its next keys.
+    end = sealer._seal_one(bytes((records.KEY_UPDATE, 0, 0, 1, 1)), records.HANDSHAKE, 0)
+    wire = sealer._out[:end].tobytes()
+    sealer.keys.next_generation()
+    wire += bytes(sealer.seal(b"under new keys"))
+    assert open_all(opener, wire) == b"under new keys"
+    assert opener.update_requested
+    assert opener.keys.seq == 1
+
+
+def test_our_key_update_answer_is_understood_by_the_peer():
+    ours, theirs = pair()
+    answer = ours.key_update()
+    wire = answer + bytes(ours.seal(b"next generation"))
+    assert open_all(theirs, wire) == b"next generation"
+    assert not theirs.update_requested  # update_not_requested: no ping-pong
+
+
+def test_sending_side_rekeys_before_the_record_limit():
+    sealer, opener = pair()
+    # Jump both to just below the limit (as if 2^23 records had passed).
+    sealer.keys.seq = opener.keys.seq = records.REKEY_AFTER - 2
+    data = os.urandom(4 * records.MAX_PLAINTEXT)
+    assert open_all(opener, bytes(sealer.seal(data))) == data
+    assert sealer.keys.seq < 10 and opener.keys.seq == sealer.keys.seq  # both moved to new keys
+
+
+def test_an_unprotected_record_after_the_handshake_is_refused():
+    _, opener = pair()
+    with pytest.raises(RecordError) as err:
+        open_all(opener, b"\x16\x03\x03\x00\x04abcd")
+    assert err.value.alert == records.UNEXPECTED_MESSAGE
+
+
+def test_an_oversized_record_is_refused_before_it_is_read():
+    _, opener = pair()
+    with pytest.raises(RecordError) as err:
+        open_all(opener, b"\x17\x03\x03" + (records.MAX_CIPHERTEXT + 1).to_bytes(2, "big"))
+    assert err.value.alert == records.RECORD_OVERFLOW
+
+
+def test_an_unknown_inner_content_type_is_refused():
+    sealer, opener = pair()
+    sealer._reserve(4096)
+    wire = sealer._out[:sealer._seal_one(b"x", 99, 0)].tobytes()
+    with pytest.raises(RecordError):
+        open_all(opener, wire)
+
+
+def test_padding_is_stripped():
+    sealer, opener = pair()
+    sealer._reserve(4096)
+    # Inner plaintext "pad" + type 23 + 50 zero bytes (RFC 8446 5.4): seal it as a raw chunk.
+    end = sealer._seal_one(b"pad\x17" + bytes(49), 0, 0)  # the final 0 byte is our "type"
+    assert open_all(opener, sealer._out[:end].tobytes()) == b"pad"
+
+
+def test_sealing_never_writes_into_the_callers_buffer():
+    sealer, _ = pair()
+    data = bytearray(os.urandom(40000))
+    before = bytes(data)
+    sealer.seal(memoryview(data))
+    assert data == before
+
+
+def test_a_secret_of_the_wrong_length_or_an_unknown_suite_is_refused():
+    with pytest.raises(ValueError):
+        Sealer("TLS_AES_256_GCM_SHA384", bytes(32))
+    with pytest.raises(ValueError):
+        Opener("TLS_AES_128_CCM_SHA256", bytes(32))
