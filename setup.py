@@ -14,7 +14,7 @@ from setuptools.command.build_ext import build_ext
 NATIVE_MODULES = ["relay", "h1scan"]
 # Pure modules compiled as they are (Cython's pure-Python mode): the twin is the same source.
 COMPILED_TWINS = {"h1parse": "proxy/core/h1.py", "http1": "proxy/http/h1.py", "hpack": "proxy/core/hpack.py",
-                  "h2core": "proxy/http/h2core.py"}
+                  "h2core": "proxy/http/h2core.py", "exchange": "proxy/http/exchange.py"}
 
 
 class OptionalBuildExt(build_ext):

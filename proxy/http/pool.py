@@ -10,7 +10,6 @@ A connection must have ``lost``, ``transport``, ``idle_since`` and ``close()``.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from proxy.config import Addr
@@ -34,20 +33,24 @@ class IdlePool:
 
     def acquire(self) -> Any:
         """The most recently used idle connection, if any."""
-        while self.idle:
-            conn = self.idle.pop()
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
             if not conn.lost and not conn.transport.is_closing():
                 conn.reused = True
                 return conn
         return None
 
     def release(self, conn: Any) -> None:
-        if self.closed or conn.lost or len(self.idle) >= self.max_idle:
+        idle = self.idle
+        if self.closed or conn.lost or len(idle) >= self.max_idle:
             conn.close()
             return
         self.parked(conn)
-        conn.idle_since = time.monotonic()
-        self.idle.append(conn)
+        # The loop's clock: it is read once per loop iteration, and millisecond precision
+        # is plenty for a timeout of seconds (time.monotonic() is a clock read per release).
+        conn.idle_since = self.loop.time()
+        idle.append(conn)
         if self._sweep is None:
             self._sweep = self.loop.call_later(self.idle_timeout, self._close_stale)
 
@@ -62,13 +65,13 @@ class IdlePool:
 
     def _close_stale(self) -> None:
         self._sweep = None
-        cutoff = time.monotonic() - self.idle_timeout
+        cutoff = self.loop.time() - self.idle_timeout
         for conn in [c for c in self.idle if c.idle_since <= cutoff]:
             self.idle.remove(conn)
             conn.close()
         if self.idle:
             oldest = min(c.idle_since for c in self.idle)
-            self._sweep = self.loop.call_later(max(0.05, oldest + self.idle_timeout - time.monotonic()), self._close_stale)
+            self._sweep = self.loop.call_later(max(0.05, oldest + self.idle_timeout - self.loop.time()), self._close_stale)
 
     def close(self) -> None:
         self.closed = True
