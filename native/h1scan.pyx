@@ -289,6 +289,29 @@ def forwardable(headers, upgrade=False):
     return out
 
 
+def take_header(headers, bytes name):
+    if type(headers) is not list:
+        return _pure.take_header(headers, name)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
+    cdef const char* lower = PyBytes_AS_STRING(name)
+    cdef object found = None
+    cdef list kept = None
+    cdef Py_ssize_t i
+    cdef object item, key, value
+    for i in range(len(headers)):
+        item = headers[i]
+        key, value = item
+        if type(key) is not bytes:
+            return _pure.take_header(headers, name)
+        if PyBytes_GET_SIZE(key) == n and _ieq(<const unsigned char*>PyBytes_AS_STRING(key), lower, n):
+            if found is None:
+                found = value
+                kept = [(k, v) for k, v in headers[:i]]
+        elif kept is not None:
+            kept.append((key, value))
+    return (found, kept) if found is not None else (None, headers)
+
+
 def encode_head(first_line, headers):
     if type(first_line) is not bytes or type(headers) is not list:
         return _pure.encode_head(first_line, headers)

@@ -439,6 +439,8 @@ HOP_BY_HOP = _scan.HOP_BY_HOP
 forwardable = _scan.forwardable
 # A head: the first line, then "name: value" lines, then the empty line.
 encode_head = _scan.encode_head
+# (first value, headers without it) of a header named in lower case; (None, the same list) if absent.
+take_header = _scan.take_header
 
 
 def encode_chunk(data: bytes) -> bytes:

@@ -148,6 +148,20 @@ def forwardable(headers: Headers, upgrade: bool = False) -> Headers:
     return out
 
 
+def take_header(headers: Headers, name: bytes) -> tuple[bytes | None, Headers]:
+    """Every ``name`` header (``name`` in lower case) removed: (the first value, the others).
+    With no such header: (None, the same list)."""
+    found = None
+    kept = []
+    for n, v in headers:
+        if n.lower() == name:
+            if found is None:
+                found = v
+        else:
+            kept.append((n, v))
+    return (found, kept) if found is not None else (None, headers)
+
+
 def encode_head(first_line: bytes, headers: Headers) -> bytes:
     parts = [first_line]
     for name, value in headers:

@@ -286,3 +286,12 @@ def test_request_head_framing_matches_the_slow_path() -> None:
 @pytest.mark.parametrize("data", RESPONSES[:12])
 def test_response_parser_reports_the_same_whole_or_byte_by_byte(data: bytes) -> None:
     assert _response_events(data, split=False) == _response_events(data, split=True)
+
+
+def test_take_header_removes_every_one_and_returns_the_first(scan: Any) -> None:
+    headers = [(b"Host", b"x"), (b"L5d-Require-Id", b"a"), (b"X", b"1"), [b"l5d-require-id", b"b"]]
+    for name in (b"l5d-require-id", b"host", b"absent"):
+        assert scan.take_header(list(headers), name) == h1scan.take_header(list(headers), name)
+    assert scan.take_header(headers, b"l5d-require-id") == (b"a", [(b"Host", b"x"), (b"X", b"1")])
+    same = [(b"Host", b"x")]
+    assert scan.take_header(same, b"absent")[1] is same
