@@ -357,7 +357,7 @@ class Decoder:
     """The receiving side of one direction of a connection."""
 
     __slots__ = ("table", "table_size", "max_table_size", "max_allowed_table_size", "max_header_list_size",
-                 "generation")
+                 "generation", "read_table", "inserted")
 
     def __init__(self, max_header_list_size: int = 0) -> None:
         self.table: deque[tuple[bytes, bytes]] = deque()  # newest first: index 62 is table[0]
@@ -366,9 +366,19 @@ class Decoder:
         # What our SETTINGS_HEADER_TABLE_SIZE allows the encoder to choose.
         self.max_allowed_table_size = DEFAULT_TABLE_SIZE
         self.max_header_list_size = max_header_list_size  # 0: no limit
-        # Changes whenever the table does: a block that changed nothing decodes to
-        # the same fields while this stays the same (callers may cache on it).
+        # What the last block did, for callers that cache blocks: ``generation``
+        # changes whenever the table does; ``read_table`` says the block used the
+        # dynamic table (or resized it), and ``inserted`` lists the fields it
+        # added. A block that read no table always decodes to the same fields and
+        # adds the same entries (``insert`` replays them); one that did decodes
+        # the same only while the generation is unchanged.
         self.generation = 0
+        self.read_table = False
+        self.inserted: list[tuple[bytes, bytes]] = []
+
+    def insert(self, field: tuple[bytes, bytes]) -> None:
+        """Add ``field`` as a literal with incremental indexing would (a replayed block)."""
+        self._add(field)
 
     def _add(self, field: tuple[bytes, bytes]) -> None:
         self.generation += 1
@@ -398,6 +408,7 @@ class Decoder:
             if index == 0:
                 raise HPACKError("index 0")
             return STATIC_TABLE[index]
+        self.read_table = True
         index -= _STATIC_LAST + 1
         if index >= len(self.table):
             raise HPACKError(f"index {index + _STATIC_LAST + 1} is past the dynamic table")
@@ -411,6 +422,8 @@ class Decoder:
         end = len(data)
         static = STATIC_TABLE
         table = self.table
+        self.read_table = False
+        inserted = self.inserted = []
         while pos < end:
             octet = data[pos]
             if octet & 0x80:  # 6.1 indexed field
@@ -423,6 +436,7 @@ class Decoder:
                     field = static[index]
                 elif _STATIC_LAST < index <= _STATIC_LAST + len(table):
                     field = table[index - _STATIC_LAST - 1]
+                    self.read_table = True
                 else:
                     field = self._field(index)  # raises the right error
             elif octet & 0x40:  # 6.2.1 literal, added to the table
@@ -434,11 +448,13 @@ class Decoder:
                 value, pos = _string(data, pos)
                 field = (name, value)
                 self._add(field)
+                inserted.append(field)
             elif octet & 0x20:  # 6.3 table size update: only before the first field (4.2)
                 if headers:
                     raise HPACKError("table size update after a field")
                 size, pos = decode_integer(data, pos, 0x1F)
                 self._resize(size)
+                self.read_table = True  # not a block to replay
                 continue
             else:  # 6.2.2 literal not indexed, 6.2.3 never indexed
                 index, pos = decode_integer(data, pos, 0x0F)

@@ -388,7 +388,8 @@ class Connection:
         self.inbound_flow_control_window = DEFAULT_WINDOW
         # A header block being continued: (stream id, HEADERS flags, pieces, size).
         self.continued: tuple[int, int, list[bytes], int] | None = None
-        # Block -> [decoder generation, fields, request check or None] (see _decode).
+        # Block -> [decoder generation, fields, request check or None, fields it
+        # inserts or None] (see _decode).
         self.blocks: dict[bytes, list[Any]] = {}
 
     # ------------------------------------------------------------ sending
@@ -717,23 +718,38 @@ class Connection:
     def _decode(self, block: bytes) -> tuple[list[Any], list[Any] | None]:
         """The fields of ``block``, and its cache entry if it has one.
 
-        A block that changes no HPACK table (only indexes and literals that are
-        not indexed) decodes to the same fields for as long as the decoder's
-        table stays as it is (its generation), so such blocks are remembered
-        with their fields and, on the server side, with the verdict of the
-        request checks: a client repeating its request head costs a lookup."""
+        Peers repeat a few blocks (one client's request head, one server's
+        response head), so blocks are remembered with their fields and, on the
+        server side, with the verdict of the request checks. A block that read
+        no dynamic table entry decodes the same whatever the table holds: a
+        repeat replays its insertions (a server that indexes every response
+        field and never refers to them, as nginx does). A block that read the
+        table decodes the same only while the table is unchanged (its
+        generation), so only those that changed nothing are kept."""
         decoder = self.decoder
         entry = self.blocks.get(block)
-        if entry is not None and entry[0] == decoder.generation:
-            return list(entry[1]), entry
+        if entry is not None:
+            inserts = entry[3]
+            if inserts is not None:
+                for field in inserts:
+                    decoder.insert(field)
+                return list(entry[1]), entry
+            if entry[0] == decoder.generation:
+                return list(entry[1]), entry
         generation = decoder.generation
         headers = decoder.decode(block)
-        if decoder.generation != generation or len(block) > BLOCK_CACHE_MAX_LEN:
+        if len(block) > BLOCK_CACHE_MAX_LEN:
+            return headers, None
+        if not decoder.read_table:
+            inserts = decoder.inserted
+        elif decoder.generation == generation:
+            inserts = None
+        else:
             return headers, None
         blocks = self.blocks
         if len(blocks) >= BLOCK_CACHE_SIZE:
             blocks.clear()
-        entry = blocks[block] = [generation, headers, None]
+        entry = blocks[block] = [generation, headers, None, inserts]
         return list(headers), entry
 
     def _header_block(self, events: list[Any], sid: int, flags: int, block: bytes) -> None:

@@ -362,3 +362,23 @@ def test_repeated_blocks_decode_right_as_the_table_changes(core):
         assert move(client, server) == []
         (reset,) = move(server, client)
         assert reset.error_code == core.PROTOCOL_ERROR
+
+
+def test_repeated_blocks_that_index_every_field_replay_their_insertions(core):
+    # nginx's way: every response field sent as a literal to index, never
+    # referred to afterwards. The client remembers the block; a repeat must
+    # still grow the table exactly as decoding it would.
+    client = core.Connection(client_side=True)
+    client.initiate_connection()
+    reference = pure_h2core.hpack.Decoder()
+    block = bytes((0x88, 0x40 | 54, 5)) + b"nginx" + bytes((0x40 | 33, 3)) + b"now"  # :status 200, server, date
+    for sid in (1, 3, 5):
+        client.send_headers(sid, REQUEST, end_stream=True)
+        (resp,) = client.receive_data(core.frame(core.HEADERS, core.END_HEADERS | core.END_STREAM, sid, block))
+        assert resp.headers == reference.decode(block) == [(b":status", b"200"), (b"server", b"nginx"), (b"date", b"now")]
+        assert list(client.decoder.table) == list(reference.table)
+    client.send_headers(7, REQUEST, end_stream=True)
+    indexed = bytes((0x88, 0x80 | 62, 0x80 | 63))  # the newest entry (date) then server
+    (resp,) = client.receive_data(core.frame(core.HEADERS, core.END_HEADERS | core.END_STREAM, 7, indexed))
+    assert resp.headers == [(b":status", b"200"), (b"date", b"now"), (b"server", b"nginx")]
+    assert client.decoder.table_size == reference.table_size == 3 * (len(b"servernginx") + len(b"datenow") + 64)
