@@ -50,6 +50,15 @@ class LocalIdentity:
         log.info("identity installed", name=creds.name, not_after=int(creds.not_after), generation=self.generation)
 
 
+    def make_client_context(self, alpn: list[str] | None = None) -> Any:
+        """Another client context of the current identity (e.g. offering ALPN), with its
+        secrets logged like the others, so its connections take the record layer too."""
+        ctx = self.creds.client_context(alpn=alpn)
+        klog = tls_transport.keylog() if self.record_layer else None
+        if klog is not None:
+            klog.attach(ctx)
+        return ctx
+
     def records_usable(self, ctx: Any) -> bool:
         """Whether connections with ``ctx`` take the record layer (proxy.tls.transport)."""
         return self.record_layer and tls_transport.usable(ctx)

@@ -120,7 +120,7 @@ class Acceptor:
         cached = self._transport_identity
         if cached is None or cached[0] != local.generation:
             twin = copy.copy(local)
-            twin.client_ctx = local.creds.client_context(alpn=[transport_header.ALPN])
+            twin.client_ctx = local.make_client_context(alpn=[transport_header.ALPN])
             cached = self._transport_identity = (local.generation, twin)
         return cached[1]
 

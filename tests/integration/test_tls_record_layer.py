@@ -430,3 +430,18 @@ def test_s_server_with_tickets_and_a_key_update_request_against_our_client(pki):
                 await proc.wait()
 
     uvloop.run(main())
+
+
+def test_every_context_of_the_identity_takes_the_record_layer(pki):
+    """The contexts LocalIdentity makes (ALPN ones for the opaque transport too) log their
+    secrets here; a context made elsewhere does not, and gets OpenSSL's records."""
+    from proxy.tls.local import LocalIdentity
+
+    local = LocalIdentity()
+    local.install(pki["client"])
+    alpn_ctx = local.make_client_context(alpn=["transport.l5d.io/v1"])
+    assert local.records_usable(local.client_ctx) and local.records_usable(local.server_ctx)
+    assert local.records_usable(alpn_ctx)
+    assert not local.records_usable(pki["client"].client_context())
+    local.record_layer = False
+    assert not local.records_usable(local.client_ctx)
