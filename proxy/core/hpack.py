@@ -370,15 +370,28 @@ class Decoder:
         # changes whenever the table does; ``read_table`` says the block used the
         # dynamic table (or resized it), and ``inserted`` lists the fields it
         # added. A block that read no table always decodes to the same fields and
-        # adds the same entries (``insert`` replays them); one that did decodes
+        # adds the same entries (``replay`` adds them again); one that did decodes
         # the same only while the generation is unchanged.
         self.generation = 0
         self.read_table = False
         self.inserted: list[tuple[bytes, bytes]] = []
 
-    def insert(self, field: tuple[bytes, bytes]) -> None:
-        """Add ``field`` as a literal with incremental indexing would (a replayed block)."""
-        self._add(field)
+    def replay(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """Add ``fields`` as the literals with incremental indexing of a block
+        that read no table would (a repeated block, not decoded again)."""
+        self.generation += 1
+        table = self.table
+        limit = self.max_table_size
+        used = self.table_size
+        for field in fields:
+            size = len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
+            while table and used + size > limit:
+                old = table.pop()
+                used -= len(old[0]) + len(old[1]) + ENTRY_OVERHEAD
+            if size <= limit:
+                table.appendleft(field)
+                used += size
+        self.table_size = used
 
     def _add(self, field: tuple[bytes, bytes]) -> None:
         self.generation += 1

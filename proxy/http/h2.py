@@ -347,6 +347,28 @@ class _Side(asyncio.Protocol):
 # ---------------------------------------------------------------- streams
 
 
+class _Gone:
+    """What a finished stream's flows (and body) point to instead of the stream.
+
+    A stream and its flows point at each other; a cycle is freed only by the
+    garbage collector, and one cycle per request made the collector a tenth of
+    the proxy's CPU. Pointing them here once the stream is over frees all of
+    them at once, and a late call lands on no-ops."""
+
+    __slots__ = ()
+    done = True
+    conn = None
+
+    def abort(self, *_args: Any, **_kwargs: Any) -> None:
+        pass
+
+    def flow_finished(self, _flow: Any) -> None:
+        pass
+
+
+_GONE: Any = _Gone()
+
+
 class _Flow:
     """One direction of a stream: DATA from ``src`` not yet sent to ``dst``."""
 
@@ -667,6 +689,7 @@ class _Stream:
             self.server.reset(self.sid, _NO_ERROR)
         self._detach_upstream(reset=False)
         self.server.stream_closed(self)
+        self.request.stream = self.response.stream = _GONE  # no cycle left (see _Gone)
 
 
 # ---------------------------------------------------------------- HTTP/1 upstream (orig-proto)
@@ -957,6 +980,9 @@ class _Http1Stream:
             self.client_open = False
             self.server.reset(self.sid, _NO_ERROR)
         self.server.stream_closed(self)  # type: ignore[arg-type]
+        # No cycle left (see _Gone): the body and the response flow point back here.
+        self.request.stream = self.response.stream = _GONE
+        self.response.src = None
 
 
 # ---------------------------------------------------------------- upstream

@@ -731,8 +731,8 @@ class Connection:
         if entry is not None:
             inserts = entry[3]
             if inserts is not None:
-                for field in inserts:
-                    decoder.insert(field)
+                if inserts:
+                    decoder.replay(inserts)
                 return list(entry[1]), entry
             if entry[0] == decoder.generation:
                 return list(entry[1]), entry
