@@ -11,7 +11,10 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-NATIVE_MODULES = ["relay", "h1scan"]
+NATIVE_MODULES = ["relay", "h1scan", "records"]
+# Native modules that call a C library: records.pyx seals TLS records with libcrypto's EVP
+# (without the library or its headers that one module is skipped and its twin runs).
+NATIVE_LIBRARIES = {"records": ["crypto"]}
 # Pure modules compiled as they are (Cython's pure-Python mode): the twin is the same source.
 COMPILED_TWINS = {"h1parse": "proxy/core/h1.py", "http1": "proxy/http/h1.py", "hpack": "proxy/core/hpack.py",
                   "h2core": "proxy/http/h2core.py", "exchange": "proxy/http/exchange.py"}
@@ -41,7 +44,8 @@ def native_extensions():
     except ImportError:
         return []
     pyx = [
-        Extension(f"proxy._native.{name}", [f"native/{name}.pyx"], extra_compile_args=["-O2"])
+        Extension(f"proxy._native.{name}", [f"native/{name}.pyx"], extra_compile_args=["-O2"],
+                  libraries=NATIVE_LIBRARIES.get(name, []))
         for name in NATIVE_MODULES
     ]
     twins = [

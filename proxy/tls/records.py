@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -80,30 +81,45 @@ def hkdf_expand_label(secret: bytes, label: bytes, context: bytes, length: int, 
     return out[:length]
 
 
+def check_suite(suite: str, secret: bytes) -> None:
+    """ValueError unless ``suite`` is one we protect records for and ``secret`` fits its hash."""
+    if suite not in SUITES:
+        raise ValueError(f"unsupported TLS 1.3 suite {suite!r}")
+    if len(secret) != hashlib.new(SUITES[suite][2]).digest_size:
+        raise ValueError("the traffic secret does not match the suite's hash")
+
+
+def traffic_keys(suite: str, secret: bytes) -> tuple[bytes, bytes]:
+    """(key, iv) of a traffic secret (RFC 8446 7.3)."""
+    _cls, key_len, hash_name = SUITES[suite]
+    return hkdf_expand_label(secret, b"key", b"", key_len, hash_name), hkdf_expand_label(secret, b"iv", b"", 12, hash_name)
+
+
+def next_secret(suite: str, secret: bytes) -> bytes:
+    """application_traffic_secret_N+1 (RFC 8446 7.2)."""
+    return hkdf_expand_label(secret, b"traffic upd", b"", len(secret), SUITES[suite][2])
+
+
 class _Keys:
     """The traffic keys of one direction: the AEAD, the static IV and the sequence number."""
 
     __slots__ = ("suite", "secret", "aead", "iv", "seq")
 
     def __init__(self, suite: str, secret: bytes) -> None:
-        if suite not in SUITES:
-            raise ValueError(f"unsupported TLS 1.3 suite {suite!r}")
-        if len(secret) != hashlib.new(SUITES[suite][2]).digest_size:
-            raise ValueError("the traffic secret does not match the suite's hash")
+        check_suite(suite, secret)
         self.suite = suite
         self.install(secret)
 
     def install(self, secret: bytes) -> None:
-        cls, key_len, hash_name = SUITES[self.suite]
+        key, iv = traffic_keys(self.suite, secret)
         self.secret = secret
-        self.aead = cls(hkdf_expand_label(secret, b"key", b"", key_len, hash_name))
-        self.iv = int.from_bytes(hkdf_expand_label(secret, b"iv", b"", 12, hash_name), "big")
+        self.aead = SUITES[self.suite][0](key)
+        self.iv = int.from_bytes(iv, "big")
         self.seq = 0
 
     def next_generation(self) -> None:
-        """application_traffic_secret_N+1 (RFC 8446 7.2), and a sequence back at 0."""
-        hash_name = SUITES[self.suite][2]
-        self.install(hkdf_expand_label(self.secret, b"traffic upd", b"", len(self.secret), hash_name))
+        """The next generation of keys (after a KeyUpdate), and a sequence back at 0."""
+        self.install(next_secret(self.suite, self.secret))
 
 
 class Sealer:
@@ -171,10 +187,15 @@ class Sealer:
 
     def close_notify(self) -> bytes:
         """The close_notify alert record (6.1); nothing may be sealed after it."""
-        self._reserve(2 * SEAL_OVERHEAD)
-        pos = self._seal_one(bytes((1, CLOSE_NOTIFY)), ALERT, 0)
+        record = self.seal_raw(ALERT, bytes((1, CLOSE_NOTIFY)))
         self.closed = True
-        return bytes(self._out[:pos])
+        return record
+
+    def seal_raw(self, content_type: int, data: bytes) -> bytes:
+        """One record of ``content_type`` holding ``data`` (at most 2^14 bytes) as it is:
+        post-handshake messages and alerts (and tests, which craft what peers send)."""
+        self._reserve(len(data) + 2 * SEAL_OVERHEAD)
+        return bytes(self._out[:self._seal_one(data, content_type, 0)])
 
 
 class Opener:
@@ -273,10 +294,9 @@ class Opener:
                 if content_type == APPLICATION_DATA:
                     written = last  # the next record's plaintext overwrites the type byte
                 elif content_type == HANDSHAKE:
-                    self._handshake_bytes(bytes(out[written:last]))
-                    keys = self.keys  # a KeyUpdate installs new keys
+                    post_handshake(self, bytes(out[written:last]))
                 elif content_type == ALERT:
-                    self._alert(bytes(out[written:last]))
+                    alert(self, bytes(out[written:last]))
                     break
                 else:
                     raise RecordError(UNEXPECTED_MESSAGE, f"record with content type {content_type}")
@@ -286,35 +306,40 @@ class Opener:
                 self.start = self.end = 0
         return written
 
-    def _alert(self, body: bytes) -> None:
-        if len(body) != 2:
-            raise RecordError(DECODE_ERROR, "malformed alert")
-        if body[1] == CLOSE_NOTIFY:
-            self.closed = True
-            return
-        raise RecordError(body[1], f"the peer sent alert {body[1]}")
 
-    def _handshake_bytes(self, data: bytes) -> None:
-        hs = self._handshake
-        hs += data
-        while len(hs) >= 4:
-            size = int.from_bytes(hs[1:4], "big")
-            if size > MAX_HANDSHAKE_MESSAGE:
-                raise RecordError(UNEXPECTED_MESSAGE, f"post-handshake message of {size} bytes")
-            if len(hs) < 4 + size:
-                return
-            kind, body = hs[0], bytes(hs[4:4 + size])
-            del hs[:4 + size]
-            if kind == NEW_SESSION_TICKET:
-                continue  # we never resume a session: a ticket is of no use
-            if kind == KEY_UPDATE:
-                if len(body) != 1 or body[0] not in (0, 1):
-                    raise RecordError(DECODE_ERROR, "malformed KeyUpdate")
-                if hs:
-                    # A KeyUpdate must end its record: what follows is under the new keys (5.1).
-                    raise RecordError(UNEXPECTED_MESSAGE, "data after a KeyUpdate in the same record")
-                self.keys.next_generation()
-                if body[0] == 1:
-                    self.update_requested = True
-                continue
-            raise RecordError(UNEXPECTED_MESSAGE, f"post-handshake message of type {kind}")
+def alert(opener: Any, body: bytes) -> None:
+    """An alert from the peer (both twins): close_notify ends the stream, others are errors."""
+    if len(body) != 2:
+        raise RecordError(DECODE_ERROR, "malformed alert")
+    if body[1] == CLOSE_NOTIFY:
+        opener.closed = True
+        return
+    raise RecordError(body[1], f"the peer sent alert {body[1]}")
+
+
+def post_handshake(opener: Any, data: bytes) -> None:
+    """Handshake bytes from the peer after the handshake (both twins): tickets are dropped,
+    KeyUpdate moves the opener's keys on and notes a request for ours."""
+    hs = opener._handshake
+    hs += data
+    while len(hs) >= 4:
+        size = int.from_bytes(hs[1:4], "big")
+        if size > MAX_HANDSHAKE_MESSAGE:
+            raise RecordError(UNEXPECTED_MESSAGE, f"post-handshake message of {size} bytes")
+        if len(hs) < 4 + size:
+            return
+        kind, body = hs[0], bytes(hs[4:4 + size])
+        del hs[:4 + size]
+        if kind == NEW_SESSION_TICKET:
+            continue  # we never resume a session: a ticket is of no use
+        if kind == KEY_UPDATE:
+            if len(body) != 1 or body[0] not in (0, 1):
+                raise RecordError(DECODE_ERROR, "malformed KeyUpdate")
+            if hs:
+                # A KeyUpdate must end its record: what follows is under the new keys (5.1).
+                raise RecordError(UNEXPECTED_MESSAGE, "data after a KeyUpdate in the same record")
+            opener.keys.next_generation()
+            if body[0] == 1:
+                opener.update_requested = True
+            continue
+        raise RecordError(UNEXPECTED_MESSAGE, f"post-handshake message of type {kind}")

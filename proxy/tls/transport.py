@@ -31,10 +31,13 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.log import get_logger
+from proxy.native import load
 from proxy.tls import records
 from proxy.tls.records import RecordError
 
 log = get_logger("proxy.tls")
+# Sealer and Opener: the compiled twin (libcrypto EVP) or the pure one (cryptography's AEADs).
+_twin, RECORDS_IMPLEMENTATION = load("records", "proxy.tls.records")
 
 _CLIENT_HELLO_RANDOM = slice(11, 43)  # record header 5, handshake header 4, legacy_version 2
 _KEYLOG_MAX_ENTRIES = 4096  # handshakes that never finish leave entries; keep the newest
@@ -529,7 +532,7 @@ def _records_for(hs: _Handshake, ctx: ssl.SSLContext) -> tuple[Any, Any, bool]:
     tickets_sent = hs.server_side and getattr(ctx, "num_tickets", 0) != 0
     if version == "TLSv1.3" and suite in records.SUITES and ours in secrets and theirs in secrets and not tickets_sent:
         try:
-            return records.Sealer(suite, secrets[ours]), records.Opener(suite, secrets[theirs]), True
+            return _twin.Sealer(suite, secrets[ours]), _twin.Opener(suite, secrets[theirs]), True
         except ValueError as exc:
             log.info("TLS record offload not used", reason=str(exc))
     else:

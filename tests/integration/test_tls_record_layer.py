@@ -1,6 +1,6 @@
 """The record layer (proxy.tls.transport over proxy.tls.records) against real OpenSSL peers.
 
-Each test runs one uvloop loop on loopback: our TlsTransport on one side, and on
+Each test runs on both record twins, in one uvloop loop on loopback: our TlsTransport on one side, and on
 the other uvloop's SSL transport or the ``openssl`` command (s_client and
 s_server, which send session tickets and KeyUpdates on request). A small TCP
 relay between the two sees every byte on the wire: it checks that no plaintext
@@ -10,6 +10,7 @@ crosses it and can corrupt a record on its way.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import shutil
 import socket
@@ -25,6 +26,21 @@ import uvloop
 from proxy.tls import ca
 from proxy.tls import transport as tt
 from proxy.tls.credentials import Credentials, check_server_identity, peer_identity
+
+
+@pytest.fixture(params=["cython", "python"], autouse=True)
+def records_twin(request, monkeypatch):
+    """Every test runs on both record twins (the compiled one seals with libcrypto's EVP)."""
+    if request.param == "cython":
+        try:
+            mod = importlib.import_module("proxy._native.records")
+        except ImportError:
+            pytest.fail("proxy._native.records is not built; run `python setup.py build_ext --inplace`")
+    else:
+        mod = importlib.import_module("proxy.tls.records")
+    monkeypatch.setattr(tt, "_twin", mod)
+    return mod
+
 
 SERVER, CLIENT = "server.ns.serviceaccount.identity.linkerd.cluster.local", "client.ns.serviceaccount.identity.linkerd.cluster.local"
 MARKER = b"PLAINTEXT-MARKER-" * 64

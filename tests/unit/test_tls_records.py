@@ -1,4 +1,6 @@
-"""The TLS 1.3 record layer (proxy.tls.records) in memory: a Sealer paired with an Opener.
+"""The TLS 1.3 record layer in memory, both twins: the pure ``proxy.tls.records`` and the
+compiled ``proxy._native.records`` (libcrypto EVP), a Sealer paired with an Opener, and each
+twin's records opened by the other.
 
 No sockets: bytes in, plaintext and errors out. The key schedule is checked
 against RFC 8448's trace; the round trip with real OpenSSL peers is in
@@ -7,23 +9,47 @@ tests/integration/test_tls_record_layer.py.
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.tls import records
-from proxy.tls.records import Opener, RecordError, Sealer, hkdf_expand_label
+from proxy.tls.records import RecordError, hkdf_expand_label
 
 SUITE = "TLS_AES_128_GCM_SHA256"
 SECRET = bytes(range(32))
+TWINS: dict[str, Any] = {"python": records}
 
 
-def pair(suite: str = SUITE, secret: bytes = SECRET) -> tuple[Sealer, Opener]:
-    return Sealer(suite, secret), Opener(suite, secret)
+def _compiled() -> Any:
+    try:
+        return importlib.import_module("proxy._native.records")
+    except ImportError:
+        return None
 
 
-def open_all(opener: Opener, wire: bytes, step: int | None = None) -> bytes:
+@pytest.fixture(params=["cython", "python"], autouse=True)
+def twin(request) -> Any:
+    """Every test runs on both twins; ``pair()`` builds from the one under test."""
+    if request.param == "cython":
+        mod = _compiled()
+        if mod is None:
+            pytest.fail("proxy._native.records is not built; run `python setup.py build_ext --inplace`")
+    else:
+        mod = records
+    TWINS["current"] = mod
+    return mod
+
+
+def pair(suite: str = SUITE, secret: bytes = SECRET) -> tuple[Any, Any]:
+    mod = TWINS["current"]
+    return mod.Sealer(suite, secret), mod.Opener(suite, secret)
+
+
+def open_all(opener: Any, wire: bytes, step: int | None = None) -> bytes:
     """Feed ``wire`` (in pieces of ``step`` bytes) and read every plaintext byte out."""
     out = memoryview(bytearray(1 << 20))
     got = bytearray()
@@ -138,9 +164,8 @@ def test_close_notify_ends_the_stream_and_later_bytes_are_ignored():
 
 def test_a_fatal_alert_from_the_peer_is_an_error():
     sealer, opener = pair()
-    wire = bytearray(sealer.seal(b""))  # empty data makes no record; seal an alert by hand
-    assert wire == b""
-    wire = sealer._out[:sealer._seal_one(bytes((2, 40)), records.ALERT, 0)].tobytes()
+    assert bytes(sealer.seal(b"")) == b""  # no data, no record
+    wire = sealer.seal_raw(records.ALERT, bytes((2, 40)))
     with pytest.raises(RecordError) as err:
         open_all(opener, wire)
     assert err.value.alert == 40
@@ -149,28 +174,22 @@ def test_a_fatal_alert_from_the_peer_is_an_error():
 def test_new_session_tickets_are_ignored():
     sealer, opener = pair()
     ticket = bytes((records.NEW_SESSION_TICKET,)) + (200).to_bytes(3, "big") + os.urandom(200)
-    sealer._reserve(4096)
-    wire = sealer._out[:sealer._seal_one(ticket, records.HANDSHAKE, 0)].tobytes()
-    wire += bytes(sealer.seal(b"after the ticket"))
+    wire = sealer.seal_raw(records.HANDSHAKE, ticket) + bytes(sealer.seal(b"after the ticket"))
     assert open_all(opener, wire) == b"after the ticket"
 
 
 def test_a_ticket_split_over_two_records_is_ignored():
     sealer, opener = pair()
     ticket = bytes((records.NEW_SESSION_TICKET,)) + (300).to_bytes(3, "big") + os.urandom(300)
-    sealer._reserve(4096)
-    end = sealer._seal_one(ticket[:100], records.HANDSHAKE, 0)
-    end = sealer._seal_one(ticket[100:], records.HANDSHAKE, end)
-    wire = sealer._out[:end].tobytes() + bytes(sealer.seal(b"data"))
+    wire = sealer.seal_raw(records.HANDSHAKE, ticket[:100]) + sealer.seal_raw(records.HANDSHAKE, ticket[100:])
+    wire += bytes(sealer.seal(b"data"))
     assert open_all(opener, wire) == b"data"
 
 
 def test_key_update_from_the_peer_rekeys_and_a_request_is_noted():
     sealer, opener = pair()
-    sealer._reserve(4096)
     # The peer asks for an update (update_requested = 1), then moves to its next keys.
-    end = sealer._seal_one(bytes((records.KEY_UPDATE, 0, 0, 1, 1)), records.HANDSHAKE, 0)
-    wire = sealer._out[:end].tobytes()
+    wire = sealer.seal_raw(records.HANDSHAKE, bytes((records.KEY_UPDATE, 0, 0, 1, 1)))
     sealer.keys.next_generation()
     wire += bytes(sealer.seal(b"under new keys"))
     assert open_all(opener, wire) == b"under new keys"
@@ -211,18 +230,16 @@ def test_an_oversized_record_is_refused_before_it_is_read():
 
 def test_an_unknown_inner_content_type_is_refused():
     sealer, opener = pair()
-    sealer._reserve(4096)
-    wire = sealer._out[:sealer._seal_one(b"x", 99, 0)].tobytes()
+    wire = sealer.seal_raw(99, b"x")
     with pytest.raises(RecordError):
         open_all(opener, wire)
 
 
 def test_padding_is_stripped():
     sealer, opener = pair()
-    sealer._reserve(4096)
     # Inner plaintext "pad" + type 23 + 50 zero bytes (RFC 8446 5.4): seal it as a raw chunk.
-    end = sealer._seal_one(b"pad\x17" + bytes(49), 0, 0)  # the final 0 byte is our "type"
-    assert open_all(opener, sealer._out[:end].tobytes()) == b"pad"
+    wire = sealer.seal_raw(0, b"pad\x17" + bytes(49))  # the final 0 byte is our "type"
+    assert open_all(opener, wire) == b"pad"
 
 
 def test_sealing_never_writes_into_the_callers_buffer():
@@ -233,8 +250,21 @@ def test_sealing_never_writes_into_the_callers_buffer():
     assert data == before
 
 
-def test_a_secret_of_the_wrong_length_or_an_unknown_suite_is_refused():
+def test_a_secret_of_the_wrong_length_or_an_unknown_suite_is_refused(twin):
     with pytest.raises(ValueError):
-        Sealer("TLS_AES_256_GCM_SHA384", bytes(32))
+        twin.Sealer("TLS_AES_256_GCM_SHA384", bytes(32))
     with pytest.raises(ValueError):
-        Opener("TLS_AES_128_CCM_SHA256", bytes(32))
+        twin.Opener("TLS_AES_128_CCM_SHA256", bytes(32))
+
+
+@pytest.mark.parametrize("suite", sorted(records.SUITES))
+def test_the_twins_read_each_others_records(suite):
+    native = _compiled()
+    assert native is not None, "proxy._native.records is not built"
+    secret = os.urandom(48 if suite.endswith("SHA384") else 32)
+    data = os.urandom(70_000)
+    for make_sealer, make_opener in ((native.Sealer, records.Opener), (records.Sealer, native.Opener)):
+        sealer, opener = make_sealer(suite, secret), make_opener(suite, secret)
+        wire = bytes(sealer.seal(data)) + sealer.key_update() + bytes(sealer.seal(data[:999])) + sealer.close_notify()
+        assert open_all(opener, wire) == data + data[:999]
+        assert opener.closed
