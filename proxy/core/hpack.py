@@ -354,14 +354,23 @@ def huffman_decode(data: bytes) -> bytes:
 
 
 class Decoder:
-    """The receiving side of one direction of a connection."""
+    """The receiving side of one direction of a connection.
 
-    __slots__ = ("table", "table_size", "max_table_size", "max_allowed_table_size", "max_header_list_size",
-                 "generation", "read_table", "inserted")
+    Entries added by ``replay`` wait in a list until something reads the table
+    (the next block decoded, or ``table``): a peer that indexes every field and
+    never refers to the table (nginx does) then costs an append per block, not
+    the evictions of each insertion. Settling them is exact: after any run of
+    insertions the table holds the newest entries that fit together, stopping
+    at one too large for the table (RFC 7541 4.4)."""
+
+    __slots__ = ("entries", "used", "pending", "pending_size", "max_table_size", "max_allowed_table_size",
+                 "max_header_list_size", "generation", "read_table", "inserted")
 
     def __init__(self, max_header_list_size: int = 0) -> None:
-        self.table: deque[tuple[bytes, bytes]] = deque()  # newest first: index 62 is table[0]
-        self.table_size = 0
+        self.entries: deque[tuple[bytes, bytes]] = deque()  # newest first: index 62 is entries[0]
+        self.used = 0  # octets the entries count for (RFC 7541 4.1)
+        self.pending: list[tuple[bytes, bytes]] = []  # replayed insertions, oldest first, not settled yet
+        self.pending_size = 0
         self.max_table_size = DEFAULT_TABLE_SIZE  # the size the encoder last chose
         # What our SETTINGS_HEADER_TABLE_SIZE allows the encoder to choose.
         self.max_allowed_table_size = DEFAULT_TABLE_SIZE
@@ -376,45 +385,78 @@ class Decoder:
         self.read_table = False
         self.inserted: list[tuple[bytes, bytes]] = []
 
-    def replay(self, fields: list[tuple[bytes, bytes]]) -> None:
-        """Add ``fields`` as the literals with incremental indexing of a block
-        that read no table would (a repeated block, not decoded again)."""
+    @property
+    def table(self) -> deque[tuple[bytes, bytes]]:
+        """The dynamic table, newest entry first."""
+        if self.pending:
+            self._settle()
+        return self.entries
+
+    @property
+    def table_size(self) -> int:
+        if self.pending:
+            self._settle()
+        return self.used
+
+    def replay(self, fields: list[tuple[bytes, bytes]], size: int) -> None:
+        """Add ``fields`` (``size`` octets of entries) as the literals with
+        incremental indexing of a block that read no table would: a repeated
+        block, not decoded again."""
         self.generation += 1
-        table = self.table
+        self.pending += fields
+        self.pending_size += size
+        if self.pending_size > 2 * self.max_table_size:
+            self._settle()  # bounds what waits
+
+    def _settle(self) -> None:
+        pending = self.pending
         limit = self.max_table_size
-        used = self.table_size
-        for field in fields:
-            size = len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
-            while table and used + size > limit:
-                old = table.pop()
-                used -= len(old[0]) + len(old[1]) + ENTRY_OVERHEAD
-            if size <= limit:
-                table.appendleft(field)
-                used += size
-        self.table_size = used
+        kept: list[tuple[bytes, bytes]] = []  # newest first
+        size = 0
+        cut = False
+        for field in reversed(pending):
+            entry = len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
+            if size + entry > limit:
+                cut = True  # it and everything older are gone
+                break
+            kept.append(field)
+            size += entry
+        entries = self.entries
+        if cut:
+            entries.clear()
+            self.used = 0
+        else:
+            while entries and self.used + size > limit:
+                old = entries.pop()
+                self.used -= len(old[0]) + len(old[1]) + ENTRY_OVERHEAD
+        kept.reverse()
+        entries.extendleft(kept)  # oldest first in, so the newest ends up at the front
+        self.used += size
+        self.pending = []
+        self.pending_size = 0
 
     def _add(self, field: tuple[bytes, bytes]) -> None:
         self.generation += 1
         size = len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
-        table = self.table
+        entries = self.entries
         limit = self.max_table_size
         # RFC 7541 4.4: an entry larger than the table empties it and is not added.
-        while table and self.table_size + size > limit:
-            old = table.pop()
-            self.table_size -= len(old[0]) + len(old[1]) + ENTRY_OVERHEAD
+        while entries and self.used + size > limit:
+            old = entries.pop()
+            self.used -= len(old[0]) + len(old[1]) + ENTRY_OVERHEAD
         if size <= limit:
-            table.appendleft(field)
-            self.table_size += size
+            entries.appendleft(field)
+            self.used += size
 
     def _resize(self, size: int) -> None:
         if size > self.max_allowed_table_size:
             raise HPACKError(f"table size update to {size} is over the {self.max_allowed_table_size} allowed")
         self.generation += 1
         self.max_table_size = size
-        table = self.table
-        while table and self.table_size > size:
-            old = table.pop()
-            self.table_size -= len(old[0]) + len(old[1]) + ENTRY_OVERHEAD
+        entries = self.entries
+        while entries and self.used > size:
+            old = entries.pop()
+            self.used -= len(old[0]) + len(old[1]) + ENTRY_OVERHEAD
 
     def _field(self, index: int) -> tuple[bytes, bytes]:
         if index <= _STATIC_LAST:
@@ -423,9 +465,9 @@ class Decoder:
             return STATIC_TABLE[index]
         self.read_table = True
         index -= _STATIC_LAST + 1
-        if index >= len(self.table):
+        if index >= len(self.entries):
             raise HPACKError(f"index {index + _STATIC_LAST + 1} is past the dynamic table")
-        return self.table[index]
+        return self.entries[index]
 
     def decode(self, data: bytes) -> list[tuple[bytes, bytes]]:
         """The fields of one complete header block, in order."""
@@ -434,7 +476,9 @@ class Decoder:
         pos = 0
         end = len(data)
         static = STATIC_TABLE
-        table = self.table
+        if self.pending:
+            self._settle()
+        table = self.entries
         self.read_table = False
         inserted = self.inserted = []
         while pos < end:

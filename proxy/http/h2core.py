@@ -389,7 +389,7 @@ class Connection:
         # A header block being continued: (stream id, HEADERS flags, pieces, size).
         self.continued: tuple[int, int, list[bytes], int] | None = None
         # Block -> [decoder generation, fields, request check or None, fields it
-        # inserts or None] (see _decode).
+        # inserts or None, their size as entries] (see _decode).
         self.blocks: dict[bytes, list[Any]] = {}
 
     # ------------------------------------------------------------ sending
@@ -732,7 +732,7 @@ class Connection:
             inserts = entry[3]
             if inserts is not None:
                 if inserts:
-                    decoder.replay(inserts)
+                    decoder.replay(inserts, entry[4])
                 return list(entry[1]), entry
             if entry[0] == decoder.generation:
                 return list(entry[1]), entry
@@ -740,8 +740,11 @@ class Connection:
         headers = decoder.decode(block)
         if len(block) > BLOCK_CACHE_MAX_LEN:
             return headers, None
+        size = 0
         if not decoder.read_table:
             inserts = decoder.inserted
+            for field in inserts:
+                size += len(field[0]) + len(field[1]) + hpack.ENTRY_OVERHEAD
         elif decoder.generation == generation:
             inserts = None
         else:
@@ -749,7 +752,7 @@ class Connection:
         blocks = self.blocks
         if len(blocks) >= BLOCK_CACHE_SIZE:
             blocks.clear()
-        entry = blocks[block] = [generation, headers, None, inserts]
+        entry = blocks[block] = [generation, headers, None, inserts, size]
         return list(headers), entry
 
     def _header_block(self, events: list[Any], sid: int, flags: int, block: bytes) -> None:

@@ -255,3 +255,39 @@ def test_decoder_generation_moves_with_the_table(hp):
     assert d.generation == 1
     d.decode(block("20"))  # size update to 0
     assert d.generation == 2 and d.table_size == 0
+
+
+def test_replayed_insertions_settle_as_decoding_them_would(hp):
+    # ``replay`` defers its insertions; once settled, the table must be what
+    # decoding literal-with-indexing blocks for the same fields would give,
+    # including fields too large for the table and table size changes.
+    rnd = random.Random(11)
+    lazy, reference = hp.Decoder(), hp.Decoder()
+    for step in range(600):
+        if step % 97 == 50:
+            size = rnd.choice((0, 60, 300, 4096))
+            update = hp.encode_integer(size, 5, 0x20)
+            lazy.decode(update)
+            reference.decode(update)
+        fields = [(b"x-%d" % rnd.randrange(5), b"v" * rnd.choice((0, 3, 40, 200, 300, 5000))) for _ in range(rnd.randrange(1, 5))]
+        block = b"".join(bytes((0x40,)) + hp.encode_integer(len(n), 7) + n + hp.encode_integer(len(v), 7) + v
+                         for n, v in fields)
+        assert reference.decode(block) == fields
+        lazy.replay(fields, sum(len(n) + len(v) + 32 for n, v in fields))
+        if step % 7 == 0:
+            assert list(lazy.table) == list(reference.table) and lazy.table_size == reference.table_size
+        if step % 11 == 0 and reference.table:  # a block that reads the newest entry
+            assert lazy.decode(bytes((0x80 | 62,))) == reference.decode(bytes((0x80 | 62,)))
+    assert list(lazy.table) == list(reference.table)
+
+
+def test_replayed_insertions_at_the_exact_table_size(hp):
+    d = hp.Decoder()
+    d.decode(hp.encode_integer(100, 5, 0x20))  # the table holds 100 octets
+    fifty, fifty_one = (b"a", b"x" * 17), (b"b", b"x" * 18)  # entries of 50 and 51 octets
+    d.replay([fifty, fifty], 100)
+    assert list(d.table) == [fifty, fifty] and d.table_size == 100
+    d.replay([fifty_one], 51)
+    assert list(d.table) == [fifty_one] and d.table_size == 51
+    d.replay([(b"c", b"x" * 68)], 101)  # larger than the table: empties it
+    assert list(d.table) == [] and d.table_size == 0
