@@ -217,6 +217,9 @@ cdef class Opener:
 
     cdef public _Keys keys
     cdef bytearray _in
+    cdef Py_ssize_t _max
+    cdef Py_ssize_t _offered
+    cdef bint _filled
     cdef public Py_ssize_t start
     cdef public Py_ssize_t end
     cdef public bint closed
@@ -226,7 +229,10 @@ cdef class Opener:
 
     def __init__(self, str suite, bytes secret, Py_ssize_t size=_py.INPUT_SIZE):
         self.keys = _Keys(suite, secret, False)
-        self._in = bytearray(max(size, 2 * (MAX_CIPHERTEXT + HEADER)))
+        self._in = bytearray(_py.MIN_INPUT)
+        self._max = max(size, _py.MIN_INPUT)
+        self._offered = 0
+        self._filled = False
         self.start = 0
         self.end = 0
         self.closed = False
@@ -236,18 +242,29 @@ cdef class Opener:
 
     def space(self):
         """Where the next bytes from the socket go (call ``received(n)`` after writing n)."""
-        cdef char* buf
-        cdef Py_ssize_t pending
-        if self.start and (len(self._in) - self.end < MAX_CIPHERTEXT + HEADER):
-            # Move the partial record left, so a whole record always fits after it.
+        cdef Py_ssize_t pending, size = len(self._in)
+        cdef bytearray grown
+        if (self._filled or self.end == size) and size < self._max:
+            size = min(2 * size, self._max)
+        self._filled = False
+        if size != len(self._in) or (self.start and len(self._in) - self.end < MAX_CIPHERTEXT + HEADER):
+            # Move the partial record to the front (of a larger buffer when growing), so a
+            # whole record always fits after it.
             pending = self.end - self.start
-            buf = PyByteArray_AS_STRING(self._in)
-            memmove(buf, buf + self.start, pending)
+            if size != len(self._in):
+                grown = bytearray(size)
+                memcpy(PyByteArray_AS_STRING(grown), PyByteArray_AS_STRING(self._in) + self.start, pending)
+                self._in = grown
+            else:
+                memmove(PyByteArray_AS_STRING(self._in), PyByteArray_AS_STRING(self._in) + self.start, pending)
             self.start, self.end = 0, pending
+        self._offered = len(self._in) - self.end
         return memoryview(self._in)[self.end:]
 
     def received(self, Py_ssize_t nbytes):
         self.end += nbytes
+        if nbytes >= self._offered:
+            self._filled = True
 
     def feed(self, data):
         """Copy ``data`` in (for a caller that got it as bytes)."""

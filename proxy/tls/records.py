@@ -50,6 +50,9 @@ REKEY_AFTER = 1 << 23
 # What a peer may send before we refuse to go on: a KeyUpdate or a ticket is small.
 MAX_HANDSHAKE_MESSAGE = 1 << 16
 INPUT_SIZE = 256 * 1024 + MAX_CIPHERTEXT + HEADER  # one socket read plus a partial record
+# Where an input buffer starts: room for two whole records. A connection that only ever
+# carries small messages keeps it; one whose reads fill it grows it up to INPUT_SIZE.
+MIN_INPUT = 2 * (MAX_CIPHERTEXT + HEADER)
 
 _APPDATA_HEADER_PREFIX = bytes((APPLICATION_DATA, 3, 3))  # outer type and legacy_record_version 0x0303
 
@@ -201,12 +204,16 @@ class Sealer:
 class Opener:
     """Authenticates and decrypts what the peer sends: ciphertext in, plaintext out."""
 
-    __slots__ = ("keys", "_in", "_in_view", "start", "end", "closed", "update_requested", "_handshake", "pending_output")
+    __slots__ = ("keys", "_in", "_in_view", "_max", "_offered", "_filled", "start", "end", "closed", "update_requested",
+                 "_handshake", "pending_output")
 
     def __init__(self, suite: str, secret: bytes, size: int = INPUT_SIZE) -> None:
         self.keys = _Keys(suite, secret)
-        self._in = bytearray(max(size, 2 * (MAX_CIPHERTEXT + HEADER)))
+        self._in = bytearray(MIN_INPUT)
         self._in_view = memoryview(self._in)
+        self._max = max(size, MIN_INPUT)
+        self._offered = 0  # the size of the last space() given
+        self._filled = False  # the last read filled it: bulk traffic, grow
         self.start = 0  # first byte not yet opened
         self.end = 0  # end of what was received
         self.closed = False  # close_notify received: the peer sends no more
@@ -217,15 +224,26 @@ class Opener:
     # -- input
     def space(self) -> memoryview:
         """Where the next bytes from the socket go (call ``received(n)`` after writing n)."""
-        if self.start and (len(self._in) - self.end < MAX_CIPHERTEXT + HEADER):
-            # Move the partial record left, so a whole record always fits after it.
-            pending = self.end - self.start
-            self._in[:pending] = self._in_view[self.start:self.end]
-            self.start, self.end = 0, pending
+        size = len(self._in)
+        if (self._filled or self.end == size) and size < self._max:
+            size = min(2 * size, self._max)
+        self._filled = False
+        if size != len(self._in) or (self.start and len(self._in) - self.end < MAX_CIPHERTEXT + HEADER):
+            # Move the partial record to the front (of a larger buffer when growing), so a
+            # whole record always fits after it.
+            pending = bytes(self._in_view[self.start:self.end])
+            if size != len(self._in):
+                self._in = bytearray(size)
+                self._in_view = memoryview(self._in)
+            self._in[:len(pending)] = pending
+            self.start, self.end = 0, len(pending)
+        self._offered = len(self._in) - self.end
         return self._in_view[self.end:]
 
     def received(self, nbytes: int) -> None:
         self.end += nbytes
+        if nbytes >= self._offered:
+            self._filled = True
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` in (for a caller that got it as bytes)."""

@@ -351,9 +351,7 @@ class TlsTransport(asyncio.Transport):
                     else:
                         n = self._deliver_copied(opener, app)
                 else:
-                    plain = self._plain
-                    if plain is None:
-                        plain = self._plain = memoryview(bytearray(_PLAIN_SIZE))
+                    plain = self._plain_buffer(opener.pending)
                     n = opener.read_into(plain)
                     if n:
                         app.data_received(bytes(plain[:n]))
@@ -379,13 +377,20 @@ class TlsTransport(asyncio.Transport):
 
     def _deliver_copied(self, opener: Any, app: Any) -> int:
         # A protocol whose buffers are smaller than a record: open into our own, then copy.
-        plain = self._plain
-        if plain is None:
-            plain = self._plain = memoryview(bytearray(_PLAIN_SIZE))
+        plain = self._plain_buffer(opener.pending)
         n = opener.read_into(plain)
         self._backlog = bytes(plain[:n])
         self._push_backlog(app)
         return n
+
+    def _plain_buffer(self, pending: int) -> memoryview:
+        # Sized by what arrives (plaintext is never longer than its records), so a connection
+        # of small messages keeps a small buffer; at least one record's worth.
+        plain = self._plain
+        if plain is None or (len(plain) < pending and len(plain) < _PLAIN_SIZE):
+            size = min(_PLAIN_SIZE, max(pending, records.MAX_PLAINTEXT + 256, 2 * len(plain) if plain is not None else 0))
+            plain = self._plain = memoryview(bytearray(size))
+        return plain
 
     def _push_backlog(self, app: Any) -> None:
         """Copy opened plaintext into the protocol's buffers for as long as it reads."""

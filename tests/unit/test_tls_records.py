@@ -268,3 +268,33 @@ def test_the_twins_read_each_others_records(suite):
         wire = bytes(sealer.seal(data)) + sealer.key_update() + bytes(sealer.seal(data[:999])) + sealer.close_notify()
         assert open_all(opener, wire) == data + data[:999]
         assert opener.closed
+
+
+def test_the_input_buffer_starts_small_and_grows_only_for_bulk_reads():
+    sealer, opener = pair()
+    first = len(opener.space())
+    assert first == records.MIN_INPUT
+    # Small messages: reads never fill the buffer, it stays as it is.
+    for _ in range(50):
+        wire = bytes(sealer.seal(b"small message"))
+        opener.space()[:len(wire)] = wire
+        opener.received(len(wire))
+        assert opener.read_into(memoryview(bytearray(1 << 16))) == len(b"small message")
+    assert len(opener.space()) == first
+    # A read that fills what was offered: the next offer is larger, up to INPUT_SIZE.
+    data = os.urandom(3 << 20)
+    wire = bytes(sealer.seal(data))
+    sizes, got, pos = [], bytearray(), 0
+    out = memoryview(bytearray(records.INPUT_SIZE))
+    while pos < len(wire):
+        space = opener.space()
+        sizes.append(len(space))
+        n = min(len(space), len(wire) - pos)
+        space[:n] = wire[pos:pos + n]
+        opener.received(n)
+        pos += n
+        while k := opener.read_into(out):
+            got += out[:k]
+    assert bytes(got) == data
+    assert sizes[1] > first  # the first full read made it grow
+    assert 4 * first < max(sizes) <= records.INPUT_SIZE
