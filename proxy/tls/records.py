@@ -20,6 +20,11 @@ large, or a record that does not authenticate raises ``RecordError`` with the
 alert the connection should be closed with. Plaintext that did not
 authenticate is never handed out: ``read_into`` returns only what came from
 records that did.
+
+``native/records.pyx`` is the compiled twin of Sealer and Opener (libcrypto's
+EVP, one cipher context per direction); ``proxy.tls.transport`` picks one. The
+rare paths (key schedule, post-handshake messages, alerts) are the functions
+here, shared by both.
 """
 
 from __future__ import annotations
