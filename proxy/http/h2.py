@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -388,6 +389,26 @@ class _Flow:
     def received(self, data: bytes, flow_len: int, ended: bool) -> None:
         if self.finished:
             return  # dropped: the connection window is reopened anyway
+        if ended and not self.chunks:
+            # The last DATA (for most responses the only one) with nothing queued
+            # before it: straight out if the windows take it, without the queue.
+            dst = self.dst
+            if dst is not None and not dst.closed and not dst.write_paused:
+                h2 = dst.h2
+                sid = self.dst_sid
+                size = len(data)
+                try:
+                    fits = size <= h2.max_outbound_frame_size and size <= h2.local_flow_control_window(sid)
+                    if fits:
+                        h2.send_data(sid, data, end_stream=True)
+                except ProtocolError:
+                    self.stream.abort(_INTERNAL_ERROR, "unclassified")  # the destination stream is gone
+                    return
+                if fits:
+                    self.ended = self.finished = True
+                    dst.want_flush()
+                    self.stream.flow_finished(self)
+                    return
         if data:
             chunks = self.chunks
             if chunks is None:
@@ -542,7 +563,7 @@ class _Stream:
             now = self.server.loop.time()
             ep.load.complete(handle, now, rtt=(now - handle) if rtt else None)
 
-    def response_head(self, headers: list[Any], ended: bool) -> None:
+    def response_head(self, headers: Sequence[Any], ended: bool) -> None:
         if self.responded or self.done:
             return
         self.load_done(rtt=True)
@@ -574,7 +595,7 @@ class _Stream:
             response.ended = response.finished = True
             self.flow_finished(response)
 
-    def informational(self, headers: list[Any]) -> None:
+    def informational(self, headers: Sequence[Any]) -> None:
         if self.responded or self.done:
             return
         try:
@@ -583,7 +604,7 @@ class _Stream:
             return
         self.server.want_flush()
 
-    def trailers(self, headers: list[Any]) -> None:
+    def trailers(self, headers: Sequence[Any]) -> None:
         if self.exchange.grpc:
             self.grpc_status = _grpc_status(headers)
         self.response.end(_forwardable(headers))

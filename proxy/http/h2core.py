@@ -158,12 +158,14 @@ class _ConnectionError(Exception):
 # ---------------------------------------------------------------- events
 # Field names as in the h2 library, so code written against it reads the same;
 # ``stream_ended`` is a bool here, and END_STREAM is reported only through it.
+# ``headers`` is a tuple of (name, value) tuples, shared with the connection's
+# cache of header blocks: read it, never change it.
 
 
 class RequestReceived:
     __slots__ = ("stream_id", "headers", "stream_ended")
 
-    def __init__(self, stream_id: int, headers: list[Any], stream_ended: bool) -> None:
+    def __init__(self, stream_id: int, headers: tuple[Any, ...], stream_ended: bool) -> None:
         self.stream_id = stream_id
         self.headers = headers
         self.stream_ended = stream_ended
@@ -172,7 +174,7 @@ class RequestReceived:
 class ResponseReceived:
     __slots__ = ("stream_id", "headers", "stream_ended")
 
-    def __init__(self, stream_id: int, headers: list[Any], stream_ended: bool) -> None:
+    def __init__(self, stream_id: int, headers: tuple[Any, ...], stream_ended: bool) -> None:
         self.stream_id = stream_id
         self.headers = headers
         self.stream_ended = stream_ended
@@ -181,7 +183,7 @@ class ResponseReceived:
 class InformationalResponseReceived:
     __slots__ = ("stream_id", "headers")
 
-    def __init__(self, stream_id: int, headers: list[Any]) -> None:
+    def __init__(self, stream_id: int, headers: tuple[Any, ...]) -> None:
         self.stream_id = stream_id
         self.headers = headers
 
@@ -191,7 +193,7 @@ class TrailersReceived:
 
     __slots__ = ("stream_id", "headers")
 
-    def __init__(self, stream_id: int, headers: list[Any]) -> None:
+    def __init__(self, stream_id: int, headers: tuple[Any, ...]) -> None:
         self.stream_id = stream_id
         self.headers = headers
 
@@ -273,7 +275,7 @@ _BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$").search
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z").match
 
 
-def request_problem(headers: list[Any], trailers: bool = False) -> tuple[str | None, int]:
+def request_problem(headers: Any, trailers: bool = False) -> tuple[str | None, int]:
     """(why the request head or trailers are malformed or None, content-length or -1)."""
     regular = False
     seen: set[bytes] = set()
@@ -715,8 +717,8 @@ class Connection:
         else:
             self.continued = (sid, first_flags, pieces, size)
 
-    def _decode(self, block: bytes) -> tuple[list[Any], list[Any] | None]:
-        """The fields of ``block``, and its cache entry if it has one.
+    def _decode(self, block: bytes) -> tuple[tuple[Any, ...], list[Any] | None]:
+        """The fields of ``block`` (a tuple: events may share it), and its cache entry if it has one.
 
         Peers repeat a few blocks (one client's request head, one server's
         response head), so blocks are remembered with their fields and, on the
@@ -733,11 +735,11 @@ class Connection:
             if inserts is not None:
                 if inserts:
                     decoder.replay(inserts, entry[4])
-                return list(entry[1]), entry
+                return entry[1], entry
             if entry[0] == decoder.generation:
-                return list(entry[1]), entry
+                return entry[1], entry
         generation = decoder.generation
-        headers = decoder.decode(block)
+        headers = tuple(decoder.decode(block))
         if len(block) > BLOCK_CACHE_MAX_LEN:
             return headers, None
         size = 0
@@ -753,7 +755,7 @@ class Connection:
         if len(blocks) >= BLOCK_CACHE_SIZE:
             blocks.clear()
         entry = blocks[block] = [generation, headers, None, inserts, size]
-        return list(headers), entry
+        return headers, entry
 
     def _header_block(self, events: list[Any], sid: int, flags: int, block: bytes) -> None:
         # Decoded before anything else: the HPACK table must see every block.
@@ -763,7 +765,7 @@ class Connection:
             headers, entry = self._decode(block)
         except hpack.HeaderListTooLarge:
             oversized = True
-            headers = []
+            headers = ()
         except hpack.HPACKError as exc:
             raise _ConnectionError(COMPRESSION_ERROR, str(exc)) from None
         ended = (flags & END_STREAM) != 0
