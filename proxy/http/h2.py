@@ -157,6 +157,14 @@ _REFUSED_STREAM: int = h2core.REFUSED_STREAM
 _PROTOCOL_ERROR: int = h2core.PROTOCOL_ERROR
 _INTERNAL_ERROR: int = h2core.INTERNAL_ERROR
 
+# Heads already filtered, by header tuple: the core hands out one shared tuple
+# for every repeat of a header block, so a client or server repeating its head
+# is filtered once. Keys are ids; each entry holds its tuple, so the id cannot
+# be reused while the entry lives. Cleared whole when full.
+_MEMO_SIZE = 64
+_RESPONSE_MEMO: dict[int, tuple[Any, ...]] = {}  # id -> (fields, kept, status, has grpc-status, its value)
+
+
 def h2_error_label(code: int) -> str:
     """The ``error`` label Linkerd gives a reset stream: ``h2(CANCEL)`` (ref 7.1)."""
     name = h2core.ERROR_NAMES.get(code)
@@ -518,12 +526,12 @@ class _Stream:
         "grpc_status", "timer", "responded", "client_open", "done", "balanced", "pool", "waiting", "counted",
     )
 
-    def __init__(self, server: H2ServerConnection, sid: int, headers: list[Any], exchange: Exchange) -> None:
+    def __init__(self, server: H2ServerConnection, sid: int, headers: Sequence[Any], exchange: Exchange) -> None:
         self.server = server
         self.sid = sid
         self.up: H2ClientConnection | None = None
         self.up_sid = 0
-        self.headers: list[Any] | None = headers  # request head, until sent upstream
+        self.headers: Sequence[Any] | None = headers  # request head, until sent upstream
         self.exchange = exchange
         self.request = _Flow(self, server, sid)
         self.response = _Flow(self, None, 0)
@@ -571,17 +579,29 @@ class _Stream:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        status = 0
-        kept = []
-        for h in headers:
-            name = h[0]
-            if name == _STATUS:
-                status = int(h[1])
-            elif name in _CONNECTION_HEADERS:
-                continue
-            elif name == _GRPC_STATUS and ended:
-                self.grpc_status = _grpc_status((h,))
-            kept.append(h)
+        memo = _RESPONSE_MEMO.get(id(headers))
+        if memo is None or memo[0] is not headers:
+            status = 0
+            has_grpc = False
+            grpc = None
+            forwarded = []
+            for h in headers:
+                name = h[0]
+                if name == _STATUS:
+                    status = int(h[1])
+                elif name in _CONNECTION_HEADERS:
+                    continue
+                elif name == _GRPC_STATUS:
+                    has_grpc = True
+                    grpc = _grpc_status((h,))
+                forwarded.append(h)
+            memo = (headers, tuple(forwarded), status, has_grpc, grpc)
+            if len(_RESPONSE_MEMO) >= _MEMO_SIZE:
+                _RESPONSE_MEMO.clear()
+            _RESPONSE_MEMO[id(headers)] = memo
+        kept, status = memo[1], memo[2]
+        if ended and memo[3]:
+            self.grpc_status = memo[4]  # trailers-only: the status is in the head
         self.exchange.response_head(status)
         server = self.server
         try:
@@ -1323,6 +1343,7 @@ class H2ServerConnection(_Side):
         inbound = route.direction == "inbound"
         self.dropped = _INBOUND_DROPPED if inbound else _CONNECTION_HEADERS  # request fields not forwarded
         self.added = [(_CLIENT_ID, route.client_id.encode())] if inbound and route.client_id else []
+        self.request_memo: dict[int, tuple[Any, ...]] = {}  # see _MEMO_SIZE
         self.in_flight_limit: list[int] | None = None  # [streams in flight, max], shared with the direction (set by HttpStage)
         # Inbound honours ``l5d-orig-proto`` (ref 3.3); outbound forwards it as any
         # other field, as Linkerd does (its outbound server has downgrades off).
@@ -1451,14 +1472,14 @@ class H2ServerConnection(_Side):
             identity=route.identity, local=self.local, metrics=self.metrics, dst_labels=route.dst_labels,
         )
 
-    def _downgrade(self, sid: int, headers: list[Any], mark: bytes, ended: bool) -> bool:
+    def _downgrade(self, sid: int, headers: Sequence[Any], mark: bytes, ended: bool) -> bool:
         """Serve a stream marked ``l5d-orig-proto`` as HTTP/1 (ref 3.3); False when
         the mark names no HTTP/1 version (then it is ignored, as Linkerd does)."""
         parsed = orig_proto.parse_orig_proto(mark)
         if parsed is None:
             log.info("unknown l5d-orig-proto value: ignored", value=mark.decode("latin-1"))
             return False
-        req = orig_proto.request_head(headers, parsed[1], not ended)
+        req = orig_proto.request_head(list(headers), parsed[1], not ended)
         if isinstance(req, str):
             log.info("malformed downgraded request", reason=req)
             self.reset(sid, _PROTOCOL_ERROR)  # RFC 9113 8.1.1: a malformed request is a stream error
@@ -1490,23 +1511,30 @@ class H2ServerConnection(_Side):
         if self.last_stream_id is not None and sid > self.last_stream_id:
             self.reset(sid, _REFUSED_STREAM)  # opened after our final GOAWAY
             return
-        headers = []
-        content_type = None
-        mark = None
-        dropped = self.dropped
-        downgrades = self.downgrades
-        for h in event.headers:
-            name = h[0]
-            if name in dropped or (name == _TE and h[1] != _TRAILERS):
-                continue
-            if name == _CONTENT_TYPE:
-                content_type = h[1]
-            elif downgrades and name == orig_proto.ORIG_PROTO:
-                mark = h[1]
-                continue
-            headers.append(h)
-        if self.added:
-            headers += self.added
+        fields = event.headers
+        memo = self.request_memo.get(id(fields))
+        if memo is not None and memo[0] is fields:
+            headers, content_type, mark = memo[1], memo[2], memo[3]
+        else:
+            kept = []
+            content_type = None
+            mark = None
+            dropped = self.dropped
+            downgrades = self.downgrades
+            for h in fields:
+                name = h[0]
+                if name in dropped or (name == _TE and h[1] != _TRAILERS):
+                    continue
+                if name == _CONTENT_TYPE:
+                    content_type = h[1]
+                elif downgrades and name == orig_proto.ORIG_PROTO:
+                    mark = h[1]
+                    continue
+                kept.append(h)
+            headers = tuple(kept + self.added) if self.added else tuple(kept)
+            if len(self.request_memo) >= _MEMO_SIZE:
+                self.request_memo.clear()
+            self.request_memo[id(fields)] = (fields, headers, content_type, mark)
         if mark is not None and self._downgrade(sid, headers, mark, event.stream_ended):
             return
         route = self.route
