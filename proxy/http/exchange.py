@@ -27,12 +27,13 @@ class RouteSeries:
     """The HTTP series of one endpoint label set, resolved once: a request then costs
     dict lookups on small keys instead of hashing the ~20 endpoint labels three times."""
 
-    __slots__ = ("metrics", "labels", "requests", "latency", "responses")
+    __slots__ = ("metrics", "labels", "requests", "latency", "responses", "checked")
 
     def __init__(self, metrics: Any, labels: tuple[Any, ...]) -> None:
         self.metrics = metrics
         self.labels = labels
         self.requests = metrics.request_total.labels(*labels)
+        self.checked = metrics.request_total.last_snapshot  # registered as of this snapshot
         self.latency: dict[int, Any] = {}
         # (status, failure, grpc-status, error) -> response_total series; labels are built on a miss only.
         self.responses: dict[tuple[Any, ...], Any] = {}
@@ -63,9 +64,15 @@ _BY_LABELS_ID: dict[int, RouteSeries] = {}
 
 def route_series(metrics: Any, labels: tuple[Any, ...]) -> RouteSeries:
     found = _BY_LABELS_ID.get(id(labels))
+    family = metrics.request_total
     if found is not None and found.labels is labels and found.metrics is metrics:
-        # Still the registered series? (an idle one is dropped at snapshot time, then made anew)
-        if metrics.request_total.series.get(labels) is found.requests:
+        # Still the registered series? Only a snapshot drops series (idle ones), so the
+        # labels are looked up again once per snapshot, not once per request.
+        last = family.last_snapshot
+        if found.checked == last:
+            return found
+        if family.series.get(labels) is found.requests:
+            found.checked = last
             return found
     key = (id(metrics), labels)
     found = _ROUTE_SERIES.get(key)

@@ -95,8 +95,13 @@ def test_a_series_dropped_while_idle_is_made_again(ex_mod: Any) -> None:
     labels = _labels()
     route = _route(labels)
     ex_mod.Exchange(m, route, grpc=False).end()
-    m.request_total.series.clear()  # what a snapshot does to a series idle past METRICS_RETAIN_IDLE
-    m.response_total.series.clear()
+    ex_mod.Exchange(m, route, grpc=False).end()  # counted by the cached series
+    # A snapshot long after: every series is idle past METRICS_RETAIN_IDLE and dropped.
+    later = m.request_total.last_snapshot + 10_000
+    for family in (m.request_total, m.response_total):
+        family.snapshot(later, 600.0)
+        family.snapshot(later + 1, 600.0)
+    assert labels not in m.request_total.series
     ex_mod.Exchange(m, route, grpc=False).end()
     assert m.request_total.series[labels].value == 1
     assert m.response_total.series[(*labels, None, "failure", "", "")].value == 1
