@@ -7,7 +7,7 @@ seen the client's preface, and upstreams are dialled in cleartext (or mTLS
 when the route names the endpoint's identity). ``proxy/http/h2core.py`` is
 the protocol core (bytes in, events out; HPACK in proxy/core/hpack.py, both
 compiled as Cython twins); this module is the asyncio glue around it. It
-replaced the ``h2`` library here, which spent about 400 µs of CPU per proxied
+replaced the ``h2`` library here, which spent over 400 µs of CPU per proxied
 request in its frame objects, state machines and pure-Python HPACK.
 
 * ``H2ServerConnection``: the protocol of one accepted client connection.

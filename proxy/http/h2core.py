@@ -29,6 +29,12 @@ same. What it leaves out, on purpose:
   with PROTOCOL_ERROR and never reported, and the connection goes on. Responses
   are not validated: the proxy relays them and the client checks them.
 
+Repeats are cheap. Peers send the same few header blocks again and again, so
+received blocks are kept with their decoded fields (and the server's verdict
+on them), replayed against the HPACK table rather than decoded again
+(``_decode``); the encoder keeps the blocks it made the same way. Events share
+one fields tuple per repeated block, which the glue can key its own work on.
+
 Errors. A connection error queues GOAWAY with its code and raises
 ``ProtocolError``: the caller sends what is queued and closes. A stream error
 queues RST_STREAM and reports ``StreamReset`` for that stream. Sending on a
