@@ -443,9 +443,12 @@ class H1Exchange:
             else:
                 self.retry_body.append(chunk)
         if self.held is not None:
+            before = self.held_size
             self.held.append(chunk)
             self.held_size += len(chunk)
-            if self.held_size >= HOLD_LIMIT:
+            if before < HOLD_LIMIT <= self.held_size:
+                # Once, as the limit is crossed: one read can hold many chunks, and
+                # attach() resumes once (the pause is a counter).
                 self.server.pause_reading()
         elif self.upstream is not None and not self.upstream.lost:
             self.upstream.transport.write(h1.encode_chunk(chunk) if self.head.chunked and not self.upgraded else chunk)
