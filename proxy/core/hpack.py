@@ -43,6 +43,10 @@ _HUFFMAN_CACHE_SIZE = 1024
 # Longer coded strings are decoded each time: they rarely repeat, and a cache
 # keyed by large strings would hold more memory than it saves CPU.
 _HUFFMAN_CACHE_MAX_LEN = 64
+# Replayed insertions wait (see Decoder) until they would fill this many
+# tables: settling keeps one table's worth whatever the wait, so a longer wait
+# settles less often; the wait holds references to shared fields, not copies.
+_PENDING_TABLES = 8
 # Header lists whose whole block an encoder keeps (see Encoder): a proxy sends
 # the same few lists again and again (one client's requests, one server's
 # responses); cleared whole when full.
@@ -405,7 +409,7 @@ class Decoder:
         self.generation += 1
         self.pending += fields
         self.pending_size += size
-        if self.pending_size > 2 * self.max_table_size:
+        if self.pending_size > _PENDING_TABLES * self.max_table_size:
             self._settle()  # bounds what waits
 
     def _settle(self) -> None:
