@@ -48,7 +48,7 @@ LOGS="$CACHE_DIR/logs"
 WHEELHOUSE="$CACHE_DIR/wheelhouse"
 IMAGE_ROOTFS="${ROOTFS_DIR:-/var/tmp/meshproxy-rootfs}/bookworm-arm64"  # scripts/image.sh's
 METHOD="${ARM64_ROOTFS_METHOD:-extract}"
-PACKAGES="python3,python3-venv,python3-dev,gcc,libc6-dev"
+PACKAGES="python3,python3-venv,python3-dev,gcc,libc6-dev,libssl-dev"
 RECIPE="meshproxy-arm64-rootfs v2 bookworm $METHOD $PACKAGES"  # what a cached rootfs must match
 CA="${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}"
 CHECK="$SRC/scripts/arm64-wheel-check.py"
@@ -189,6 +189,7 @@ rootfs_ok() {
     compgen -G "$d/usr/include/python3*/Python.h" >/dev/null &&
     compgen -G "$d/usr/share/python-wheels/pip-*.whl" >/dev/null &&
     [ -e "$d/usr/include/aarch64-linux-gnu/bits/libc-header-start.h" ] &&
+    [ -e "$d/usr/include/openssl/evp.h" ] &&  # native/records.pyx calls libcrypto
     [ "$(od -An -tu2 -j18 -N2 "$(readlink -f "$d/usr/bin/python3")" | tr -d ' ')" = 183 ]  # ELF e_machine AArch64
 }
 
