@@ -53,8 +53,11 @@ def native_extensions():
         for name, source in COMPILED_TWINS.items()
     ]
     # Hand-written .pyx: no negative indexes, so bounds and wraparound checks can go.
-    # Compiled twins are plain Python and must keep Python's semantics exactly (x[-1] and all);
-    # their annotations document, they do not declare C types.
+    # Compiled twins are plain Python and keep Python's semantics (x[-1] and all); their annotations
+    # document, they do not declare C types. The one exception is opt-in: an augmenting
+    # proxy/_native/<name>.pxd may declare how hot classes store their attributes (C ints, flags,
+    # typed fields), which makes a wrong-kind assignment a TypeError there where the pure twin
+    # would accept it; both twins run the same tests, so such a difference fails them.
     return cythonize(pyx, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}) + cythonize(
         twins, language_level=3, compiler_directives={"annotation_typing": False})
 
