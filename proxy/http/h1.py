@@ -375,16 +375,7 @@ class H1Exchange:
 
     def take_header(self, name: bytes) -> bytes | None:
         """Remove every ``name`` header (lower-case); return the first value."""
-        found = None
-        kept = []
-        for n, v in self.head.headers:
-            if n.lower() == name:
-                if found is None:
-                    found = v
-            else:
-                kept.append((n, v))
-        if found is not None:
-            self.head.headers = kept
+        found, self.head.headers = h1.take_header(self.head.headers, name)
         return found
 
     async def connect(self, pool: H1Pool) -> None:
@@ -709,6 +700,7 @@ class Http1Server:
         self.draining = False
         self.pending_error: errors.ProxyError | None = None
         self.corked: list[bytes] | None = None
+        self.route_pool: H1Pool | None = None  # the route's pool, kept: the route is fixed per connection
         self.h2_upgrade: Any = None  # outbound with an identity: H2Settings of upgraded connections to meshed peers
         live.add(self)
 
@@ -719,6 +711,12 @@ class Http1Server:
             self.metrics, dst_labels))
 
     def pool(self) -> H1Pool:
+        pool = self.route_pool
+        if pool is None or pool.closed:  # a closed pool is replaced in Clients: look it up again
+            pool = self.route_pool = self.route_pool_lookup()
+        return pool
+
+    def route_pool_lookup(self) -> H1Pool:
         route = self.route
         return self.clients.get("h1:" + route.identity, route.target, lambda: H1Pool(
             route.target, route.connect_timeout, self.pool_idle, self.max_idle, self.pure, self.max_head, route.identity, self.local,
