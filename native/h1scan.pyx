@@ -11,6 +11,15 @@ from cpython.list cimport PyList_New
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.string cimport memcmp, memcpy
 
+cdef extern from "string.h":
+    void* memmem(const void* haystack, size_t haystacklen, const void* needle, size_t needlelen) nogil
+
+
+cdef inline Py_ssize_t _head_end(const unsigned char* p, Py_ssize_t n) noexcept:
+    """Offset of the first CRLF CRLF, or -1 (bytes.find without a Python call)."""
+    cdef const unsigned char* at = <const unsigned char*>memmem(p, n, b"\r\n\r\n", 4)
+    return -1 if at == NULL else at - p
+
 from proxy.core.h1scan import FAST_METHODS, HOP_BY_HOP, TARGET_CHARS, TCHAR, VALUE_CHARS
 from proxy.core import h1scan as _pure
 
@@ -124,15 +133,6 @@ cdef _Lines _scan_lines(bytes data, const unsigned char* p, Py_ssize_t pos, Py_s
     return out
 
 
-cdef inline bint _bare_lf(const unsigned char* p, Py_ssize_t end) noexcept:
-    """A LF not preceded by CR before ``end``."""
-    cdef Py_ssize_t i
-    for i in range(end):
-        if p[i] == c'\n' and (i == 0 or p[i - 1] != c'\r'):
-            return True
-    return False
-
-
 def scan_request(bytes data, Py_ssize_t max_head):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
@@ -140,8 +140,10 @@ def scan_request(bytes data, Py_ssize_t max_head):
     cdef _Lines lines
     if n < 18 or n > max_head or memcmp(p + n - 4, b"\r\n\r\n", 4) != 0:
         return None
-    end = data.find(b"\r\n\r\n")
-    if end + 4 != n or _bare_lf(p, end):
+    end = _head_end(p, n)
+    # Every byte up to the end is checked against a character class below, so a bare CR or LF
+    # anywhere in the head fails the scan without a pass of its own.
+    if end + 4 != n:
         return None
     i = 0
     while c'A' <= p[i] <= c'Z':
@@ -174,8 +176,8 @@ def scan_response(bytes data, Py_ssize_t max_head):
     cdef _Lines lines
     if n < 17 or memcmp(p, b"HTTP/1.", 7) != 0 or (p[7] != c'0' and p[7] != c'1') or p[8] != c' ':
         return None
-    end = data.find(b"\r\n\r\n")
-    if end < 0 or end + 4 > max_head or _bare_lf(p, end):
+    end = _head_end(p, n)
+    if end < 0 or end + 4 > max_head:
         return None
     for i in range(9, 12):
         if p[i] < c'0' or p[i] > c'9':
@@ -310,6 +312,22 @@ def take_header(headers, bytes name):
         elif kept is not None:
             kept.append((key, value))
     return (found, kept) if found is not None else (None, headers)
+
+
+def encode_response_head(status, reason, headers):
+    if type(status) is not int or not 100 <= status <= 999 or type(reason) is not bytes:
+        return _pure.encode_response_head(status, reason, headers)
+    cdef int code = status
+    cdef Py_ssize_t k = PyBytes_GET_SIZE(reason)
+    cdef bytes line = PyBytes_FromStringAndSize(NULL, 13 + k)
+    cdef char* w = PyBytes_AS_STRING(line)
+    memcpy(w, b"HTTP/1.1 ", 9)
+    w[9] = c'0' + code // 100
+    w[10] = c'0' + code // 10 % 10
+    w[11] = c'0' + code % 10
+    w[12] = c' '
+    memcpy(w + 13, PyBytes_AS_STRING(reason), k)
+    return encode_head(line, headers)
 
 
 def encode_head(first_line, headers):

@@ -13,6 +13,9 @@ cdef class RouteSeries:
     cpdef response_for(self, key)
 
 
+cpdef RouteSeries route_series(metrics, labels)
+
+
 @cython.final
 cdef class Exchange:
     cdef public object metrics, route, started, status, grpc, ended

@@ -8,6 +8,9 @@
 cimport cython
 
 
+cpdef bint _keep_alive(version, connection)
+
+
 @cython.final
 cdef class RequestHead:
     cdef public object method, target, version, headers, keep_alive, chunked, content_length, upgrade

@@ -60,6 +60,17 @@ class Switch(Exception):  # noqa: N818 - a control-flow signal, not an error
         self.remaining = remaining
 
 
+def _keep_alive(version: bytes, connection: bytes) -> bool:
+    """Does the connection stay open after this message (RFC 9112 9.3)? ``connection``: framing's tokens."""
+    if not connection:
+        return version == b"1.1"
+    # find(), not ``in``: bytes.__contains__ tries its argument as an int first, and that
+    # failure formats a TypeError message on every call.
+    if version == b"1.1":
+        return connection.find(b"close") < 0
+    return connection.find(b"keep-alive") >= 0
+
+
 class RequestHead:
     __slots__ = ("method", "target", "version", "headers", "keep_alive", "chunked", "content_length", "upgrade")
 
@@ -72,7 +83,7 @@ class RequestHead:
         # ``framed``: what ``framing(headers)`` returns, when the scanner has worked it out already.
         f: tuple[bool, int | None, bytes, bool] = framed or framing(headers)
         self.chunked, self.content_length, connection, self.upgrade = f
-        self.keep_alive = (b"close" not in connection) if version == b"1.1" else (b"keep-alive" in connection)
+        self.keep_alive = _keep_alive(version, connection)
         if method == b"CONNECT":
             self.upgrade = True
 
@@ -88,7 +99,7 @@ class ResponseHead:
         self.headers = headers
         f: tuple[bool, int | None, bytes, bool] = framed or framing(headers)
         self.chunked, self.content_length, connection, _upgrade = f
-        self.keep_alive = (b"close" not in connection) if version == b"1.1" else (b"keep-alive" in connection)
+        self.keep_alive = _keep_alive(version, connection)
 
 
 # (chunked, content-length, lower-cased Connection tokens, upgrade requested) of a header list.
@@ -439,6 +450,8 @@ HOP_BY_HOP = _scan.HOP_BY_HOP
 forwardable = _scan.forwardable
 # A head: the first line, then "name: value" lines, then the empty line.
 encode_head = _scan.encode_head
+# The same, after an HTTP/1.1 status line made from a status code and reason.
+encode_response_head = _scan.encode_response_head
 # (first value, headers without it) of a header named in lower case; (None, the same list) if absent.
 take_header = _scan.take_header
 

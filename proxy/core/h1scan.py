@@ -162,6 +162,11 @@ def take_header(headers: Headers, name: bytes) -> tuple[bytes | None, Headers]:
     return (found, kept) if found is not None else (None, headers)
 
 
+def encode_response_head(status: int, reason: bytes, headers: Headers) -> bytes:
+    """``encode_head`` with the status line of an HTTP/1.1 response."""
+    return encode_head(b"HTTP/1.1 %d %s" % (status, reason), headers)
+
+
 def encode_head(first_line: bytes, headers: Headers) -> bytes:
     parts = [first_line]
     for name, value in headers:

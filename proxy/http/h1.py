@@ -490,7 +490,7 @@ class H1Exchange:
             elif self.head.version == b"1.0":
                 headers.append((b"Connection", b"keep-alive"))
         reason = head.reason or STATUS_REASONS.get(head.status, b"")
-        server.write(h1.encode_head(b"HTTP/1.1 %d %s" % (head.status, reason), headers))
+        server.write(h1.encode_response_head(head.status, reason, headers))
 
     def route_done(self, status: int) -> None:
         m = self.server.metrics

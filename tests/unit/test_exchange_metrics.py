@@ -173,3 +173,25 @@ def test_pool_closes_connections_idle_past_the_timeout() -> None:
         assert young.closed and not pool.idle
 
     asyncio.run(run())
+
+
+def test_each_connection_hashes_its_labels_once(ex_mod: Any) -> None:
+    """Equal label tuples of different connections: each is hashed on its first request only."""
+    hashed = [0]
+
+    class Counting(tuple):  # type: ignore[type-arg]
+        def __hash__(self) -> int:
+            hashed[0] += 1
+            return tuple.__hash__(self)
+
+    m = ProxyMetrics()
+    conns = [Counting(_labels()) for _ in range(3)]
+    for _ in range(5):
+        for labels in conns:
+            ex_mod.route_series(m, labels)
+    first = hashed[0]
+    for _ in range(5):
+        for labels in conns:
+            ex_mod.route_series(m, labels)
+    assert hashed[0] == first
+    assert len({id(ex_mod.route_series(m, labels)) for labels in conns}) == 1

@@ -295,3 +295,10 @@ def test_take_header_removes_every_one_and_returns_the_first(scan: Any) -> None:
     assert scan.take_header(headers, b"l5d-require-id") == (b"a", [(b"Host", b"x"), (b"X", b"1")])
     same = [(b"Host", b"x")]
     assert scan.take_header(same, b"absent")[1] is same
+
+
+def test_response_heads_are_encoded_alike(scan: Any) -> None:
+    headers = [(b"Content-Length", b"2"), (b"X", b"y")]
+    for status, reason in ((200, b"OK"), (404, b""), (599, b"Odd Reason"), (1000, b"x")):
+        assert scan.encode_response_head(status, reason, list(headers)) == h1scan.encode_response_head(status, reason, list(headers))
+    assert scan.encode_response_head(204, b"No Content", []) == b"HTTP/1.1 204 No Content\r\n\r\n"
