@@ -17,7 +17,7 @@ NATIVE_MODULES = ["relay", "h1scan", "records"]
 NATIVE_LIBRARIES = {"records": ["crypto"]}
 # Pure modules compiled as they are (Cython's pure-Python mode): the twin is the same source.
 COMPILED_TWINS = {"h1parse": "proxy/core/h1.py", "http1": "proxy/http/h1.py", "hpack": "proxy/core/hpack.py",
-                  "h2core": "proxy/http/h2core.py", "exchange": "proxy/http/exchange.py"}
+                  "h2core": "proxy/http/h2core.py", "exchange": "proxy/http/exchange.py", "pool": "proxy/http/pool.py"}
 
 
 class OptionalBuildExt(build_ext):

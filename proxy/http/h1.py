@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from proxy.balance.queue import FailFast, LoadShed
 from proxy.config import Addr
 from proxy.http import errors, orig_proto, upgrade
-from proxy.http.pool import IdlePool
 from proxy.http.stack import Clients, Exchange, HttpRoute
 from proxy.log import get_logger
 from proxy.native import load
@@ -36,6 +35,9 @@ from proxy.transport.relay import TcpSeries
 
 if TYPE_CHECKING:
     from proxy.core.h1 import RequestHead, ResponseHead
+    from proxy.http.pool import IdlePool
+else:
+    IdlePool = load("pool", "proxy.http.pool")[0].IdlePool  # compiled twin unless MESHPROXY_NO_EXTENSIONS=1
 
 log = get_logger("proxy.http.h1")
 h1 = load("h1parse", "proxy.core.h1")[0]  # the parser module: compiled twin unless MESHPROXY_NO_EXTENSIONS=1

@@ -5,6 +5,9 @@ the most recently used connection is reused first (the least likely to be closin
 ``max_idle`` wait, and one timer per pool, not one per connection, closes those idle longer
 than ``idle_timeout`` (3 s by default: shorter than common server idle timeouts, users.md A4).
 A connection must have ``lost``, ``transport``, ``idle_since`` and ``close()``.
+
+Compiled as it is (setup.py COMPILED_TWINS, proxy._native.pool, with proxy/_native/pool.pxd):
+every HTTP/1 request takes a connection from a pool and gives it back.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import pytest
 
 from proxy.config import Addr
 from proxy.http import exchange as pure_exchange
+from proxy.http import pool as pure_pool
 from proxy.http.errors import LOADSHED
-from proxy.http.pool import IdlePool
 from proxy.http.stack import HttpRoute
 from proxy.metrics.families import ProxyMetrics
 
@@ -143,9 +143,19 @@ class FakeConn:
         self.closed = True
 
 
-def test_pool_reuses_the_most_recent_and_bounds_idle() -> None:
+@pytest.fixture(params=["cython", "python"])
+def pool_cls(request: Any) -> Any:
+    if request.param == "python":
+        return pure_pool.IdlePool
+    try:
+        return importlib.import_module("proxy._native.pool").IdlePool
+    except ImportError:
+        pytest.fail("proxy._native.pool is not built; run `python setup.py build_ext --inplace`")
+
+
+def test_pool_reuses_the_most_recent_and_bounds_idle(pool_cls: Any) -> None:
     async def run() -> None:
-        pool = IdlePool(TARGET, 1.0, idle_timeout=3.0, max_idle=2)
+        pool = pool_cls(TARGET, 1.0, idle_timeout=3.0, max_idle=2)
         a, b, c = FakeConn(), FakeConn(), FakeConn()
         for conn in (a, b, c):
             pool.release(conn)
@@ -159,9 +169,25 @@ def test_pool_reuses_the_most_recent_and_bounds_idle() -> None:
     asyncio.run(run())
 
 
-def test_pool_closes_connections_idle_past_the_timeout() -> None:
+def test_a_subclass_is_told_when_a_connection_parks(pool_cls: Any) -> None:
+    class Parking(pool_cls):  # type: ignore[misc,valid-type]
+        def parked(self, conn: Any) -> None:
+            conn.parked = True
+            self.note = "parked"
+
     async def run() -> None:
-        pool = IdlePool(TARGET, 1.0, idle_timeout=0.05, max_idle=4)
+        pool = Parking(TARGET, 1.0, idle_timeout=3.0, max_idle=2)
+        conn = FakeConn()
+        pool.release(conn)
+        assert conn.parked and pool.note == "parked" and pool.acquire() is conn
+        pool.close()
+
+    asyncio.run(run())
+
+
+def test_pool_closes_connections_idle_past_the_timeout(pool_cls: Any) -> None:
+    async def run() -> None:
+        pool = pool_cls(TARGET, 1.0, idle_timeout=0.05, max_idle=4)
         old = FakeConn()
         pool.release(old)
         await asyncio.sleep(0.03)
