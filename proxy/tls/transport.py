@@ -292,9 +292,16 @@ class TlsTransport(asyncio.Transport):
         if not self._paused:
             return
         self._paused = False
-        self._deliver()  # records that arrived before the pause
-        if not self._paused and self._started and not self._raw.is_closing():
+        if self._started and not self._raw.is_closing():
             self._raw.resume_reading()
+        # Records that arrived before the pause go out on the next loop turn, never from inside
+        # this call: as with asyncio's transports, a protocol may resume and then write what it
+        # held (the relay's link() does), and a synchronous delivery would overtake those bytes.
+        asyncio.get_running_loop().call_soon(self._deliver_if_reading)
+
+    def _deliver_if_reading(self) -> None:
+        if not self._paused and self._started and not self._lost:
+            self._deliver()
 
     # -- asyncio.WriteTransport
     def write(self, data: Any) -> None:

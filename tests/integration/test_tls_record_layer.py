@@ -289,6 +289,59 @@ def test_records_sent_before_the_protocol_takes_over_wait_in_the_socket(pki):
     uvloop.run(main())
 
 
+class PausingCollect(BufferedCollect):
+    """A buffered protocol with one record's worth of buffer (so records wait in the
+    transport) that pauses at its first bytes and notes any delivery made from inside
+    ``resume_reading``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buf = bytearray(17 * 1024)
+        self.resuming = False
+        self.delivered_while_resuming = 0
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.resuming:
+            self.delivered_while_resuming += nbytes
+        first = not self.data
+        super().buffer_updated(nbytes)
+        if first:
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        self.resuming = True
+        try:
+            self.transport.resume_reading()
+        finally:
+            self.resuming = False
+
+
+def test_resume_reading_delivers_on_a_later_turn_never_from_inside_the_call(pki):
+    """The relay resumes a paused end and then writes what it held (RelayEnd.link): records
+    delivered from inside resume_reading would overtake those bytes (a stream through a proxy
+    pair arrived with a record moved to its front). asyncio's transports never call the
+    protocol from resume_reading; neither may ours."""
+
+    async def main() -> None:
+        server_ctx, client_ctx = contexts(pki)
+        ours: list[PausingCollect] = []
+        (task, lsock), made = await serve_ours(server_ctx, lambda: ours.append(PausingCollect()) or ours[-1])
+        tls = await dial_ours(lsock.getsockname()[1], client_ctx, Collect())
+        payload = os.urandom(1 << 20)
+        tls.write(payload)
+        await until(lambda: ours and ours[0].data)
+        await asyncio.sleep(0.3)  # records pile up in the paused transport
+        ours[0].resume()
+        assert ours[0].delivered_while_resuming == 0
+        await until(lambda: len(ours[0].data) >= len(payload))
+        assert bytes(ours[0].data) == payload
+        tls.close()
+        task.cancel()
+        lsock.close()
+
+    uvloop.run(main())
+
+
 async def _ended(protos: list[Any]) -> Any:
     await until(lambda: bool(protos))
     return await protos[0].ended
