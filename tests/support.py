@@ -4,6 +4,7 @@ small servers, and helpers to wait with a bound."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,8 +20,39 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _ephemeral_floor() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORT_CEILING = min(_ephemeral_floor(), 32768)
+_handed_out: set[int] = set()
+_port_rng = random.Random(os.getpid())
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on, for a server a test starts a moment later.
+
+    Picked below the kernel's ephemeral range (as bench/ does): a port from that range
+    can be taken as the source port of one of the many connections the suite opens
+    between the pick and the bind ("address already in use"). A port is handed out
+    once per test process."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if _PORT_CEILING > 20500:
+        for _ in range(500):
+            port = _port_rng.randrange(20000, _PORT_CEILING)
+            if port in _handed_out:
+                continue
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

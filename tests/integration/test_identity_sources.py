@@ -507,11 +507,9 @@ def test_grpc_stream_messages_larger_than_the_windows(pki, tmp_path):
 
 
 def _free_port() -> int:
-    import socket
+    from tests.support import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 # ---------------------------------------------------------------- expiry warnings
