@@ -149,7 +149,7 @@ _CONTENT_TYPE = b"content-type"
 _STATUS = b":status"
 _GRPC_STATUS = b"grpc-status"
 # Tells a peer proxy to close its app's HTTP/1 connection after a fatal error (ref 3.4).
-_PROXY_CONNECTION = b"l5d-proxy-connection"
+_PROXY_CONNECTION = orig_proto.PROXY_CONNECTION
 
 _NO_ERROR: int = h2core.NO_ERROR
 _CANCEL: int = h2core.CANCEL

@@ -81,6 +81,9 @@ _TRANSFER_ENCODING = b"transfer-encoding"
 # users.md A10). Comma-separated; names are tokens and hold no commas. A Linkerd
 # peer does not know it and passes it on like any other field.
 HEADER_CASE = b"meshproxy-header-case"
+# Set by an inbound proxy on a fatal error of its own (see h2.py): over HTTP/2 the outbound
+# proxy cannot see the connection close, so it closes its client's connection when told.
+PROXY_CONNECTION = b"l5d-proxy-connection"
 _ABSOLUTE_TARGET = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)\Z", re.DOTALL)
 # Request fields an upgrade does not carry: the body is re-framed as DATA frames
 # and the authority travels as :authority (RFC 9113 8.2.2, 8.3.1).
@@ -264,6 +267,11 @@ def upgraded_response(headers: Headers, ended: bool, method: bytes) -> Any:
             continue
         if name == HEADER_CASE:
             case = header_case(value)
+            continue
+        if name == PROXY_CONNECTION:
+            # The peer's own error was fatal: close our client's connection too (Linkerd's signal).
+            if value.lower() == b"close":
+                fields.append((b"connection", b"close"))
             continue
         if name == _CONTENT_LENGTH:
             length = True
