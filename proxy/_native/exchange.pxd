@@ -6,9 +6,16 @@ cimport cython
 
 
 @cython.final
+cdef class StatusSeries:
+    cdef public object latency, plain
+
+
+@cython.final
 cdef class RouteSeries:
     cdef public object metrics, labels, requests, latency, responses, checked
+    cdef public dict by_status
 
+    cpdef StatusSeries status_series(self, status)
     cpdef latency_for(self, status)
     cpdef response_for(self, key)
 
@@ -20,6 +27,7 @@ cpdef RouteSeries route_series(metrics, labels)
 cdef class Exchange:
     cdef public object metrics, route, started, status, grpc, ended
     cdef public RouteSeries series
+    cdef public StatusSeries by_status
 
     cpdef response_head(self, status)
     cpdef end(self, grpc_status=*, error=*)

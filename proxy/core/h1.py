@@ -209,6 +209,16 @@ class _HttptoolsResponseParser:
         self.done_head = False
         self.in_body = False
 
+    def reuse(self, handler: Handler, method: bytes) -> bool:
+        """Take the next response of the connection for ``handler``, if this parser is between
+        messages and the method needs no special framing; False: make a new parser."""
+        if self.manual is not None or self.in_body or self.head_size or method in (b"HEAD", b"CONNECT"):
+            return False
+        self.handler = handler
+        self.method = method
+        self.parser = None  # the scanner gets the first look at the next response again
+        return True
+
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
 
@@ -394,6 +404,9 @@ class _H11ResponseParser:
         self.conn.send(h11.Request(method=method, target=target, headers=headers))
         if method != b"CONNECT":
             self.conn.send(h11.EndOfMessage())
+
+    def reuse(self, handler: Handler, method: bytes) -> bool:
+        return False  # h11 frames by the request it was shown: one parser per response
 
     def feed(self, data: bytes) -> None:
         self.conn.receive_data(data)

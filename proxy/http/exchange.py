@@ -12,8 +12,8 @@ HTTP/1 request and HTTP/2 stream makes one ``Exchange``.
 
 from __future__ import annotations
 
-import time
 from bisect import bisect_left
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ class RouteSeries:
     """The HTTP series of one endpoint label set, resolved once: a request then costs
     dict lookups on small keys instead of hashing the ~20 endpoint labels three times."""
 
-    __slots__ = ("metrics", "labels", "requests", "latency", "responses", "checked")
+    __slots__ = ("metrics", "labels", "requests", "latency", "responses", "checked", "by_status")
 
     def __init__(self, metrics: Any, labels: tuple[Any, ...]) -> None:
         self.metrics = metrics
@@ -38,6 +38,14 @@ class RouteSeries:
         self.latency: dict[int, Any] = {}
         # (status, failure, grpc-status, error) -> response_total series; labels are built on a miss only.
         self.responses: dict[tuple[Any, ...], Any] = {}
+        # status -> its StatusSeries: what a plain HTTP response needs, found with one int key.
+        self.by_status: dict[int, StatusSeries] = {}
+
+    def status_series(self, status: int) -> StatusSeries:
+        found = self.by_status.get(status)
+        if found is None:
+            found = self.by_status[status] = StatusSeries(self.latency_for(status), self.response_for((status, status >= 500, None, "")))
+        return found
 
     def latency_for(self, status: int) -> Any:
         series = self.latency.get(status)
@@ -53,6 +61,17 @@ class RouteSeries:
                 *self.labels, str(status) if status is not None else None, "failure" if failure else "success",
                 str(grpc_status) if grpc_status is not None else "", error)
         return series
+
+
+class StatusSeries:
+    """The series one response status ends in when it is neither gRPC nor failed by an error:
+    its latency histogram and its response_total counter."""
+
+    __slots__ = ("latency", "plain")
+
+    def __init__(self, latency: Any, plain: Any) -> None:
+        self.latency = latency
+        self.plain = plain
 
 
 _ROUTE_SERIES: dict[tuple[int, tuple[Any, ...]], RouteSeries] = {}
@@ -94,14 +113,15 @@ class Exchange:
     """The metrics of one request. Call ``response_head`` at the first response
     byte and ``end`` once, when the response stream is over (or failed)."""
 
-    __slots__ = ("metrics", "route", "series", "started", "status", "grpc", "ended")
+    __slots__ = ("metrics", "route", "series", "started", "status", "grpc", "ended", "by_status")
 
     def __init__(self, metrics: Any, route: HttpRoute, grpc: bool, labels: tuple[Any, ...] | None = None) -> None:
         self.metrics = metrics
         self.route = route
         series = self.series = route_series(metrics, labels or route.labels)
-        self.started = time.monotonic()
+        self.started = monotonic()
         self.status: int | None = None
+        self.by_status: StatusSeries | None = None  # the status's series, once a head is seen
         self.grpc = grpc
         self.ended = False
         series.requests.value += 1
@@ -114,8 +134,13 @@ class Exchange:
 
     def response_head(self, status: int) -> None:
         self.status = status
-        latency = self.series.latency_for(status)
-        ms = (time.monotonic() - self.started) * 1000.0
+        series = self.series
+        found = series.by_status.get(status)
+        if found is None:
+            found = series.status_series(status)
+        self.by_status = found
+        latency = found.latency
+        ms = (monotonic() - self.started) * 1000.0
         # HistogramSeries.observe, inlined as hot paths update series in place (metrics.registry):
         # one Python-level call less per request.
         latency.counts[bisect_left(latency.bounds, ms)] += 1
@@ -128,6 +153,9 @@ class Exchange:
             return
         self.ended = True
         status = self.status
+        if not error and not self.grpc and self.by_status is not None:
+            self.by_status.plain.value += 1  # the common case: no key to build and hash
+            return
         if error:
             failure = True
         elif self.grpc:

@@ -41,6 +41,14 @@ else:
 
 log = get_logger("proxy.http.h1")
 h1 = load("h1parse", "proxy.core.h1")[0]  # the parser module: compiled twin unless MESHPROXY_NO_EXTENSIONS=1
+# Bound once: per request these are one module-global lookup each instead of two.
+response_parser = h1.response_parser
+forwardable = h1.forwardable
+encode_head = h1.encode_head
+encode_response_head = h1.encode_response_head
+encode_chunk = h1.encode_chunk
+take_header = h1.take_header
+LAST_CHUNK = h1.LAST_CHUNK
 
 HOLD_LIMIT = 256 * 1024  # request body bytes held while the upstream connects
 MAX_RETRY_BODY = 64 * 1024  # bodies up to 64 KiB are kept for a retry (ref 10.2)
@@ -75,9 +83,6 @@ class H1Pool(IdlePool):
         if self.metrics is not None and self.dst_labels is not None:
             conn.series = TcpSeries(self.metrics, self.dst_labels)
         return conn
-
-    def parked(self, conn: Any) -> None:
-        conn.exchange = None
 
 
 class UpstreamConnection:
@@ -207,7 +212,7 @@ class H1Exchange:
         if limit is not None:
             if limit[0] >= limit[1]:
                 # Past max-in-flight: shed load at once (503, ref 3.5) rather than queue without bound.
-                self.metrics = Exchange(server.metrics, route, grpc=False)
+                self.metrics = Exchange(server.metrics, route, False)
                 self.fail(errors.LOADSHED.because(f"max in-flight requests ({limit[1]}) reached"))
                 return
             limit[0] += 1
@@ -234,13 +239,13 @@ class H1Exchange:
                 self.backend = logical.concrete(logical.queue.rng)
                 self.dispatch_balanced()
                 return
-            self.metrics = Exchange(server.metrics, route, grpc=False)
+            self.metrics = Exchange(server.metrics, route, False)
             if self.upgradable(route.identity, route.protocol):
                 self.dispatch_upgraded(route.target, route.identity, route.dst_labels)
             else:
                 self.dispatch(server.pool(), route.identity)
             return
-        self.metrics = Exchange(server.metrics, route, grpc=False)
+        self.metrics = Exchange(server.metrics, route, False)
         if not route.authorized:
             self.fail(errors.FORBIDDEN.because(f"unauthorized request on server {route.labels[11]}"))
             return
@@ -273,7 +278,7 @@ class H1Exchange:
         if ep is None:
             # None ready: wait in the backend's queue until one is, or failfast (ref 3.9).
             if self.metrics is None:
-                self.metrics = Exchange(self.server.metrics, self.server.route, grpc=False)
+                self.metrics = Exchange(self.server.metrics, self.server.route, False)
             self.connect_task = self.server.loop.create_task(self.wait_for_endpoint(backend))
             return
         self.dispatch_to(ep)
@@ -290,7 +295,7 @@ class H1Exchange:
             labels = cache[ep.addr] = route.endpoint_labels(ep, self.backend.name, meshed)
         http_labels, dst_labels, identity = labels
         if self.metrics is None:
-            self.metrics = Exchange(server.metrics, route, grpc=False, labels=http_labels)
+            self.metrics = Exchange(server.metrics, route, False, http_labels)
         self.endpoint = ep
         self.load_handle = ep.load.start(server.loop.time())
         if self.upgradable(identity, ep.endpoint.protocol):
@@ -377,7 +382,7 @@ class H1Exchange:
 
     def take_header(self, name: bytes) -> bytes | None:
         """Remove every ``name`` header (lower-case); return the first value."""
-        found, self.head.headers = h1.take_header(self.head.headers, name)
+        found, self.head.headers = take_header(self.head.headers, name)
         return found
 
     async def connect(self, pool: H1Pool) -> None:
@@ -407,13 +412,17 @@ class H1Exchange:
         conn.exchange = self
         conn.got_bytes = False
         head = self.head
-        conn.parser = h1.response_parser(self, head.method, self.server.pure, self.server.max_head, upgrade=head.upgrade)
-        headers = h1.forwardable(head.headers, upgrade=head.upgrade)
-        out = [h1.encode_head(head.method + b" " + head.target + b" HTTP/1.1", headers)]
+        # The connection's parser is kept from one response to the next when it can be (no llhttp
+        # state, no HEAD/CONNECT/Upgrade framing): one object less to make per request.
+        parser = conn.parser
+        if parser is None or head.upgrade or not parser.reuse(self, head.method):
+            conn.parser = response_parser(self, head.method, self.server.pure, self.server.max_head, upgrade=head.upgrade)
+        headers = forwardable(head.headers, upgrade=head.upgrade)
+        out = [encode_head(head.method + b" " + head.target + b" HTTP/1.1", headers)]
         if self.held:
-            out.extend([h1.encode_chunk(c) for c in self.held] if head.chunked else self.held)
+            out.extend([encode_chunk(c) for c in self.held] if head.chunked else self.held)
         if self.request_done and head.chunked:
-            out.append(h1.LAST_CHUNK)
+            out.append(LAST_CHUNK)
         if self.early:
             out.append(self.early)
             self.early = b""
@@ -444,7 +453,7 @@ class H1Exchange:
                 # attach() resumes once (the pause is a counter).
                 self.server.pause_reading()
         elif self.upstream is not None and not self.upstream.lost:
-            self.upstream.transport.write(h1.encode_chunk(chunk) if self.head.chunked and not self.upgraded else chunk)
+            self.upstream.transport.write(encode_chunk(chunk) if self.head.chunked and not self.upgraded else chunk)
 
     def request_end(self) -> None:
         self.request_done = True
@@ -452,7 +461,7 @@ class H1Exchange:
             if self.upgraded:
                 self.upstream.end_request()  # type: ignore[attr-defined]
             elif self.head.chunked:
-                self.upstream.transport.write(h1.LAST_CHUNK)
+                self.upstream.transport.write(LAST_CHUNK)
 
     def client_bytes_after_switch(self, data: bytes) -> None:
         if self.upstream is not None and self.held is None and not self.upstream.lost:
@@ -480,7 +489,7 @@ class H1Exchange:
         assert self.metrics is not None
         self.metrics.response_head(head.status)
         switching = head.status == 101 or (self.head.method == b"CONNECT" and 200 <= head.status < 300)
-        headers = h1.forwardable(head.headers, upgrade=switching)
+        headers = forwardable(head.headers, upgrade=switching)
         no_body = self.head.method == b"HEAD" or head.status in (204, 304) or switching
         framed = no_body or head.chunked or head.content_length is not None
         self.response_chunked = head.chunked and not no_body
@@ -492,7 +501,7 @@ class H1Exchange:
             elif self.head.version == b"1.0":
                 headers.append((b"Connection", b"keep-alive"))
         reason = head.reason or STATUS_REASONS.get(head.status, b"")
-        server.write(h1.encode_response_head(head.status, reason, headers))
+        server.write(encode_response_head(head.status, reason, headers))
 
     def route_done(self, status: int) -> None:
         m = self.server.metrics
@@ -557,7 +566,7 @@ class H1Exchange:
     def on_body(self, chunk: bytes) -> None:
         if self.discarding:
             return
-        self.server.write(h1.encode_chunk(chunk) if self.response_chunked else chunk)
+        self.server.write(encode_chunk(chunk) if self.response_chunked else chunk)
 
     def on_end(self) -> None:
         if self.discarding:
@@ -565,7 +574,7 @@ class H1Exchange:
         if self.response_head is None:
             return  # the end of an informational response
         if self.response_chunked:
-            self.server.write(h1.LAST_CHUNK)
+            self.server.write(LAST_CHUNK)
         self.response_done = True
         assert self.metrics is not None
         self.metrics.end()
@@ -575,6 +584,7 @@ class H1Exchange:
             if self.upgraded:
                 conn.close()  # the stream ends here (cancelled if the client is still sending)
             elif self.request_done and self.response_head.keep_alive and not conn.lost:
+                conn.exchange = None  # idle: bytes arriving now close it (data_received)
                 conn.pool.release(conn)
             else:
                 conn.close()

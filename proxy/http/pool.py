@@ -49,16 +49,12 @@ class IdlePool:
         if self.closed or conn.lost or len(idle) >= self.max_idle:
             conn.close()
             return
-        self.parked(conn)
         # The loop's clock: it is read once per loop iteration, and millisecond precision
         # is plenty for a timeout of seconds (time.monotonic() is a clock read per release).
         conn.idle_since = self.loop.time()
         idle.append(conn)
         if self._sweep is None:
             self._sweep = self.loop.call_later(self.idle_timeout, self._close_stale)
-
-    def parked(self, conn: Any) -> None:
-        """A connection goes idle: subclasses drop what ties it to its last exchange."""
 
     def forget(self, conn: Any) -> None:
         try:

@@ -169,22 +169,6 @@ def test_pool_reuses_the_most_recent_and_bounds_idle(pool_cls: Any) -> None:
     asyncio.run(run())
 
 
-def test_a_subclass_is_told_when_a_connection_parks(pool_cls: Any) -> None:
-    class Parking(pool_cls):  # type: ignore[misc,valid-type]
-        def parked(self, conn: Any) -> None:
-            conn.parked = True
-            self.note = "parked"
-
-    async def run() -> None:
-        pool = Parking(TARGET, 1.0, idle_timeout=3.0, max_idle=2)
-        conn = FakeConn()
-        pool.release(conn)
-        assert conn.parked and pool.note == "parked" and pool.acquire() is conn
-        pool.close()
-
-    asyncio.run(run())
-
-
 def test_pool_closes_connections_idle_past_the_timeout(pool_cls: Any) -> None:
     async def run() -> None:
         pool = pool_cls(TARGET, 1.0, idle_timeout=0.05, max_idle=4)
