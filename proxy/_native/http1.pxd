@@ -8,6 +8,9 @@
 # twin raises AttributeError otherwise; the HTTP/1 suites run on both twins). A method listed
 # here must keep its argument names, and must not hold a closure (lambda, nested def).
 cimport cython
+# C types of the heads and the metrics, under other names: the .py binds the plain names.
+from proxy._native.exchange cimport Exchange as ExchangeC
+from proxy._native.h1parse cimport RequestHead as RequestHeadC, ResponseHead as ResponseHeadC
 
 cdef class Http1Server
 cdef class H1Exchange
@@ -24,7 +27,10 @@ cdef class UpstreamConnection:
 @cython.final
 cdef class H1Exchange:
     cdef public Http1Server server
-    cdef public object head, metrics, upstream, held, held_size, request_done, response_head, response_done
+    cdef public RequestHeadC head
+    cdef public ResponseHeadC response_head
+    cdef public ExchangeC metrics
+    cdef public object upstream, held, held_size, request_done, response_done
     cdef public object client_keep_alive, response_chunked, connect_task, timer, early, retried, close_after
     cdef public object required_id, endpoint, load_handle, backend, retry_body, retry_size, retries, discarding
     cdef public object started, route_labels, route_started, in_flight, upgraded
@@ -38,7 +44,7 @@ cdef class H1Exchange:
     cpdef attach(self, UpstreamConnection conn)
     cpdef request_body(self, chunk)
     cpdef request_end(self)
-    cpdef on_head(self, head)
+    cpdef on_head(self, ResponseHeadC head)
     cpdef on_body(self, chunk)
     cpdef on_end(self)
     cpdef release_in_flight(self)
@@ -51,7 +57,7 @@ cdef class Http1Server:
     cdef public object draining, pending_error, corked, h2_upgrade, route_pool
     cdef public list queue
 
-    cpdef on_head(self, head)
+    cpdef on_head(self, RequestHeadC head)
     cpdef on_body(self, chunk)
     cpdef on_end(self)
     cpdef write(self, data)

@@ -651,14 +651,14 @@ class H1Exchange:
         if self.response_head is None:
             self.metrics.response_head(err.status)
             self.metrics.proxy_error(err)
-            self.metrics.end(error="" if err.status < 500 else err.metric)
+            self.metrics.end(None, "" if err.status < 500 else err.metric)
             log.info("proxy error", status=err.status, reason=err.message, target=str(server.route.target))
             if err.fatal or not self.request_done:
                 self.client_keep_alive = False
             server.write(error_response(err, server.route.informational_headers, close=not self.client_keep_alive))
         else:
             # Too late for an error response: the head is out. Closing tells the client the body is cut.
-            self.metrics.end(error=err.metric)
+            self.metrics.end(None, err.metric)
             self.client_keep_alive = False
         server.exchange_done(self)
 
@@ -676,7 +676,7 @@ class H1Exchange:
             self.upstream = None
         if not self.response_done and self.metrics is not None:
             self.response_done = True
-            self.metrics.end(error="unexpected" if self.response_head is None else "i/o")
+            self.metrics.end(None, "unexpected" if self.response_head is None else "i/o")
 
 
 # ------------------------------------------------------------------ client side
