@@ -224,8 +224,10 @@ def summary(scenarios: list[Scenario], rows: dict[str, list[Row]], log: Progress
             m = r.metrics
             xd = f"{m['x_direct']:.2f}x direct" if m.get("x_direct") is not None else ""
             xh = f"{m['x_haproxy']:.2f}x haproxy" if m.get("x_haproxy") is not None else ""
+            extra = scn.summary_figures(m)
             log(
                 f"{scn.name:15} {r.label:24} {m['throughput']:>12,.2f} {scn.unit:7} {xd:>14} {xh:>15}"
+                + (f"  {extra}" if extra else "")
                 + (f"  ({len(r.failures)} round(s) failed)" if r.failures else "")
             )
 

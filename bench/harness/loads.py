@@ -100,10 +100,11 @@ def parse_iperf3(text: str, returncode: int = 0) -> LoadResult:
 # --latency's table) as one JSON line. With a request budget (churn), response() counts and
 # stops its thread at the budget, noting when (LuaJIT's FFI clock): wrk itself idles to the
 # end of -d and reports that as the duration, so the rate is taken over the noted time.
+# With a rate (latency scenarios), delay() paces the requests (see WRK_PACING_HOOKS).
 WRK_LUA = """\
 local budget = {budget}
 local threads = {{}}
-{budget_hooks}
+{clock}{budget_hooks}{pacing_hooks}
 function setup(thread)
   table.insert(threads, thread)
 end
@@ -126,12 +127,12 @@ function done(summary, latency, requests)
 end
 """
 
-# Defined only with a budget: a Lua response() makes wrk hand every response to Lua, which
-# would slow the load generator down in the keep-alive runs.
-WRK_BUDGET_HOOKS = """\
+# A monotonic clock in microseconds (LuaJIT's FFI; wrk's Lua has no clock of its own finer
+# than os.time()), for the budget and pacing hooks.
+WRK_CLOCK = """\
 local ffi = require("ffi")
 ffi.cdef[[
-typedef struct {{ long tv_sec; long tv_nsec; }} bench_timespec;
+typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
 int clock_gettime(int clk_id, bench_timespec *tp);
 ]]
 local ts = ffi.new("bench_timespec")
@@ -139,7 +140,11 @@ local function now_us()
   ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
   return tonumber(ts.tv_sec) * 1000000 + tonumber(ts.tv_nsec) / 1000
 end
+"""
 
+# Defined only with a budget: a Lua response() makes wrk hand every response to Lua, which
+# would slow the load generator down in the keep-alive runs.
+WRK_BUDGET_HOOKS = """\
 function init(args)
   t0 = now_us()  -- globals: done() reads them through thread:get()
   stopped_us = 0
@@ -155,10 +160,53 @@ function response(status, headers, body)
 end
 """
 
+# Defined only with a rate. wrk 4 calls delay() before every request of a connection (the
+# first one too) and writes the request that many milliseconds later; its latency clock
+# starts when the request is written, so the wait is not counted. The thread's requests
+# take slots of one schedule, interval_us apart: a connection that is free claims the next
+# slot, so the thread sends at the set rate whatever the latency of the path (as long as
+# some connection is free; a fixed per-connection delay would send slower through a slower
+# path). A schedule fallen behind (every connection busy) restarts from now instead of
+# sending a burst to catch up. wrk truncates the returned number to whole milliseconds
+# (and a negative one wraps to years), hence the rounding and the clamp at 0: a request
+# goes out within ~0.5 ms of its slot, and the slots keep the mean rate exact.
+WRK_PACING_HOOKS = """\
+local interval_us = {interval_us}
+local next_us = nil
 
-def wrk_script(path: Path, budget_per_thread: int = 0) -> Path:
-    hooks = WRK_BUDGET_HOOKS.format() if budget_per_thread > 0 else ""
-    path.write_text(WRK_LUA.format(budget=budget_per_thread, budget_hooks=hooks))
+function delay()
+  local now = now_us()
+  if next_us == nil or next_us < now then next_us = now end
+  local wait_us = next_us - now
+  next_us = next_us + interval_us
+  return math.max(0, math.floor(wait_us / 1000 + 0.5))
+end
+"""
+
+
+def pace_interval_us(rate_per_s: float, threads: int = 1) -> int:
+    """Microseconds between two requests of one wrk thread for ``rate_per_s`` in all."""
+    if rate_per_s <= 0 or threads < 1:
+        raise ValueError(f"pacing needs a rate > 0 and threads >= 1, not {rate_per_s}, {threads}")
+    return max(1, round(1e6 * threads / rate_per_s))
+
+
+def wrk_script_text(budget_per_thread: int = 0, rate_per_thread: float = 0.0) -> str:
+    """The Lua script: the JSON summary, plus a request budget and/or pacing to a rate."""
+    budget = budget_per_thread > 0
+    paced = rate_per_thread > 0
+    return WRK_LUA.format(
+        budget=budget_per_thread,
+        clock=WRK_CLOCK if budget or paced else "",
+        budget_hooks=WRK_BUDGET_HOOKS if budget else "",
+        pacing_hooks=WRK_PACING_HOOKS.format(interval_us=pace_interval_us(rate_per_thread))
+        if paced
+        else "",
+    )
+
+
+def wrk_script(path: Path, budget_per_thread: int = 0, rate_per_thread: float = 0.0) -> Path:
+    path.write_text(wrk_script_text(budget_per_thread, rate_per_thread))
     return path
 
 

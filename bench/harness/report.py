@@ -184,6 +184,8 @@ def _extra_cell(kind: str, v: Any) -> str:
         return _x(v)
     if kind == "us":
         return f"{v:+.2f} us"
+    if kind == "ms":
+        return f"{v:+.3f} ms"
     if kind == "split":  # {proc name: cost}
         return " + ".join(_num(c) for c in v.values()) if v else "-"
     return str(v)
@@ -330,9 +332,14 @@ def write_png(path: Path, scenarios: list[Scenario], rows: dict[str, list[Row]])
         rs = list(reversed(rows[scn.name]))  # first row on top
         labels = [r.label for r in rs]
         cost_key, cost_ref = scn.cost_ref
+        top_key, top_abs, top_title = scn.top_chart or (
+            "x_direct",
+            "throughput",
+            f"throughput / direct ({scn.unit})",
+        )
         for axrow, (key, ref, title) in enumerate(
             (
-                ("x_direct", "direct", f"{scn.name}\nthroughput / direct ({scn.unit})"),
+                (top_key, "direct", f"{scn.name}\n{top_title}"),
                 (
                     cost_key,
                     cost_ref,
@@ -353,12 +360,13 @@ def write_png(path: Path, scenarios: list[Scenario], rows: dict[str, list[Row]])
             ax.set_xlim(0, top * 1.35)
             for y, r, v in zip(ys, rs, vals, strict=True):
                 if v is not None:
-                    absval = r.metrics["throughput"] if axrow == 0 else r.metrics.get("cpu_cost")
-                    fmt = (
-                        f"{absval:.2f}"
-                        if (axrow == 1 or scn.unit == "Gbit/s")
-                        else f"{absval:,.0f}"
-                    )
+                    absval = r.metrics[top_abs] if axrow == 0 else r.metrics.get("cpu_cost")
+                    if axrow == 0 and top_abs != "throughput":
+                        fmt = f"{absval:.3f}"
+                    elif axrow == 1 or scn.unit == "Gbit/s":
+                        fmt = f"{absval:.2f}"
+                    else:
+                        fmt = f"{absval:,.0f}"
                     ax.text(v, y, f" {v:.2f}x ({fmt})", va="center", fontsize=8)
                 else:
                     if r.status != "ok":

@@ -28,8 +28,8 @@ from .servers import Env, Server
 
 # Scenario defaults (seconds). Full values follow peers-bench (iperf3 5 s; wrk/h2load 10 s
 # after a 2 s warm-up); quick values (no warm-up) keep `--quick` under a minute.
-FULL = {"iperf": 5.0, "http": 10.0, "churn": 10.0, "warmup": 2.0}
-QUICK = {"iperf": 2.0, "http": 2.0, "churn": 2.0, "warmup": 0.0}
+FULL = {"iperf": 5.0, "http": 10.0, "churn": 10.0, "latency": 10.0, "warmup": 2.0}
+QUICK = {"iperf": 2.0, "http": 2.0, "churn": 2.0, "latency": 2.0, "warmup": 0.0}
 # Churn: at most this many connections per run (the time bound usually ends it first).
 CHURN_BUDGET_FULL = 300_000
 CHURN_BUDGET_QUICK = 30_000
@@ -38,6 +38,15 @@ CHURN_BUDGET_QUICK = 30_000
 H1_CONNECTIONS = 50
 CHURN_CONNECTIONS = 32
 H2_CLIENTS, H2_STREAMS = 10, 10
+# h1-latency: the issue's rate ("at most 1 ms of added p99 latency at 1,000 RPS"), paced by
+# wrk's delay() hook over 10 connections: each carries a request every ~10 ms and is idle
+# most of the time (sub-ms latency), so a request never queues behind a busy connection.
+LATENCY_RATE = 1000.0  # req/s
+LATENCY_CONNECTIONS = 10
+LATENCY_ADDED_P99_MAX_MS = 1.0
+# Even with --quick (no warm-up elsewhere): the first requests open the proxy's upstream
+# connections, and at ~2,000 requests in all those few would already be the p99.
+LATENCY_WARMUP_MIN_S = 1.0
 
 HTTP_ENV = "MESHPROXY_BENCH_HTTP"
 # A meshproxy with no connections left should exit at once on SIGTERM; slower is noted.
@@ -233,6 +242,8 @@ class Scenario:
     extra_columns: tuple[tuple[str, str, str], ...] = ()
     # The PNG's lower chart: proxy CPU cost relative to this (metrics key, its label).
     cost_ref: tuple[str, str] = ("cost_x_haproxy", "haproxy")
+    # The PNG's upper chart, when not throughput / direct: (ratio key, absolute key, title).
+    top_chart: tuple[str, str, str] | None = None
     rows: list[Row]  # set by run(), filled in as rows are measured
     # Requirement checks, filled in by derive(): {"requirement", "figure", "pass"}
     # (pass None: not measured, or informational).
@@ -269,6 +280,10 @@ class Scenario:
     def derive(self, rows: list[Row]) -> None:
         """Figures across rows (after report.add_ratios) and requirement checks."""
         self.checks = []
+
+    def summary_figures(self, m: dict[str, Any]) -> str:
+        """More figures of a reported row for the console summary; default none."""
+        return ""
 
     def rounds(self, ctx: Ctx) -> int:
         return ctx.repeat if ctx.quick else max(ctx.repeat, self.min_repeat)
@@ -666,6 +681,20 @@ def _per_round(a: Row | None, b: Row | None, key: str) -> list[float]:
     return [r[key] / bs[r["round"]] for r in a.runs if r.get(key) and bs.get(r["round"])]
 
 
+def minus_by_round(
+    runs: list[dict[str, Any]], base_runs: list[dict[str, Any]], key: str
+) -> list[float]:
+    """``key`` of each run minus the base row's run of the same round (rows run one after
+    another within a round, so the difference is less exposed to the machine's drifting
+    load); rounds missing on either side, or without the figure, are left out."""
+    base = {r["round"]: r.get(key) for r in base_runs}
+    return [
+        r[key] - b
+        for r in runs
+        if r.get(key) is not None and (b := base.get(r["round"])) is not None
+    ]
+
+
 def _rounds_text(ratios: list[float], fmt: str) -> str:
     return "; per round: " + ", ".join(format(x, fmt) for x in ratios) if len(ratios) > 1 else ""
 
@@ -867,12 +896,117 @@ class BalanceEndpoints(H1KeepAlive):
             )
 
 
+class H1Latency(Scenario):
+    """The latency a proxy adds at a low, fixed rate of HTTP/1.1 keep-alive requests.
+
+    wrk -t1 -c10 paced to LATENCY_RATE by its Lua delay() hook (see loads.WRK_PACING_HOOKS):
+    every path gets the same offered rate, far below any row's capacity, so the
+    percentiles are those of an idle-ish proxy, not of a saturated one (h1-keepalive). The
+    added p99 of a proxy row is its p99 minus the direct row's of the same round.
+    """
+
+    name = "h1-latency"
+    family = "latency"
+    title = (
+        f"HTTP/1.1 keep-alive paced to {LATENCY_RATE:,.0f} req/s "
+        f"(wrk -t1 -c{LATENCY_CONNECTIONS}, Lua delay())"
+    )
+    unit = "req/s"
+    cost_unit = "ms/1k req"
+    tools = ("wrk", "nginx")
+    concurrency = LATENCY_CONNECTIONS
+    median_by = "p99_ms"
+    extra_columns = (("p99 added vs direct (median of rounds)", "p99_added_ms", "ms"),)
+    top_chart = ("p99_x_direct", "p99_ms", "p99 latency / direct (ms, lower is better)")
+
+    def backend(self, ctx: Ctx) -> ContextManager[Server]:
+        return servers.nginx_backend(ctx.env)
+
+    def paths(self, ctx: Ctx) -> list[Path]:
+        return [
+            Direct("h1"),
+            Meshproxy("meshproxy 1w", "meshproxy", "h1", workers=1, http=True),
+            Haproxy("haproxy http", "haproxy", "h1", mode="http"),
+            NginxProxy("nginx http", "nginx", "h1"),
+        ]
+
+    def _wrk(self, ctx: Ctx, port: int, seconds: float) -> LoadResult:
+        script = loads.wrk_script(ctx.env.tmp / "wrk-paced.lua", rate_per_thread=LATENCY_RATE)
+        return loads.wrk(
+            f"http://127.0.0.1:{port}/",
+            seconds,
+            script,
+            connections=LATENCY_CONNECTIONS,
+            cpus=ctx.env.load_cpus,
+        )
+
+    def warmup(self, ctx: Ctx, port: int) -> None:
+        self._wrk(ctx, port, max(ctx.warmup(), LATENCY_WARMUP_MIN_S))
+
+    def load(self, ctx: Ctx, port: int) -> LoadResult:
+        return self._wrk(ctx, port, ctx.seconds("latency"))
+
+    def describe(self, run: dict[str, Any]) -> str:
+        text = super().describe(run)
+        if run["p999_ms"] is not None:
+            text += f", p99.9 {run['p999_ms']:.2f} ms"
+        return text
+
+    def summary_figures(self, m: dict[str, Any]) -> str:
+        if m.get("p99_ms") is None:
+            return ""
+        added = m.get("p99_added_ms")
+        return f"p99 {m['p99_ms']:.3f} ms" + ("" if added is None else f" ({added:+.3f} added)")
+
+    def derive(self, rows: list[Row]) -> None:
+        direct = _ok_row(rows, "direct")
+        dm = direct.metrics if direct else {}
+        self.checks = []
+        for r in rows:
+            if r.status != "ok":
+                continue
+            m = r.metrics
+            m["p99_x_direct"] = _ratio(m.get("p99_ms"), dm.get("p99_ms"))
+            if r.kind == "direct":
+                continue
+            rounds = minus_by_round(r.runs, direct.runs if direct else [], "p99_ms")
+            m["p99_added_ms_rounds"] = rounds
+            m["p99_added_ms"] = statistics.median(rounds) if rounds else None
+        for label, required in (
+            ("meshproxy 1w", True),
+            ("haproxy http", False),
+            ("nginx http", False),
+        ):
+            row = _ok_row(rows, label)
+            rm = row.metrics if row else {}
+            added = rm.get("p99_added_ms")
+            fig = "-"
+            if added is not None:
+                # Busy cores of the whole machine: this load alone keeps well under half a
+                # core busy, so much more means other work shared the cores (and the p99).
+                fig = (
+                    f"{added:+.3f} ms (p99 {rm['p99_ms']:.3f} vs direct {dm['p99_ms']:.3f} ms, "
+                    f"at {rm['throughput']:,.0f} vs {dm['throughput']:,.0f} req/s, machine busy "
+                    f"{rm['machine_busy_cores']:.2f} vs {dm['machine_busy_cores']:.2f} cores)"
+                    + _rounds_text(rm.get("p99_added_ms_rounds", []), "+.3f")
+                )
+            self.checks.append(
+                _check(
+                    f"{label}: added p99 at {LATENCY_RATE:,.0f} RPS <= "
+                    f"{LATENCY_ADDED_P99_MAX_MS:g} ms" + ("" if required else " (reference)"),
+                    fig,
+                    None if added is None or not required else added <= LATENCY_ADDED_P99_MAX_MS,
+                )
+            )
+
+
 SCENARIOS: dict[str, type[Scenario]] = {
     cls.name: cls
     for cls in (
         TcpThroughput,
         TcpChurn,
         H1KeepAlive,
+        H1Latency,
         H2c,
         H1MtlsPair,
         TcpMtlsPair,
