@@ -262,6 +262,123 @@ cdef bint _is_named(bytes name, list named):
     return False
 
 
+cdef enum:
+    MAX_FORWARD_LINES = 64  # more header lines than this: the general writer
+
+
+cdef inline bint _only_keep_alive_or_close(bytes connection) noexcept:
+    """Connection tokens (``framing``'s ",a,b" form) name only hop-by-hop headers."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(connection)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(connection)
+    cdef Py_ssize_t i = 0, a, b
+    while i < n:
+        i += 1  # the comma before each value
+        a = i
+        while i < n and p[i] != c',':
+            i += 1
+        b = i
+        while a < b and _space(p[a]):
+            a += 1
+        while b > a and _space(p[b - 1]):
+            b -= 1
+        if b > a and not _kind(p + a, b - a) & (K_CONNECTION | K_HOP):
+            return False  # "close" too: it would drop a header named Close
+    return True
+
+
+def scan_response_head(bytes data, Py_ssize_t max_head):
+    """``scan_response`` without the header list, plus the head to forward as it is (the
+    status line as HTTP/1.1, the lines minus hop-by-hop ones): (status, reason, version,
+    content-length, Connection tokens, body offset, head). None when ``scan_response``
+    declines, the reason is empty, a kept line is not written "Name: value", or Connection
+    names another header."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t i, end, pos, start, colon, vstart, total, count = 0, k, reason_end
+    cdef Py_ssize_t spans[2 * MAX_FORWARD_LINES]
+    cdef int status, kind, kinds = 0
+    cdef long long length = -1
+    cdef bytes connection = b""
+    cdef bytes out
+    cdef char* w
+    if n < 17 or memcmp(p, b"HTTP/1.", 7) != 0 or (p[7] != c'0' and p[7] != c'1') or p[8] != c' ':
+        return None
+    end = _head_end(p, n)
+    if end < 0 or end + 4 > max_head:
+        return None
+    for i in range(9, 12):
+        if p[i] < c'0' or p[i] > c'9':
+            return None
+    if p[12] != c' ':
+        return None
+    status = (p[9] - c'0') * 100 + (p[10] - c'0') * 10 + (p[11] - c'0')
+    if status < 200 or status > 599 or status == 204 or status == 304:
+        return None
+    i = 13
+    while _vchar[p[i]]:
+        i += 1
+    if p[i] != c'\r' or p[i + 1] != c'\n' or i == 13:
+        return None
+    reason_end = i
+    pos = i + 2
+    total = 9 + (reason_end - 9) + 2 + 2  # "HTTP/1.1 " status and reason, CRLF; the empty line
+    while pos < end + 2:
+        start = pos
+        while _tchar[p[pos]]:
+            pos += 1
+        if pos == start or p[pos] != c':':
+            return None
+        colon = pos
+        pos += 1
+        while p[pos] == c' ' or p[pos] == c'\t':
+            pos += 1
+        vstart = pos
+        if vstart != colon + 2 or p[colon + 1] != c' ':
+            return None  # not written as "Name: value": leave the head to the general writer
+        while _vchar[p[pos]]:
+            pos += 1
+        if p[pos] != c'\r' or p[pos + 1] != c'\n':
+            return None
+        kind = _kind(p + start, colon - start)
+        if kind == K_CONTENT_LENGTH:
+            if length >= 0 or pos == vstart or pos - vstart > 15:
+                return None
+            length = 0
+            for k in range(vstart, pos):
+                if p[k] < c'0' or p[k] > c'9':
+                    return None
+                length = length * 10 + (p[k] - c'0')
+        elif kind == K_CONNECTION:
+            connection += b"," + data[vstart:pos].lower()
+        kinds |= kind
+        pos += 2
+        if not kind & (K_CONNECTION | K_UPGRADE | K_HOP):
+            if count == MAX_FORWARD_LINES:
+                return None
+            spans[2 * count] = start
+            spans[2 * count + 1] = pos
+            count += 1
+            total += pos - start
+    if length < 0 or kinds & (K_TRANSFER_ENCODING | K_UPGRADE) or end + 4 + length != n:
+        return None
+    if kinds & K_CONNECTION and not _only_keep_alive_or_close(connection):
+        return None
+    out = PyBytes_FromStringAndSize(NULL, total)
+    w = PyBytes_AS_STRING(out)
+    memcpy(w, b"HTTP/1.1 ", 9)
+    memcpy(w + 9, p + 9, reason_end - 9)
+    w += reason_end
+    w[0] = c'\r'
+    w[1] = c'\n'
+    w += 2
+    for k in range(count):
+        memcpy(w, p + spans[2 * k], spans[2 * k + 1] - spans[2 * k])
+        w += spans[2 * k + 1] - spans[2 * k]
+    w[0] = c'\r'
+    w[1] = c'\n'
+    return status, data[13:reason_end], data[5:8], length, connection, end + 4, out
+
+
 def forwardable(headers, upgrade=False):
     if upgrade:
         return headers

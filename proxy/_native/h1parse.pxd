@@ -18,7 +18,7 @@ cdef class RequestHead:
 
 @cython.final
 cdef class ResponseHead:
-    cdef public object status, reason, version, headers, keep_alive, chunked, content_length
+    cdef public object status, reason, version, parsed_headers, keep_alive, chunked, content_length, raw, forward
 
 
 @cython.final

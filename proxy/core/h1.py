@@ -89,17 +89,36 @@ class RequestHead:
 
 
 class ResponseHead:
-    __slots__ = ("status", "reason", "version", "headers", "keep_alive", "chunked", "content_length")
+    """A response head. ``forward``, when set, is the head to send an HTTP/1.1 client as it
+    is (the scanner copied its lines); then ``headers`` is parsed from ``raw`` only if read."""
 
-    def __init__(self, status: int, reason: bytes, version: bytes, headers: Headers,
-                 framed: tuple[bool, int | None, bytes, bool] | None = None) -> None:
+    __slots__ = ("status", "reason", "version", "parsed_headers", "keep_alive", "chunked", "content_length", "raw", "forward")
+
+    def __init__(self, status: int, reason: bytes, version: bytes, headers: Headers | None,
+                 framed: tuple[bool, int | None, bytes, bool] | None = None, raw: bytes | None = None,
+                 forward: bytes | None = None) -> None:
         self.status = status
         self.reason = reason
         self.version = version
-        self.headers = headers
+        self.parsed_headers = headers
+        self.raw = raw  # the whole response as read (headers None: parsed from it on demand)
+        self.forward = forward
         f: tuple[bool, int | None, bytes, bool] = framed or framing(headers)
         self.chunked, self.content_length, connection, _upgrade = f
         self.keep_alive = _keep_alive(version, connection)
+
+    @property
+    def headers(self) -> Headers:
+        found = self.parsed_headers
+        if found is None:
+            raw = self.raw
+            assert raw is not None
+            found = self.parsed_headers = _scan.scan_response(raw, len(raw) + 4)[3]
+        return found
+
+    @headers.setter
+    def headers(self, value: Headers) -> None:
+        self.parsed_headers = value
 
 
 # (chunked, content-length, lower-cased Connection tokens, upgrade requested) of a header list.
@@ -257,11 +276,20 @@ class _HttptoolsResponseParser:
             self._feed_manual(data)
             return
         if self.parser is None:
+            # One whole Content-Length response: the callbacks llhttp would have made.
+            handler = self.handler
+            found = _scan.scan_response_head(data, self.max_head)
+            if found is not None:
+                # Its head can be forwarded as the scanner copied it; the header list is not built.
+                status, reason, version, length, connection, body, forward = found
+                handler.on_head(ResponseHead(status, reason, version, None, (False, length, connection, False), data, forward))
+                if length:
+                    handler.on_body(data[body:])
+                handler.on_end()
+                return
             scanned = _scan.scan_response(data, self.max_head)
             if scanned is not None:
-                # One whole Content-Length response: the callbacks llhttp would have made.
                 status, reason, version, headers, length, connection, body = scanned
-                handler = self.handler
                 handler.on_head(ResponseHead(status, reason, version, headers, (False, length, connection, False)))
                 if length:
                     handler.on_body(data[body:])

@@ -110,6 +110,31 @@ def scan_response(data: bytes, max_head: int) -> tuple[int, bytes, bytes, Header
     return status, reason, line[5:8], headers, length, connection, end + 4
 
 
+def scan_response_head(data: bytes, max_head: int) -> tuple[int, bytes, bytes, int, bytes, int, bytes] | None:
+    """``scan_response`` without the header list, plus the head to forward as it is:
+    (status, reason, version, content-length, Connection tokens, body offset, head), where
+    head is ``encode_response_head(status, reason, forwardable(headers))``. None when
+    ``scan_response`` declines, the reason is empty, a kept line is not written
+    "Name: value", Connection names a header that is not hop-by-hop, or there are more
+    than 64 lines to keep. The compiled twin copies the kept lines instead of re-encoding."""
+    scanned = scan_response(data, max_head)
+    if scanned is None:
+        return None
+    status, reason, version, headers, length, connection, body = scanned
+    if not reason:
+        return None
+    for line in data[:body - 4].split(b"\r\n")[1:]:
+        value = line.partition(b":")[2]
+        if value[:1] != b" " or value[1:2] in (b" ", b"\t"):
+            return None
+    if any(token.strip() not in HOP_BY_HOP for token in connection.split(b",")[1:] if token.strip()):
+        return None
+    kept = forwardable(headers)
+    if len(kept) > 64:
+        return None
+    return status, reason, version, length, connection, body, encode_response_head(status, reason, kept)
+
+
 def framing(headers: Headers) -> tuple[bool, int | None, bytes, bool]:
     """(chunked, content-length, lower-cased Connection tokens, upgrade requested)."""
     chunked = False

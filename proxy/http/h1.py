@@ -489,11 +489,14 @@ class H1Exchange:
         assert self.metrics is not None
         self.metrics.response_head(head.status)
         switching = head.status == 101 or (self.head.method == b"CONNECT" and 200 <= head.status < 300)
-        headers = forwardable(head.headers, upgrade=switching)
         no_body = self.head.method == b"HEAD" or head.status in (204, 304) or switching
         framed = no_body or head.chunked or head.content_length is not None
         self.response_chunked = head.chunked and not no_body
         keep = self.client_keep_alive and framed and head.keep_alive and not server.draining and not self.head.upgrade
+        if keep and head.forward is not None and self.head.version != b"1.0" and not switching:
+            server.write(head.forward)  # scanned: the same bytes the lines below would write
+            return
+        headers = forwardable(head.headers, upgrade=switching)
         if not switching:
             if not keep:
                 headers.append((b"Connection", b"close"))

@@ -302,3 +302,54 @@ def test_response_heads_are_encoded_alike(scan: Any) -> None:
     for status, reason in ((200, b"OK"), (404, b""), (599, b"Odd Reason"), (1000, b"x")):
         assert scan.encode_response_head(status, reason, list(headers)) == h1scan.encode_response_head(status, reason, list(headers))
     assert scan.encode_response_head(204, b"No Content", []) == b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+# Heads forwarded as scanned: what the proxy writes to its client without a header list.
+FORWARD_CASES = [
+    b"HTTP/1.1 200 OK\r\nA:b\r\nContent-Length: 0\r\n\r\n",  # not "Name: value": declined
+    b"HTTP/1.1 200 OK\r\nA:  b\r\nContent-Length: 0\r\n\r\n",  # declined
+    b"HTTP/1.1 200 OK\r\nA: \r\nContent-Length: 0\r\n\r\n",  # an empty value written canonically
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nClose: 1\r\nContent-Length: 0\r\n\r\n",  # names a header: declined
+    b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, TE\r\nTE: x\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx",  # written back as HTTP/1.1
+    b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 64 + b"Content-Length: 0\r\n\r\n",  # 65 lines to keep: declined
+]
+
+
+def _check_forward(scan: Any, data: bytes) -> Any:
+    got = scan.scan_response_head(data, MAX)
+    assert got == h1scan.scan_response_head(data, MAX), data  # the twins agree
+    full = h1scan.scan_response(data, MAX)
+    if got is not None:
+        assert full is not None, data  # never accepts what scan_response declines
+        status, reason, version, headers, length, connection, body = full
+        assert got == (status, reason, version, length, connection, body,
+                       h1scan.encode_response_head(status, reason, h1scan.forwardable(headers)))
+    return got
+
+
+def test_forwardable_heads_are_the_bytes_the_writer_would_make(scan: Any) -> None:
+    accepted = [data for data in RESPONSES + FORWARD_CASES if _check_forward(scan, data) is not None]
+    assert accepted == [RESPONSES[0], RESPONSES[1], RESPONSES[2], FORWARD_CASES[2], FORWARD_CASES[4], FORWARD_CASES[5]]
+    assert scan.scan_response_head(RESPONSES[0], MAX)[6] == (
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n")
+
+
+def test_mutated_forwardable_heads_agree(scan: Any) -> None:
+    for data in _mutations(RESPONSES[:5] + FORWARD_CASES, 3000):
+        _check_forward(scan, data)
+
+
+def test_a_scanned_head_parses_its_headers_only_when_asked() -> None:
+    class Keep(Events):
+        def on_head(self, head: Any) -> None:
+            self.head = head
+
+    ev = Keep()
+    parser = h1.response_parser(ev, b"GET", pure=False)
+    parser.feed(RESPONSES[0])
+    head = ev.head
+    assert head.forward is not None and head.parsed_headers is None
+    assert head.headers == h1scan.scan_response(RESPONSES[0], MAX)[3]
+    head.headers = [(b"X", b"1")]
+    assert head.headers == [(b"X", b"1")]
