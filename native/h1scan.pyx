@@ -168,6 +168,73 @@ def scan_request(bytes data, Py_ssize_t max_head):
     return method, target, lines.headers, 0 if lines.length == 0 else None, lines.connection
 
 
+def scan_request_head(bytes data, Py_ssize_t max_head):
+    """``scan_request`` for a request that can be sent on as it was read: every line written
+    "Name: value", no hop-by-hop header, no l5d-* header (the proxy would take or set those).
+    (method, target, content-length (0 or None)), or None."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t i, t0, end, pos, start, colon, vstart, k
+    cdef int kind, kinds = 0
+    cdef long long length = -1
+    if n < 18 or n > max_head or memcmp(p + n - 4, b"\r\n\r\n", 4) != 0:
+        return None
+    end = _head_end(p, n)
+    if end + 4 != n:
+        return None
+    i = 0
+    while c'A' <= p[i] <= c'Z':
+        i += 1
+    if p[i] != c' ':
+        return None
+    method = data[:i]
+    if method not in FAST_METHODS:
+        return None
+    i += 1
+    t0 = i
+    if p[i] != c'/':
+        return None
+    while _uchar[p[i]]:
+        i += 1
+    if i + 11 > n or memcmp(p + i, b" HTTP/1.1\r\n", 11) != 0:
+        return None
+    target = data[t0:i]
+    pos = i + 11
+    while pos < end + 2:
+        start = pos
+        while _tchar[p[pos]]:
+            pos += 1
+        if pos == start or p[pos] != c':':
+            return None
+        colon = pos
+        if colon - start >= 4 and _ieq(p + start, b"l5d-", 4):
+            return None
+        pos += 1
+        while p[pos] == c' ' or p[pos] == c'\t':
+            pos += 1
+        vstart = pos
+        if vstart != colon + 2 or p[colon + 1] != c' ':
+            return None
+        while _vchar[p[pos]]:
+            pos += 1
+        if p[pos] != c'\r' or p[pos + 1] != c'\n':
+            return None
+        kind = _kind(p + start, colon - start)
+        if kind == K_CONTENT_LENGTH:
+            if length >= 0 or pos == vstart or pos - vstart > 15:
+                return None
+            length = 0
+            for k in range(vstart, pos):
+                if p[k] < c'0' or p[k] > c'9':
+                    return None
+                length = length * 10 + (p[k] - c'0')
+        kinds |= kind
+        pos += 2
+    if length > 0 or kinds & (K_TRANSFER_ENCODING | K_UPGRADE | K_EXPECT | K_CONNECTION | K_HOP):
+        return None
+    return method, target, 0 if length == 0 else None
+
+
 def scan_response(bytes data, Py_ssize_t max_head):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)

@@ -13,7 +13,7 @@ cpdef bint _keep_alive(version, connection)
 
 @cython.final
 cdef class RequestHead:
-    cdef public object method, target, version, headers, keep_alive, chunked, content_length, upgrade
+    cdef public object method, target, version, parsed_headers, keep_alive, chunked, content_length, upgrade, forward
 
 
 @cython.final

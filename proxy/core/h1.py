@@ -72,20 +72,40 @@ def _keep_alive(version: bytes, connection: bytes) -> bool:
 
 
 class RequestHead:
-    __slots__ = ("method", "target", "version", "headers", "keep_alive", "chunked", "content_length", "upgrade")
+    """A request head. ``forward``, when set, is the request as read, to be sent upstream as
+    it is (the scanner found nothing to change); ``headers`` is then parsed from it only if
+    read, and reading or setting ``headers`` drops ``forward`` (the list may be changed)."""
 
-    def __init__(self, method: bytes, target: bytes, version: bytes, headers: Headers,
-                 framed: tuple[bool, int | None, bytes, bool] | None = None) -> None:
+    __slots__ = ("method", "target", "version", "parsed_headers", "keep_alive", "chunked", "content_length", "upgrade", "forward")
+
+    def __init__(self, method: bytes, target: bytes, version: bytes, headers: Headers | None,
+                 framed: tuple[bool, int | None, bytes, bool] | None = None, forward: bytes | None = None) -> None:
         self.method = method
         self.target = target
         self.version = version
-        self.headers = headers
+        self.parsed_headers = headers
+        self.forward = forward
         # ``framed``: what ``framing(headers)`` returns, when the scanner has worked it out already.
         f: tuple[bool, int | None, bytes, bool] = framed or framing(headers)
         self.chunked, self.content_length, connection, self.upgrade = f
         self.keep_alive = _keep_alive(version, connection)
         if method == b"CONNECT":
             self.upgrade = True
+
+    @property
+    def headers(self) -> Headers:
+        found = self.parsed_headers
+        if found is None:
+            forward = self.forward
+            assert forward is not None
+            found = self.parsed_headers = _scan.scan_request(forward, len(forward))[2]
+        self.forward = None
+        return found
+
+    @headers.setter
+    def headers(self, value: Headers) -> None:
+        self.parsed_headers = value
+        self.forward = None
 
 
 class ResponseHead:
@@ -188,6 +208,13 @@ class _HttptoolsRequestParser:
 
     def feed(self, data: bytes) -> None:
         if self.idle:
+            found = _scan.scan_request_head(data, self.max_head)
+            if found is not None:
+                # Nothing in it to change: it goes upstream as read, no header list is built.
+                method, target, length = found
+                self.handler.on_head(RequestHead(method, target, b"1.1", None, (False, length, b"", False), data))
+                self.handler.on_end()
+                return
             scanned = _scan.scan_request(data, self.max_head)
             if scanned is not None:
                 # One whole bodiless request: the head and the end llhttp would have reported.

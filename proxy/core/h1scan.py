@@ -85,6 +85,25 @@ def scan_request(data: bytes, max_head: int) -> tuple[bytes, bytes, Headers, int
     return parts[0], target, headers, length, connection
 
 
+def scan_request_head(data: bytes, max_head: int) -> tuple[bytes, bytes, int | None] | None:
+    """``scan_request`` for a request that can be sent on as it was read: every line written
+    "Name: value", no hop-by-hop header, no l5d-* header (the proxy would take or set those).
+    (method, target, content-length (0 or None)), or None."""
+    scanned = scan_request(data, max_head)
+    if scanned is None:
+        return None
+    method, target, headers, length, connection = scanned
+    for name, _value in headers:
+        low = name.lower()
+        if low in HOP_BY_HOP or low.startswith(b"l5d-"):
+            return None
+    for line in data[:-4].split(b"\r\n")[1:]:
+        value = line.partition(b":")[2]
+        if value[:1] != b" " or value[1:2] in (b" ", b"\t"):
+            return None
+    return method, target, length
+
+
 def scan_response(data: bytes, max_head: int) -> tuple[int, bytes, bytes, Headers, int, bytes, int] | None:
     """A complete HTTP/1.x response framed by Content-Length, status 200-599 but not 204/304,
     that is all of ``data``: (status, reason, version, headers, content-length,

@@ -217,8 +217,11 @@ class H1Exchange:
                 return
             limit[0] += 1
             self.in_flight = True
+        # A request to forward as read has no l5d-* header (the scanner checked): nothing to take.
+        as_read = self.head.forward is not None
         if route.direction == "outbound":
-            self.required_id = self.take_header(b"l5d-require-id")
+            if not as_read:
+                self.required_id = self.take_header(b"l5d-require-id")
             logical = route.backend
             if route.ingress is not None:
                 logical = self.ingress_backend(route) or logical
@@ -250,7 +253,8 @@ class H1Exchange:
             self.fail(errors.FORBIDDEN.because(f"unauthorized request on server {route.labels[11]}"))
             return
         # ref 3.4: set from the authenticated peer, and never trusted from the client (anti-spoofing).
-        self.take_header(b"l5d-client-id")
+        if not as_read:
+            self.take_header(b"l5d-client-id")
         if route.client_id:
             self.head.headers.append((b"l5d-client-id", route.client_id.encode()))
         self.dispatch(server.pool(), "")
@@ -417,8 +421,10 @@ class H1Exchange:
         parser = conn.parser
         if parser is None or head.upgrade or not parser.reuse(self, head.method):
             conn.parser = response_parser(self, head.method, self.server.pure, self.server.max_head, upgrade=head.upgrade)
-        headers = forwardable(head.headers, upgrade=head.upgrade)
-        out = [encode_head(head.method + b" " + head.target + b" HTTP/1.1", headers)]
+        if head.forward is not None:
+            out = [head.forward]  # the request as read: the lines below would write the same bytes
+        else:
+            out = [encode_head(head.method + b" " + head.target + b" HTTP/1.1", forwardable(head.headers, upgrade=head.upgrade))]
         if self.held:
             out.extend([encode_chunk(c) for c in self.held] if head.chunked else self.held)
         if self.request_done and head.chunked:

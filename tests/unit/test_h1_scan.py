@@ -353,3 +353,50 @@ def test_a_scanned_head_parses_its_headers_only_when_asked() -> None:
     assert head.headers == h1scan.scan_response(RESPONSES[0], MAX)[3]
     head.headers = [(b"X", b"1")]
     assert head.headers == [(b"X", b"1")]
+
+
+FORWARD_REQUESTS = [
+    b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nL5d-Require-Id: a\r\n\r\n",  # the proxy takes l5d-*: declined
+    b"GET / HTTP/1.1\r\nHost: x\r\nl5d-dst-override: a\r\n\r\n",  # declined
+    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",  # hop-by-hop: declined
+    b"GET / HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n",  # declined
+    b"GET / HTTP/1.1\r\nHost:x\r\n\r\n",  # not "Name: value": declined
+    b"DELETE /r HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+]
+
+
+def _check_request_forward(scan: Any, data: bytes) -> Any:
+    got = scan.scan_request_head(data, MAX)
+    assert got == h1scan.scan_request_head(data, MAX), data  # the twins agree
+    if got is not None:
+        full = h1scan.scan_request(data, MAX)
+        assert full is not None, data
+        method, target, headers, length, _connection = full
+        assert got == (method, target, length)
+        # Sent as read: exactly what the general writer makes of its head.
+        assert data == h1scan.encode_head(method + b" " + target + b" HTTP/1.1", h1scan.forwardable(headers))
+    return got
+
+
+def test_requests_forwarded_as_read_are_the_bytes_the_writer_would_make(scan: Any) -> None:
+    accepted = [data for data in REQUESTS + FORWARD_REQUESTS if _check_request_forward(scan, data) is not None]
+    assert accepted == [REQUESTS[0], REQUESTS[1], REQUESTS[7], FORWARD_REQUESTS[0], FORWARD_REQUESTS[6]]
+
+
+def test_mutated_requests_forwarded_as_read_agree(scan: Any) -> None:
+    for data in _mutations(REQUESTS[:8] + FORWARD_REQUESTS, 3000):
+        _check_request_forward(scan, data)
+
+
+def test_reading_a_request_heads_headers_stops_forwarding_it_as_read() -> None:
+    class Keep(Events):
+        def on_head(self, head: Any) -> None:
+            self.head = head
+
+    ev = Keep()
+    h1.request_parser(ev, pure=False).feed(FORWARD_REQUESTS[0])
+    head = ev.head
+    assert head.forward == FORWARD_REQUESTS[0] and head.parsed_headers is None
+    headers = head.headers
+    assert headers == [(b"Host", b"x"), (b"User-Agent", b"t")] and head.forward is None
