@@ -54,7 +54,8 @@ cdef class H1Exchange:
 cdef class Http1Server:
     cdef public object local, in_flight_limit, access_log, client_addr, route, src, metrics, clients, pure, max_head
     cdef public object pool_idle, max_idle, live, relay_factory, loop, parser, transport, switched, paused, lost
-    cdef public object draining, pending_error, corked, h2_upgrade, route_pool
+    cdef public object draining, pending_error, corked, h2_upgrade, route_pool, response_timeout
+    cdef public bint outbound
     cdef public list queue
 
     cpdef on_head(self, RequestHeadC head)
@@ -66,3 +67,4 @@ cdef class Http1Server:
     cpdef pause_reading(self)
     cpdef resume_reading(self)
     cpdef exchange_done(self, H1Exchange ex)
+    cpdef pool(self)

@@ -143,6 +143,9 @@ class ResponseHead:
 
 # (chunked, content-length, lower-cased Connection tokens, upgrade requested) of a header list.
 framing = _scan.framing
+# Bound once: the parsers call these per message (one global lookup instead of two).
+_scan_request_head = _scan.scan_request_head
+_scan_response_head = _scan.scan_response_head
 
 
 class Handler(Protocol):
@@ -208,7 +211,7 @@ class _HttptoolsRequestParser:
 
     def feed(self, data: bytes) -> None:
         if self.idle:
-            found = _scan.scan_request_head(data, self.max_head)
+            found = _scan_request_head(data, self.max_head)
             if found is not None:
                 # Nothing in it to change: it goes upstream as read, no header list is built.
                 method, target, length = found
@@ -305,7 +308,7 @@ class _HttptoolsResponseParser:
         if self.parser is None:
             # One whole Content-Length response: the callbacks llhttp would have made.
             handler = self.handler
-            found = _scan.scan_response_head(data, self.max_head)
+            found = _scan_response_head(data, self.max_head)
             if found is not None:
                 # Its head can be forwarded as the scanner copied it; the header list is not built.
                 status, reason, version, length, connection, body, forward = found

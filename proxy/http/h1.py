@@ -219,7 +219,7 @@ class H1Exchange:
             self.in_flight = True
         # A request to forward as read has no l5d-* header (the scanner checked): nothing to take.
         as_read = self.head.forward is not None
-        if route.direction == "outbound":
+        if server.outbound:
             if not as_read:
                 self.required_id = self.take_header(b"l5d-require-id")
             logical = route.backend
@@ -337,8 +337,8 @@ class H1Exchange:
                 f"endpoint identity {identity or 'none'!r} is not the required {required.decode('latin-1')!r}"))
             return False
         server = self.server
-        if server.route.response_timeout and self.timer is None:
-            self.timer = server.loop.call_later(server.route.response_timeout, self.timed_out)
+        if server.response_timeout and self.timer is None:
+            self.timer = server.loop.call_later(server.response_timeout, self.timed_out)
         return True
 
     def dispatch_upgraded(self, addr: Addr, identity: str, dst_labels: Any) -> None:
@@ -723,6 +723,9 @@ class Http1Server:
         self.corked: list[bytes] | None = None
         self.route_pool: H1Pool | None = None  # the route's pool, kept: the route is fixed per connection
         self.h2_upgrade: Any = None  # outbound with an identity: H2Settings of upgraded connections to meshed peers
+        # The route is fixed for the connection: what every request asks of it, read once.
+        self.outbound = route.direction == "outbound"
+        self.response_timeout = route.response_timeout
         live.add(self)
 
     def pool_for(self, addr: Addr, identity: str, dst_labels: Any) -> H1Pool:
