@@ -28,7 +28,7 @@ cdef class _HttptoolsRequestParser:
 
 @cython.final
 cdef class _HttptoolsResponseParser:
-    cdef public object handler, parser, method, reason, headers, head_size, max_head, manual, done_head, in_body
+    cdef public object handler, parser, method, reason, headers, head_size, max_head, manual, done_head, in_body, forward_heads
 
     cpdef _feed_manual(self, data)
 

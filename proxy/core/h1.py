@@ -244,12 +244,16 @@ class _HttptoolsResponseParser:
     """Responses, on llhttp. HEAD and CONNECT responses are parsed by hand:
     llhttp cannot be told the request method."""
 
-    __slots__ = ("handler", "parser", "method", "reason", "headers", "head_size", "max_head", "manual", "done_head", "in_body")
+    __slots__ = ("handler", "parser", "method", "reason", "headers", "head_size", "max_head", "manual", "done_head", "in_body",
+                 "forward_heads")
 
-    def __init__(self, handler: Handler, method: bytes, max_head: int = MAX_HEAD_SIZE) -> None:
+    def __init__(self, handler: Handler, method: bytes, max_head: int = MAX_HEAD_SIZE, forward_heads: bool = False) -> None:
         self.handler = handler
         self.method = method
         self.max_head = max_head
+        # The handler writes heads to an HTTP/1 client: scan for heads it can forward as they are
+        # (others, such as the HTTP/2 downgrade, read the header list and would parse it twice).
+        self.forward_heads = forward_heads
         self.manual = bytearray() if method in (b"HEAD", b"CONNECT") else None
         self.parser: Any = None  # llhttp, made on the first read the scanner does not take whole
         self.reason = b""
@@ -308,7 +312,7 @@ class _HttptoolsResponseParser:
         if self.parser is None:
             # One whole Content-Length response: the callbacks llhttp would have made.
             handler = self.handler
-            found = _scan_response_head(data, self.max_head)
+            found = _scan_response_head(data, self.max_head) if self.forward_heads else None
             if found is not None:
                 # Its head can be forwarded as the scanner copied it; the header list is not built.
                 status, reason, version, length, connection, body, forward = found
@@ -507,10 +511,12 @@ def request_parser(handler: Handler, pure: bool, max_head: int = MAX_HEAD_SIZE) 
     return _HttptoolsRequestParser(handler, max_head)
 
 
-def response_parser(handler: Handler, method: bytes, pure: bool, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False) -> Any:
+def response_parser(handler: Handler, method: bytes, pure: bool, max_head: int = MAX_HEAD_SIZE, upgrade: bool = False,
+                    forward_heads: bool = False) -> Any:
+    """``forward_heads``: the handler can use ``ResponseHead.forward`` (then the header list is made only if read)."""
     if pure or httptools is None:
         return _H11ResponseParser(handler, method, max_head, upgrade)
-    return _HttptoolsResponseParser(handler, method, max_head)
+    return _HttptoolsResponseParser(handler, method, max_head, forward_heads)
 
 
 # ------------------------------------------------------------------ writing

@@ -420,7 +420,7 @@ class H1Exchange:
         # state, no HEAD/CONNECT/Upgrade framing): one object less to make per request.
         parser = conn.parser
         if parser is None or head.upgrade or not parser.reuse(self, head.method):
-            conn.parser = response_parser(self, head.method, self.server.pure, self.server.max_head, upgrade=head.upgrade)
+            conn.parser = response_parser(self, head.method, self.server.pure, self.server.max_head, head.upgrade, True)
         if head.forward is not None:
             out = [head.forward]  # the request as read: the lines below would write the same bytes
         else:
