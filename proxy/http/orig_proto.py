@@ -185,11 +185,22 @@ def request_head(headers: Headers, absolute: bool, has_body: bool) -> Downgraded
     return DowngradedRequest(method, head, chunked, case is not None)
 
 
+# A client sends the same spellings request after request: each value is parsed once.
+_CASES: dict[bytes, dict[bytes, bytes]] = {}
+_CASES_MAX = 1024
+
+
 def header_case(value: bytes | None) -> dict[bytes, bytes] | None:
-    """lower-case name -> original spelling, from a ``meshproxy-header-case`` value."""
+    """lower-case name -> original spelling, from a ``meshproxy-header-case`` value (shared:
+    callers only read it)."""
     if not value:
         return None
-    return {name.lower(): name for name in (n.strip() for n in value.split(b",")) if name}
+    found = _CASES.get(value)
+    if found is None:
+        if len(_CASES) >= _CASES_MAX:
+            _CASES.clear()
+        found = _CASES[value] = {name.lower(): name for name in (n.strip() for n in value.split(b",")) if name}
+    return found
 
 
 def _restore_case(fields: Headers, case: dict[bytes, bytes] | None) -> Headers:

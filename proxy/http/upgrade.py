@@ -141,14 +141,19 @@ class UpgradedStream:
         self.got_bytes = True
         head = orig_proto.upgraded_response(headers, ended, self.method)
         server = exchange.server
-        server.cork()  # the head and the body of this read leave in one write
+        server.cork()  # the head and the body leave in one write
         try:
             exchange.on_head(head)
             if ended and self.exchange is exchange:
                 self.response_ended = True
                 exchange.on_end()
         finally:
-            server.flush()
+            if ended or self.exchange is not exchange:
+                server.flush()
+            else:
+                # The body's DATA usually follows in the same read: end() sends the lot, or
+                # the next loop turn sends what came (one client write, not one per frame).
+                server.loop.call_soon(server.flush)
 
     def informational(self, headers: list[Any]) -> None:
         if self.exchange is not None:
@@ -174,7 +179,9 @@ class UpgradedStream:
         exchange = self.exchange
         if exchange is not None and not self.response_ended:
             self.response_ended = True
+            server = exchange.server
             exchange.on_end()
+            server.flush()
 
     def trailers(self, headers: list[Any]) -> None:
         self.end()
