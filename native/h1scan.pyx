@@ -87,6 +87,70 @@ cdef class _Lines:
     cdef int kinds  # every kind seen, OR-ed
 
 
+cdef Py_ssize_t _request_line(bytes data, const unsigned char* p, Py_ssize_t n, Py_ssize_t max_head, Py_ssize_t* t0):
+    """A whole bodiless head "METHOD /target HTTP/1.1" ... CRLF CRLF that is all of ``data``:
+    the offset of the space before "HTTP/1.1" (the target starts at t0[0]), or -1."""
+    cdef Py_ssize_t i
+    if n < 18 or n > max_head or memcmp(p + n - 4, b"\r\n\r\n", 4) != 0:
+        return -1
+    # Every byte up to the end is checked against a character class after this, so a bare CR
+    # or LF anywhere in the head fails the scan without a pass of its own.
+    if _head_end(p, n) + 4 != n:
+        return -1
+    i = 0
+    while c'A' <= p[i] <= c'Z':
+        i += 1
+    if p[i] != c' ' or data[:i] not in FAST_METHODS:
+        return -1
+    i += 1
+    t0[0] = i
+    if p[i] != c'/':
+        return -1
+    while _uchar[p[i]]:
+        i += 1
+    if i + 11 > n or memcmp(p + i, b" HTTP/1.1\r\n", 11) != 0:
+        return -1
+    return i
+
+
+cdef Py_ssize_t _status_line(const unsigned char* p, Py_ssize_t n, Py_ssize_t max_head, int* status, Py_ssize_t* end):
+    """An "HTTP/1.x NNN reason" line (status 200-599, not 204/304) whose head ends within
+    max_head: the offset of its CR (end[0]: the CRLF CRLF offset), or -1."""
+    cdef Py_ssize_t i
+    if n < 17 or memcmp(p, b"HTTP/1.", 7) != 0 or (p[7] != c'0' and p[7] != c'1') or p[8] != c' ':
+        return -1
+    end[0] = _head_end(p, n)
+    if end[0] < 0 or end[0] + 4 > max_head:
+        return -1
+    for i in range(9, 12):
+        if p[i] < c'0' or p[i] > c'9':
+            return -1
+    if p[12] != c' ':
+        return -1
+    status[0] = (p[9] - c'0') * 100 + (p[10] - c'0') * 10 + (p[11] - c'0')
+    if status[0] < 200 or status[0] > 599 or status[0] == 204 or status[0] == 304:
+        return -1
+    i = 13
+    while _vchar[p[i]]:
+        i += 1
+    if p[i] != c'\r' or p[i + 1] != c'\n':
+        return -1
+    return i
+
+
+cdef inline long long _content_length(const unsigned char* p, Py_ssize_t start, Py_ssize_t stop) noexcept:
+    """The plain decimal value p[start:stop] (1-15 digits), or -1."""
+    cdef long long length = 0
+    cdef Py_ssize_t i
+    if stop == start or stop - start > 15:
+        return -1
+    for i in range(start, stop):
+        if p[i] < c'0' or p[i] > c'9':
+            return -1
+        length = length * 10 + (p[i] - c'0')
+    return length
+
+
 cdef _Lines _scan_lines(bytes data, const unsigned char* p, Py_ssize_t pos, Py_ssize_t end):
     """Header lines from p[pos] up to the empty line at ``end`` (the CRLF CRLF offset + 2).
     None when a line is outside the strict subset. ``data`` ends with CRLF CRLF, so every
@@ -117,13 +181,11 @@ cdef _Lines _scan_lines(bytes data, const unsigned char* p, Py_ssize_t pos, Py_s
         kind = _kind(p + start, colon - start)
         value = PyBytes_FromStringAndSize(<const char*>p + vstart, pos - vstart)
         if kind == K_CONTENT_LENGTH:
-            if length >= 0 or pos == vstart or pos - vstart > 15:
+            if length >= 0:
                 return None
-            length = 0
-            for i in range(vstart, pos):
-                if p[i] < c'0' or p[i] > c'9':
-                    return None
-                length = length * 10 + (p[i] - c'0')
+            length = _content_length(p, vstart, pos)
+            if length < 0:
+                return None
         elif kind == K_CONNECTION:
             out.connection += b"," + value.lower()
         out.kinds |= kind
@@ -136,33 +198,13 @@ cdef _Lines _scan_lines(bytes data, const unsigned char* p, Py_ssize_t pos, Py_s
 def scan_request(bytes data, Py_ssize_t max_head):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
-    cdef Py_ssize_t i, t0, end
+    cdef Py_ssize_t t0 = 0
+    cdef Py_ssize_t i = _request_line(data, p, n, max_head, &t0)
     cdef _Lines lines
-    if n < 18 or n > max_head or memcmp(p + n - 4, b"\r\n\r\n", 4) != 0:
+    if i < 0:
         return None
-    end = _head_end(p, n)
-    # Every byte up to the end is checked against a character class below, so a bare CR or LF
-    # anywhere in the head fails the scan without a pass of its own.
-    if end + 4 != n:
-        return None
-    i = 0
-    while c'A' <= p[i] <= c'Z':
-        i += 1
-    if p[i] != c' ':
-        return None
-    method = data[:i]
-    if method not in FAST_METHODS:
-        return None
-    i += 1
-    t0 = i
-    if p[i] != c'/':
-        return None
-    while _uchar[p[i]]:
-        i += 1
-    if i + 11 > n or memcmp(p + i, b" HTTP/1.1\r\n", 11) != 0:
-        return None
-    target = data[t0:i]
-    lines = _scan_lines(data, p, i + 11, end + 2)
+    lines = _scan_lines(data, p, i + 11, n - 2)
+    method, target = data[:t0 - 1], data[t0:i]
     if lines is None or lines.length > 0 or lines.kinds & (K_TRANSFER_ENCODING | K_UPGRADE | K_EXPECT):
         return None
     return method, target, lines.headers, 0 if lines.length == 0 else None, lines.connection
@@ -174,33 +216,15 @@ def scan_request_head(bytes data, Py_ssize_t max_head):
     (method, target, content-length (0 or None)), or None."""
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
-    cdef Py_ssize_t i, t0, end, pos, start, colon, vstart, k
+    cdef Py_ssize_t t0 = 0
+    cdef Py_ssize_t i = _request_line(data, p, n, max_head, &t0)
+    cdef Py_ssize_t pos, start, colon, vstart
     cdef int kind, kinds = 0
     cdef long long length = -1
-    if n < 18 or n > max_head or memcmp(p + n - 4, b"\r\n\r\n", 4) != 0:
+    if i < 0:
         return None
-    end = _head_end(p, n)
-    if end + 4 != n:
-        return None
-    i = 0
-    while c'A' <= p[i] <= c'Z':
-        i += 1
-    if p[i] != c' ':
-        return None
-    method = data[:i]
-    if method not in FAST_METHODS:
-        return None
-    i += 1
-    t0 = i
-    if p[i] != c'/':
-        return None
-    while _uchar[p[i]]:
-        i += 1
-    if i + 11 > n or memcmp(p + i, b" HTTP/1.1\r\n", 11) != 0:
-        return None
-    target = data[t0:i]
     pos = i + 11
-    while pos < end + 2:
+    while pos < n - 2:
         start = pos
         while _tchar[p[pos]]:
             pos += 1
@@ -221,43 +245,26 @@ def scan_request_head(bytes data, Py_ssize_t max_head):
             return None
         kind = _kind(p + start, colon - start)
         if kind == K_CONTENT_LENGTH:
-            if length >= 0 or pos == vstart or pos - vstart > 15:
+            if length >= 0:
                 return None
-            length = 0
-            for k in range(vstart, pos):
-                if p[k] < c'0' or p[k] > c'9':
-                    return None
-                length = length * 10 + (p[k] - c'0')
+            length = _content_length(p, vstart, pos)
+            if length < 0:
+                return None
         kinds |= kind
         pos += 2
     if length > 0 or kinds & (K_TRANSFER_ENCODING | K_UPGRADE | K_EXPECT | K_CONNECTION | K_HOP):
         return None
-    return method, target, 0 if length == 0 else None
+    return data[:t0 - 1], data[t0:i], 0 if length == 0 else None
 
 
 def scan_response(bytes data, Py_ssize_t max_head):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
-    cdef Py_ssize_t i, end
-    cdef int status
+    cdef Py_ssize_t end = 0
+    cdef int status = 0
+    cdef Py_ssize_t i = _status_line(p, n, max_head, &status, &end)
     cdef _Lines lines
-    if n < 17 or memcmp(p, b"HTTP/1.", 7) != 0 or (p[7] != c'0' and p[7] != c'1') or p[8] != c' ':
-        return None
-    end = _head_end(p, n)
-    if end < 0 or end + 4 > max_head:
-        return None
-    for i in range(9, 12):
-        if p[i] < c'0' or p[i] > c'9':
-            return None
-    if p[12] != c' ':
-        return None
-    status = (p[9] - c'0') * 100 + (p[10] - c'0') * 10 + (p[11] - c'0')
-    if status < 200 or status > 599 or status == 204 or status == 304:
-        return None
-    i = 13
-    while _vchar[p[i]]:
-        i += 1
-    if p[i] != c'\r' or p[i + 1] != c'\n':
+    if i < 0:
         return None
     reason = data[13:i]
     lines = _scan_lines(data, p, i + 2, end + 2)
@@ -361,33 +368,19 @@ def scan_response_head(bytes data, Py_ssize_t max_head):
     names another header."""
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
-    cdef Py_ssize_t i, end, pos, start, colon, vstart, total, count = 0, k, reason_end
+    cdef Py_ssize_t end = 0
+    cdef int status = 0
+    cdef Py_ssize_t reason_end = _status_line(p, n, max_head, &status, &end)
+    cdef Py_ssize_t pos, start, colon, vstart, total, count = 0, k
     cdef Py_ssize_t spans[2 * MAX_FORWARD_LINES]
-    cdef int status, kind, kinds = 0
+    cdef int kind, kinds = 0
     cdef long long length = -1
     cdef bytes connection = b""
     cdef bytes out
     cdef char* w
-    if n < 17 or memcmp(p, b"HTTP/1.", 7) != 0 or (p[7] != c'0' and p[7] != c'1') or p[8] != c' ':
+    if reason_end <= 13:  # declined, or an empty reason (the writer would supply one)
         return None
-    end = _head_end(p, n)
-    if end < 0 or end + 4 > max_head:
-        return None
-    for i in range(9, 12):
-        if p[i] < c'0' or p[i] > c'9':
-            return None
-    if p[12] != c' ':
-        return None
-    status = (p[9] - c'0') * 100 + (p[10] - c'0') * 10 + (p[11] - c'0')
-    if status < 200 or status > 599 or status == 204 or status == 304:
-        return None
-    i = 13
-    while _vchar[p[i]]:
-        i += 1
-    if p[i] != c'\r' or p[i + 1] != c'\n' or i == 13:
-        return None
-    reason_end = i
-    pos = i + 2
+    pos = reason_end + 2
     total = 9 + (reason_end - 9) + 2 + 2  # "HTTP/1.1 " status and reason, CRLF; the empty line
     while pos < end + 2:
         start = pos
@@ -408,13 +401,11 @@ def scan_response_head(bytes data, Py_ssize_t max_head):
             return None
         kind = _kind(p + start, colon - start)
         if kind == K_CONTENT_LENGTH:
-            if length >= 0 or pos == vstart or pos - vstart > 15:
+            if length >= 0:
                 return None
-            length = 0
-            for k in range(vstart, pos):
-                if p[k] < c'0' or p[k] > c'9':
-                    return None
-                length = length * 10 + (p[k] - c'0')
+            length = _content_length(p, vstart, pos)
+            if length < 0:
+                return None
         elif kind == K_CONNECTION:
             connection += b"," + data[vstart:pos].lower()
         kinds |= kind
